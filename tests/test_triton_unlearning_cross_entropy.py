@@ -1,0 +1,308 @@
+"""The raw Triton row launcher ``unlearning_cross_entropy_rows`` against float64 formulas.
+
+Runs on CUDA, or on CPU under ``TRITON_INTERPRET=1`` (set by conftest.py); the interpreter is
+slow, so shapes stay small. The public op (autograd, reductions) is tested in
+test_unlearning_cross_entropy.py.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+
+from tests.conftest import backend_skip_reason, seeded
+from unlearnopt.kernels import interpreting
+
+_why = backend_skip_reason("triton")
+pytestmark = pytest.mark.skipif(_why is not None, reason=str(_why))
+
+IGNORE = -100
+ALPHA = 0.7
+# Error of fp32 log-probabilities, per unit of |z| + |lse| (+1): 16 fp32 ulps, covering the
+# rounding of the running sum, of its log and of z - lse.
+LOGP_ERR = 2e-6
+
+
+def rows(*args, **kwargs):
+    from unlearnopt.kernels.unlearning_cross_entropy import unlearning_cross_entropy_rows
+
+    return unlearning_cross_entropy_rows(*args, **kwargs)
+
+
+def make_inputs(n: int, vocab: int, dtype: torch.dtype, ignore: str, device, seed: int = 0):
+    gen = seeded(seed)
+    # Spread of 3 gives peaked and flat rows; one row has its label dominate (p_y ~ 0.99),
+    # where a bf16 true-class term written and corrected later would be badly off.
+    logits = 3 * torch.randn(n, vocab, generator=gen)
+    labels = torch.randint(0, vocab, (n,), generator=gen)
+    logits[0, labels[0]] = logits[0].max() + 4.6 + torch.log(torch.tensor(float(vocab)))
+    if ignore == "some":
+        labels[1::3] = IGNORE
+    elif ignore == "all":
+        labels[:] = IGNORE
+    return logits.to(device=device, dtype=dtype), labels.to(device)
+
+
+def oracle(logits: torch.Tensor, labels: torch.Tensor, mode: int, alpha: float,
+           scale: torch.Tensor | None = None):
+    """float64 ``(loss, lse, grad, grad_slack)`` of the rows, from the (already rounded) inputs.
+
+    ``grad_slack`` bounds the error of an fp32 kernel before its final rounding: p_j comes from
+    exp(z_j - lse), whose argument is off by a few fp32 ulps of |z_j| + |lse| (``LOGP_ERR``),
+    so p_j is off by p_j times that (the true-class term p_y - 1 inherits the error of p_y, not
+    a relative error of p_y - 1); uce's coefficient also moves with p_y.
+    """
+    z = logits.double()
+    keep = labels != IGNORE
+    safe = torch.where(keep, labels, 0)
+    lse = torch.logsumexp(z, dim=-1)
+    z_y = z.gather(1, safe[:, None]).squeeze(1)
+    logp_y = z_y - lse
+    p_y = logp_y.exp()
+    if mode == 0:
+        loss, c, dc = -logp_y, torch.ones_like(p_y), torch.zeros_like(p_y)
+    elif mode == 1:
+        loss, c, dc = logp_y, -torch.ones_like(p_y), torch.zeros_like(p_y)
+    else:
+        # c = -a p / (1 - a p); d log|c| / d log p = 1 / (1 - a p)
+        loss, c = -torch.log1p(-alpha * p_y), -(alpha * p_y) / (1 - alpha * p_y)
+        dc = 1 / (1 - alpha * p_y)
+    zero = torch.zeros_like(loss)
+    loss = torch.where(keep, loss, zero)
+    grad = slack = None
+    if scale is not None:
+        p = torch.softmax(z, dim=-1)
+        onehot = torch.nn.functional.one_hot(safe, z.shape[1]).double()
+        coef = torch.where(keep, scale.double().reshape(-1) * c, zero)
+        grad = coef[:, None] * (p - onehot)
+        err_logp = LOGP_ERR * (1 + lse.abs()[:, None] + z.abs())
+        err_logp_y = LOGP_ERR * (1 + lse.abs() + z_y.abs())
+        slack = (coef.abs()[:, None] * p * err_logp + grad.abs() * (dc * err_logp_y)[:, None]
+                 + 1e-6 * grad.abs())
+    return loss, lse, grad, slack
+
+
+def assert_within(name: str, actual: torch.Tensor, expected: torch.Tensor,
+                  tol: torch.Tensor) -> None:
+    err = (actual.double() - expected).abs()
+    bad = err > tol
+    if bad.any():
+        i = int((err - tol).argmax())
+        idx = tuple(int(k) for k in torch.unravel_index(torch.tensor(i), err.shape))
+        raise AssertionError(f"{name}: {int(bad.sum())} of {err.numel()} elements out of "
+                             f"tolerance; worst at {idx}: got {actual[idx].item()!r}, expected "
+                             f"{expected[idx].item()!r}, tol {tol[idx].item():.3g}")
+
+
+def check_loss_lse(loss, lse, logits, labels, mode, ref_loss, ref_lse):
+    assert loss.dtype == torch.float32 and lse.dtype == torch.float32
+    assert loss.shape == labels.shape and lse.shape == labels.shape
+    # fp32 math on exactly-representable inputs: log p_y = z_y - lse is off by a few fp32
+    # ulps of the terms; the loss moves by |dloss/dlog p_y| times that.
+    keep = labels != IGNORE
+    z_y = logits.double().gather(1, torch.where(keep, labels, 0)[:, None]).squeeze(1)
+    logp_err = LOGP_ERR * (1 + ref_lse.abs() + z_y.abs())
+    assert_within("lse", lse.cpu(), ref_lse.cpu(), (LOGP_ERR * (1 + ref_lse.abs())).cpu())
+    if mode == 2:  # d loss / d log p_y = a p_y / (1 - a p_y)
+        p_y = (z_y - ref_lse).exp()
+        dlogp = ALPHA * p_y / (1 - ALPHA * p_y)
+    else:
+        dlogp = torch.ones_like(ref_lse)
+    loss_tol = logp_err * dlogp + 1e-6 * ref_loss.abs()
+    assert_within("loss", loss.cpu(), ref_loss.cpu(), loss_tol.cpu())
+    assert (loss[labels == IGNORE] == 0).all()
+
+
+def kernel_rounding(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``x`` rounded to ``dtype`` the way the kernel's final fp32 -> ``dtype`` store rounds.
+
+    Compiled kernels round to nearest even. The Triton interpreter truncates fp32 -> bf16
+    (its cast passes no rounding mode), so under it bf16 results are rounded toward zero.
+    """
+    if dtype == torch.bfloat16 and interpreting():
+        bits = x.float().view(torch.int32) & -65536  # keep sign, exponent, 7 mantissa bits
+        return bits.view(torch.float32).double()
+    return x.to(dtype).double()
+
+
+def grad_tolerance(ref_grad: torch.Tensor, slack: torch.Tensor,
+                   dtype: torch.dtype) -> torch.Tensor:
+    """Per element: how far the kernel's ``dtype`` result may sit from the fp64 answer.
+
+    Its fp32 value lies within ``slack`` of the answer and rounding is monotone, so the stored
+    value lies between the roundings of ``answer - slack`` and ``answer + slack``.
+    """
+    low = (kernel_rounding(ref_grad - slack, dtype) - ref_grad).abs()
+    high = (kernel_rounding(ref_grad + slack, dtype) - ref_grad).abs()
+    return torch.maximum(low, high) + 1e-30
+
+
+CASES = [  # (n, vocab, ignore)
+    (1, 3, "none"),
+    (7, 1000, "some"),
+    (7, 3, "all"),
+    (33, 4099, "some"),
+]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["f32", "bf16"])
+@pytest.mark.parametrize("mode", [0, 1, 2], ids=["nll", "ga", "uce"])
+@pytest.mark.parametrize("n,vocab,ignore", CASES)
+def test_rows_match_float64(n, vocab, ignore, mode, dtype, device):
+    logits, labels = make_inputs(n, vocab, dtype, ignore, device, seed=n + vocab + mode)
+    per_row = vocab % 2 == 1  # alternate broadcast and per-row upstream scales
+    scale = (torch.rand(n if per_row else 1, generator=seeded(n)) * 4 - 2).to(device)
+    ref_loss, ref_lse, ref_grad, slack = oracle(logits, labels, mode, ALPHA, scale)
+
+    # Forward only: lse pass.
+    loss, lse = rows(logits, labels, mode, ALPHA, IGNORE)
+    check_loss_lse(loss, lse, logits, labels, mode, ref_loss, ref_lse)
+
+    # Backward: saved lse, gradient pass only.
+    grad = torch.empty_like(logits)
+    loss_b, lse_b = rows(logits, labels, mode, ALPHA, IGNORE, lse, scale, grad)
+    assert lse_b is lse
+    tol = grad_tolerance(ref_grad, slack, dtype)
+    assert_within("grad (lse_in)", grad.cpu(), ref_grad.cpu(), tol.cpu())
+    check_loss_lse(loss_b, lse, logits, labels, mode, ref_loss, ref_lse)
+
+    # Fused: loss and gradient from one launch, written in place over the logits.
+    buf = logits.clone()
+    loss_f, lse_f = rows(buf, labels, mode, ALPHA, IGNORE, None, scale, buf)
+    check_loss_lse(loss_f, lse_f, logits, labels, mode, ref_loss, ref_lse)
+    assert_within("grad (fused, in place)", buf.cpu(), ref_grad.cpu(), tol.cpu())
+    if ignore == "all":
+        assert (buf == 0).all() and (loss_f == 0).all()
+
+
+def test_true_class_term_bf16_is_accurate(device):
+    # p_y ~ 0.99: the true-class gradient p_y - 1 ~ -0.01 must be accurate to bf16 rounding of
+    # the fp64 value (writing p_y in bf16 first, then subtracting 1, is off by up to ~20%).
+    vocab = 257
+    logits = torch.zeros(2, vocab)
+    labels = torch.tensor([5, 100])
+    logits[0, 5] = 10.1  # p_y ~ 0.990
+    logits[1, 100] = 11.0  # p_y ~ 0.996
+    logits = logits.bfloat16().to(device)
+    labels = labels.to(device)
+    scale = torch.ones(1, device=device)
+    _, _, ref_grad, slack = oracle(logits, labels, 0, ALPHA, scale)
+    grad = torch.empty_like(logits)
+    rows(logits, labels, 0, ALPHA, IGNORE, None, scale, grad)
+    g_y = grad[torch.arange(2), labels].double().cpu()
+    r_y = ref_grad[torch.arange(2), labels.cpu()]
+    s_y = slack[torch.arange(2), labels.cpu()]
+    assert (r_y > -0.02).all() and (r_y < -0.002).all()  # the regime of the pitfall
+    assert_within("true-class grad", g_y, r_y, grad_tolerance(r_y, s_y, torch.bfloat16))
+    assert ((g_y - r_y).abs() < 0.01 * r_y.abs()).all()  # and 1% is far from the pitfall's 20%
+
+
+def test_large_vocab_and_even_chunks(device):
+    from unlearnopt.kernels.unlearning_cross_entropy import launch_settings
+
+    for n, vocab, mode in [(2, 70001, 2), (2, 16384, 0)]:
+        block, _ = launch_settings(vocab, torch.float32)
+        assert vocab > block  # several chunks through the online log-sum-exp
+        logits, labels = make_inputs(n, vocab, torch.float32, "none", device, seed=vocab)
+        scale = torch.tensor([0.5, -1.5], device=device)
+        ref_loss, ref_lse, ref_grad, slack = oracle(logits, labels, mode, ALPHA, scale)
+        grad = torch.empty_like(logits)
+        loss, lse = rows(logits, labels, mode, ALPHA, IGNORE, None, scale, grad)
+        check_loss_lse(loss, lse, logits, labels, mode, ref_loss, ref_lse)
+        assert_within(f"grad V={vocab}", grad.cpu(), ref_grad.cpu(),
+                      grad_tolerance(ref_grad, slack, torch.float32).cpu())
+
+
+def test_strided_rows_and_separate_grad_stride(device):
+    n, vocab = 5, 301
+    wide, labels = make_inputs(n, 3 * vocab + 7, torch.bfloat16, "some", device, seed=3)
+    logits = wide[:, 2:2 + vocab]  # row stride 910, storage offset 2
+    labels = labels % vocab
+    labels[2] = IGNORE
+    grad_wide = torch.full((n, 2 * vocab), 7.0, dtype=torch.bfloat16, device=device)
+    grad = grad_wide[:, vocab:]
+    scale = torch.linspace(-1, 1, n, device=device)
+    ref_loss, ref_lse, ref_grad, slack = oracle(logits, labels, 2, ALPHA, scale)
+    before = wide.clone()
+    loss, lse = rows(logits, labels, 2, ALPHA, IGNORE, None, scale, grad)
+    check_loss_lse(loss, lse, logits, labels, 2, ref_loss, ref_lse)
+    assert_within("grad (strided)", grad.cpu(), ref_grad.cpu(),
+                  grad_tolerance(ref_grad, slack, torch.bfloat16).cpu())
+    assert torch.equal(wide, before)  # logits untouched when grad_out is elsewhere
+    assert (grad_wide[:, :vocab] == 7).all()  # nothing written outside the view
+
+
+def test_float16_and_empty(device):
+    logits, labels = make_inputs(4, 129, torch.float16, "some", device)
+    ref_loss, ref_lse, _, _ = oracle(logits, labels, 1, ALPHA)
+    loss, lse = rows(logits, labels, 1, ALPHA, IGNORE)
+    check_loss_lse(loss, lse, logits, labels, 1, ref_loss, ref_lse)
+    empty = torch.empty(0, 10, device=device)
+    loss, lse = rows(empty, torch.empty(0, dtype=torch.long, device=device), 0, ALPHA, IGNORE)
+    assert loss.shape == (0,) and lse.shape == (0,)
+
+
+def test_launcher_rejects_bad_layouts(device):
+    logits = torch.randn(4, 10, device=device)
+    labels = torch.zeros(4, dtype=torch.long, device=device)
+    with pytest.raises(ValueError, match="unit column stride"):
+        rows(logits.t(), labels, 0, ALPHA, IGNORE)
+    with pytest.raises(ValueError, match="labels must be a \\[4\\] torch.int64"):
+        rows(logits, labels.int(), 0, ALPHA, IGNORE)
+    with pytest.raises(ValueError, match="mode must be"):
+        rows(logits, labels, 3, ALPHA, IGNORE)
+    with pytest.raises(ValueError, match="grad_scale must be float32"):
+        rows(logits, labels, 0, ALPHA, IGNORE, None, torch.ones(2, device=device), logits)
+    with pytest.raises(ValueError, match="grad_out is required"):
+        rows(logits, labels, 0, ALPHA, IGNORE, None, torch.ones(1, device=device), None)
+
+
+BIG_N, BIG_VOCAB, BIG_STRIDE = 3, 40, 2**30 + 64  # the stride fits int32; 2 * stride does not
+BIG_SPAN = (BIG_N - 1) * BIG_STRIDE + BIG_VOCAB
+
+
+def check_big_row_stride(base: torch.Tensor) -> None:
+    """Rows at 0, 2^30 + 64 and 2^31 + 128 elements of the bf16 buffer ``base`` [BIG_SPAN]."""
+    x = base.as_strided((BIG_N, BIG_VOCAB), (BIG_STRIDE, 1))
+    vals = torch.randn(BIG_N, BIG_VOCAB, generator=seeded(0)).bfloat16()
+    x.copy_(vals)
+    labels = torch.tensor([1, 5, 39], device=base.device)
+    scale = torch.ones(1, device=base.device)
+    _, lse = rows(x, labels, 0, ALPHA, IGNORE, None, scale, x)  # gradient in place, too
+    _, ref_lse, ref_grad, slack = oracle(vals, labels.cpu(), 0, ALPHA, scale.cpu())
+    assert_within("lse (big stride)", lse.cpu(), ref_lse, LOGP_ERR * (1 + ref_lse.abs()))
+    assert_within("grad (big stride)", x.cpu(), ref_grad,
+                  grad_tolerance(ref_grad, slack, torch.bfloat16))
+
+
+_BIG_STRIDE_SCRIPT = textwrap.dedent(f"""
+    import mmap, torch
+    from tests.test_triton_unlearning_cross_entropy import check_big_row_stride
+    buf = mmap.mmap(-1, {BIG_SPAN} * 2)  # 4 GiB of address space; the pages of 3 rows touched
+    check_big_row_stride(torch.frombuffer(buf, dtype=torch.bfloat16, count={BIG_SPAN}))
+    print("ok")
+""")
+
+
+def test_row_offsets_are_int64(device):
+    # Row 2 starts 2^31 + 128 elements in: with 32-bit offsets it reads outside the buffer.
+    if device.type == "cuda":
+        if torch.cuda.get_device_properties(device).total_memory < 16 * 2**30:
+            pytest.skip("needs a 4 GiB buffer")
+        check_big_row_stride(torch.zeros(BIG_SPAN, dtype=torch.bfloat16, device=device))
+        return
+    # On CPU the buffer is a lazily backed anonymous mmap, in a subprocess so that a
+    # regression (a segfault) fails this test instead of killing the session.
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    proc = subprocess.run([sys.executable, "-c", _BIG_STRIDE_SCRIPT], check=False, cwd=root,
+                          env=dict(os.environ, TRITON_INTERPRET="1"), text=True,
+                          capture_output=True, timeout=300)
+    if "mmap" in proc.stderr and ("OSError" in proc.stderr or "MemoryError" in proc.stderr):
+        pytest.skip(f"cannot map 4 GiB of address space here: {proc.stderr[-300:]}")
+    assert proc.returncode == 0 and proc.stdout.strip().endswith("ok"), (
+        f"rc={proc.returncode}\n{proc.stdout}\n{proc.stderr[-2000:]}")

@@ -1,0 +1,232 @@
+"""unlearning_cross_entropy: every backend against the reference, loss and gradients."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from tests.conftest import DEVICE, seeded
+from unlearnopt.ops import unlearning_cross_entropy
+from unlearnopt.reference.unlearning_cross_entropy import unlearning_cross_entropy as reference
+
+MODES = ("nll", "ga", "uce")
+REDUCTIONS = ("mean", "sum", "none")
+# (rows, vocab, ignore pattern, 3-D logits): odd sizes, a row of length 1, everything ignored,
+# a vocabulary above 65536. The Triton interpreter gets only the cheap ones (see below).
+SHAPES = [
+    (1, 3, "none", False),
+    (7, 1000, "some", True),
+    (257, 3, "some", False),
+    (7, 32003, "none", False),
+    (257, 1000, "all", True),
+    (257, 32003, "some", True),
+    (2, 70001, "some", False),
+]
+INTERPRETER_MAX_ELEMENTS = 300_000
+FP32_EPS = torch.finfo(torch.float32).eps
+
+
+def make_case(n, vocab, ignore, dtype, seed=0):
+    g = seeded(seed)
+    logits = (torch.randn(n, vocab, generator=g) * 3).to(dtype)
+    labels = torch.randint(0, vocab, (n,), generator=g)
+    if ignore == "some":
+        labels[torch.rand(n, generator=g) < 0.3] = -100
+    elif ignore == "all":
+        labels[:] = -100
+    upstream = torch.rand(n, generator=g) + 0.5
+    return logits.to(DEVICE), labels.to(DEVICE), upstream.to(DEVICE)
+
+
+def loss_and_grad(fn, logits, labels, upstream, reduction, three_d, **kwargs):
+    x = logits.detach().clone()
+    y = labels
+    if three_d:
+        x = x.view(1, *x.shape)
+        y = y.view(1, -1)
+    x.requires_grad_(True)
+    loss = fn(x, y, reduction=reduction, **kwargs)
+    weight = upstream.view(y.shape) if reduction == "none" else upstream[0]
+    (loss * weight).sum().backward()
+    return loss.detach().float().reshape(-1), x.grad.reshape(logits.shape)
+
+
+def too_slow(backend, n, vocab):
+    from unlearnopt.kernels import interpreting
+
+    # The interpreter runs programs one by one in Python (~10 ms each): few rows, small rows.
+    return backend == "triton" and interpreting() and (n > 40 or n * vocab > INTERPRETER_MAX_ELEMENTS)
+
+
+def ulp(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """One unit in the last place of ``dtype`` at the magnitude of ``x`` (float64)."""
+    info = torch.finfo(dtype)
+    mag = x.abs().clamp(min=info.tiny)
+    return torch.exp2(torch.floor(torch.log2(mag))) * info.eps
+
+
+def assert_close_to_oracle(out, ref_low, oracle, what):
+    """``out`` may be no further from the fp64 oracle than the reference run in the same
+    dtype, plus one rounding of the output (a kernel may round once differently)."""
+    dtype = out.dtype
+    out, ref_low, oracle = out.double(), ref_low.double(), oracle.double()
+    err = (out - oracle).abs()
+    scale = oracle.abs().max().clamp(min=1e-30)
+    # exp(z - lse) with |z - lse| up to ~60 carries ~60 fp32 ulps of relative error,
+    # whichever backend computes it: that is the margin beyond the reference's own error.
+    bound = 2 * (ref_low - oracle).abs() + ulp(oracle, dtype) + 64 * FP32_EPS * scale
+    excess = err - bound
+    worst = int(excess.argmax()) if err.numel() else 0
+    assert (excess <= 0).all(), (
+        f"{what}: error {err.flatten()[worst]:.3e} > bound {bound.flatten()[worst]:.3e} at flat "
+        f"index {worst} (got {out.flatten()[worst]:.6g}, oracle {oracle.flatten()[worst]:.6g})")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("n,vocab,ignore,three_d", SHAPES,
+                         ids=[f"{n}x{v}-{i}{'-3d' if t else ''}" for n, v, i, t in SHAPES])
+@pytest.mark.parametrize("mode", MODES)
+def test_matches_reference(backend, mode, n, vocab, ignore, three_d, dtype):
+    if too_slow(backend, n, vocab):
+        pytest.skip("shape too large for the Triton interpreter (covered on GPU)")
+    logits, labels, upstream = make_case(n, vocab, ignore, dtype)
+    for reduction in REDUCTIONS:
+        out = loss_and_grad(unlearning_cross_entropy, logits, labels, upstream, reduction, three_d,
+                            mode=mode, backend=backend)
+        ref_low = loss_and_grad(reference, logits, labels, upstream, reduction, three_d, mode=mode)
+        oracle = loss_and_grad(reference, logits.double(), labels, upstream.double(), reduction,
+                               three_d, mode=mode)
+        for i, what in enumerate(("loss", "grad")):
+            assert_close_to_oracle(out[i], ref_low[i], oracle[i], f"{mode}/{reduction}/{what}")
+        assert out[1].dtype == dtype
+        assert torch.isfinite(out[0]).all() and torch.isfinite(out[1].float()).all()
+
+
+def test_ga_is_exactly_negated_nll(backend):
+    logits, labels, _ = make_case(33, 517, "some", torch.float32)
+    nll = unlearning_cross_entropy(logits, labels, "nll", reduction="none", backend=backend)
+    ga = unlearning_cross_entropy(logits, labels, "ga", reduction="none", backend=backend)
+    assert torch.equal(ga, -nll)
+
+
+def test_uce_is_bounded_and_its_gradient_vanishes(backend):
+    alpha = 0.5
+    vocab = 101
+    labels = torch.arange(4, device=DEVICE)
+    logits = torch.zeros(4, vocab, device=DEVICE)
+    # p_y -> 1: the loss approaches -log(1 - alpha) from below and never exceeds it.
+    logits[torch.arange(4), labels] = torch.tensor([10.0, 30.0, 60.0, 90.0], device=DEVICE)
+    loss = unlearning_cross_entropy(logits, labels, "uce", reduction="none", alpha=alpha,
+                                    backend=backend)
+    assert (loss <= -math.log(1 - alpha) + 1e-6).all()
+    assert loss[-1] == pytest.approx(-math.log(1 - alpha), rel=1e-5)
+    # p_y -> 0: the gradient norm goes to 0 with p_y (no explosion, unlike ga).
+    norms = []
+    for z_y in (-5.0, -15.0, -40.0):
+        x = torch.zeros(1, vocab, device=DEVICE)
+        x[0, 3] = z_y
+        x.requires_grad_(True)
+        unlearning_cross_entropy(x, torch.tensor([3], device=DEVICE), "uce", backend=backend).backward()
+        norms.append(float(x.grad.norm()))
+    assert norms[0] > norms[1] > norms[2] and norms[2] < 1e-15
+    ga_x = torch.zeros(1, vocab, device=DEVICE)
+    ga_x[0, 3] = -40.0
+    ga_x.requires_grad_(True)
+    unlearning_cross_entropy(ga_x, torch.tensor([3], device=DEVICE), "ga", backend=backend).backward()
+    assert float(ga_x.grad.norm()) > 0.9
+
+
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+def test_all_ignored_gives_zero_not_nan(backend, reduction):
+    x = torch.randn(5, 11, device=DEVICE, requires_grad=True)
+    labels = torch.full((5,), -100, device=DEVICE)
+    loss = unlearning_cross_entropy(x, labels, "uce", reduction=reduction, backend=backend)
+    loss.sum().backward()
+    assert torch.equal(loss.detach(), torch.zeros_like(loss))
+    assert torch.equal(x.grad, torch.zeros_like(x))
+
+
+def test_custom_ignore_index_and_inplace_backward(backend):
+    logits, labels, upstream = make_case(9, 257, "some", torch.float32, seed=3)
+    labels = torch.where(labels == -100, torch.full_like(labels, 7), labels)
+    expected = loss_and_grad(reference, logits, labels, upstream, "none", False, mode="nll",
+                             ignore_index=7)
+    x = logits.clone().requires_grad_(True)
+    y = x * 1.0  # a non-leaf buffer the op may overwrite in backward
+    loss = unlearning_cross_entropy(y, labels, "nll", ignore_index=7, reduction="none",
+                                    inplace_backward=True, backend=backend)
+    (loss * upstream).sum().backward()
+    torch.testing.assert_close(loss.detach(), expected[0], rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(x.grad, expected[1], rtol=1e-5, atol=1e-6)
+
+
+def test_non_contiguous_rows(backend):
+    wide = torch.randn(6, 300, device=DEVICE)
+    x = wide[:, :257].detach().requires_grad_(True)  # row stride 300, not 257
+    labels = torch.randint(0, 257, (6,), device=DEVICE)
+    unlearning_cross_entropy(x, labels, "ga", backend=backend).backward()
+    x_ref = wide[:, :257].detach().clone().requires_grad_(True)
+    reference(x_ref, labels, "ga").backward()
+    torch.testing.assert_close(x.grad, x_ref.grad, rtol=1e-5, atol=1e-7)
+
+
+def test_gradient_accumulates_across_calls(backend):
+    logits, labels, _ = make_case(4, 50, "none", torch.float32)
+    x = logits.clone().requires_grad_(True)
+    unlearning_cross_entropy(x, labels, "nll", backend=backend).backward()
+    once = x.grad.clone()
+    unlearning_cross_entropy(x, labels, "nll", backend=backend).backward()
+    torch.testing.assert_close(x.grad, 2 * once)
+
+
+def test_inside_a_model_under_autocast_and_compile(backend):
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Embedding(40, 16), torch.nn.Linear(16, 40)).to(DEVICE)
+    ids = torch.randint(0, 40, (2, 5), device=DEVICE)
+
+    def loss_fn(m):
+        return unlearning_cross_entropy(m(ids), ids, "uce", backend=backend)
+
+    with torch.autocast(DEVICE.type, dtype=torch.bfloat16):
+        loss = loss_fn(model)
+    loss.backward()
+    assert torch.isfinite(loss) and model[1].weight.grad.abs().sum() > 0
+    model.zero_grad()
+    compiled = torch.compile(loss_fn, backend="aot_eager")
+    loss_c = compiled(model)
+    loss_c.backward()
+    torch.testing.assert_close(loss_c.float(), loss_fn(model).float(), rtol=1e-3, atol=1e-4)
+
+
+@pytest.mark.parametrize(
+    "kwargs,match",
+    [
+        (dict(labels=torch.tensor([0, 11])), r"labels must lie in \[0, 10\)"),
+        (dict(labels=torch.tensor([0, -5])), r"labels must lie in \[0, 10\)"),
+        (dict(labels=torch.tensor([0, 1, 2])), r"labels has shape \(3,\)"),
+        (dict(labels=torch.tensor([0.0, 1.0])), r"labels must be an integer tensor"),
+        (dict(logits=torch.ones(2, 10, dtype=torch.int64)), r"logits must be a floating tensor"),
+        (dict(mode="npo"), r"mode must be one of"),
+        (dict(reduction="avg"), r"reduction must be one of"),
+        (dict(alpha=0.0), r"alpha must be a number in \(0, 1\]"),
+        (dict(alpha=1.5), r"alpha must be a number in \(0, 1\]"),
+        (dict(backend="cuda"), r"backend must be one of"),
+    ],
+)
+def test_bad_input_raises_a_clear_error(kwargs, match):
+    args = dict(logits=torch.randn(2, 10), labels=torch.tensor([0, 1]))
+    args.update(kwargs)
+    with pytest.raises(ValueError, match=match):
+        unlearning_cross_entropy(args.pop("logits"), args.pop("labels"), **args)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU with > 12 GB free")
+def test_more_than_2_pow_31_elements_on_gpu():
+    n, vocab = 16400, 131072  # n * vocab > 2**31
+    x = torch.randn(n, vocab, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    labels = torch.randint(0, vocab, (n,), device="cuda")
+    loss = unlearning_cross_entropy(x, labels, reduction="none", backend="triton")
+    last = reference(x[-3:].detach(), labels[-3:], reduction="none")
+    torch.testing.assert_close(loss[-3:], last, rtol=2e-2, atol=2e-2)

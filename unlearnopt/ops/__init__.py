@@ -1,0 +1,11 @@
+"""Public low-level ops. Each picks a backend per call (see ``unlearnopt.ops._backend``)."""
+
+from unlearnopt.ops.fused_linear_unlearning_cross_entropy import (
+    fused_linear_unlearning_cross_entropy,
+)
+from unlearnopt.ops.unlearning_cross_entropy import unlearning_cross_entropy
+
+__all__ = [
+    "fused_linear_unlearning_cross_entropy",
+    "unlearning_cross_entropy",
+]

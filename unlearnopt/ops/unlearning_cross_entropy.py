@@ -1,0 +1,151 @@
+"""Fused unlearning cross-entropy: ``nll``, ``ga`` and MOLLM's bounded ``uce``.
+
+All three modes share one gradient shape. With p = softmax(z) and y the label,
+
+    nll: loss = lse - z_y                 d/dz = p - e_y
+    ga : loss = z_y - lse                 d/dz = -(p - e_y)
+    uce: loss = -log(1 - a p_y)           d/dz = -(a p_y / (1 - a p_y)) (p - e_y)
+
+so every backend computes one row coefficient ``c`` and writes ``scale * c * (p - e_y)``.
+
+Passes over the logits: the forward reads each row once (online log-sum-exp) and keeps
+only ``lse`` per row; the backward reads the row once more and writes the gradient. That
+is the 3-pass floor; computing the gradient during the forward (as Liger-Kernel does)
+costs a 4th pass in the backward to apply the upstream gradient, or a host sync to skip
+it. The same kernel computes loss and gradient in a single launch when the scale is
+known up front (the fused-linear op uses that).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from unlearnopt.ops._backend import resolve_backend
+from unlearnopt.ops._checks import check_alpha, check_choice, check_float, check_labels, check_same_device
+from unlearnopt.reference import unlearning_cross_entropy as ref
+
+MODES = ref.MODES
+REDUCTIONS = ref.REDUCTIONS
+MODE_ID = {"nll": 0, "ga": 1, "uce": 2}
+
+
+def rows_function(backend: str):
+    """The row kernel of ``backend`` (``triton`` or ``native``).
+
+    Contract, shared by both: ``rows(logits [N, V] (row stride free, unit column stride),
+    labels [N] int64, mode_id, alpha, ignore_index, lse_in [N] f32 | None,
+    grad_scale f32 (1 or N elements) | None, grad_out [N, V] | None) -> (loss [N] f32,
+    lse [N] f32)``. With ``grad_scale`` it also writes ``grad_scale[i] * c_i * (p_i - e_y)``
+    into ``grad_out`` (which may be ``logits`` itself); ignored rows get zeros.
+    """
+    if backend == "triton":
+        from unlearnopt.kernels.unlearning_cross_entropy import unlearning_cross_entropy_rows
+
+        return unlearning_cross_entropy_rows
+    if backend == "native":
+        from unlearnopt.native import native_ops
+
+        return native_ops().unlearning_cross_entropy_rows
+    raise ValueError(f"no row kernel for backend {backend!r}")
+
+
+def validate_options(mode, ignore_index, reduction, alpha) -> None:
+    check_choice("mode", mode, MODES)
+    check_choice("reduction", reduction, REDUCTIONS)
+    check_alpha(alpha)
+    if not isinstance(ignore_index, int) or isinstance(ignore_index, bool):
+        raise TypeError(f"ignore_index must be an int, got {type(ignore_index).__name__}")
+
+
+def validate(logits, labels, mode, ignore_index, reduction, alpha) -> None:
+    check_float("logits", logits)
+    if logits.dim() < 2:
+        raise ValueError(f"logits must be [N, V] or [B, T, V], got shape {tuple(logits.shape)}")
+    validate_options(mode, ignore_index, reduction, alpha)
+    check_same_device(logits=logits, labels=labels)
+    check_labels(labels, logits.shape[:-1], logits.shape[-1], ignore_index)
+
+
+def upstream_scale(grad_output: torch.Tensor, reduction: str, count: torch.Tensor) -> torch.Tensor:
+    """The per-row factor of the backward, kept on the device (no ``.item()``)."""
+    g = grad_output.float()
+    if reduction == "none":
+        return g.reshape(-1).contiguous()
+    if reduction == "mean":
+        g = g / count.clamp(min=1)
+    return g.reshape(1)
+
+
+def reduce_rows(loss_rows: torch.Tensor, reduction: str, count: torch.Tensor) -> torch.Tensor:
+    if reduction == "none":
+        return loss_rows
+    total = loss_rows.sum()
+    return total / count.clamp(min=1) if reduction == "mean" else total
+
+
+class UnlearningCrossEntropyFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, logits, labels, mode, alpha, ignore_index, reduction, backend, inplace_backward):
+        vocab = logits.shape[-1]
+        logits2d = logits.reshape(-1, vocab)
+        if logits2d.stride(-1) != 1:
+            logits2d = logits2d.contiguous()
+        labels1d = labels.reshape(-1).long()
+        rows = rows_function(backend)
+        loss_rows, lse = rows(logits2d, labels1d, MODE_ID[mode], float(alpha), ignore_index,
+                              None, None, None)
+        count = (labels1d != ignore_index).sum()
+        ctx.save_for_backward(logits2d, labels1d, lse, count)
+        ctx.config = (mode, float(alpha), ignore_index, reduction, backend, inplace_backward,
+                      logits.shape)
+        out = reduce_rows(loss_rows, reduction, count)
+        return out.reshape(labels.shape) if reduction == "none" else out
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        mode, alpha, ignore_index, reduction, backend, inplace_backward, shape = ctx.config
+        logits2d, labels1d, lse, count = ctx.saved_tensors
+        grad = logits2d if inplace_backward else torch.empty_like(logits2d)
+        scale = upstream_scale(grad_output, reduction, count)
+        rows_function(backend)(logits2d, labels1d, MODE_ID[mode], alpha, ignore_index, lse, scale,
+                               grad)
+        return grad.view(shape), None, None, None, None, None, None, None
+
+
+@torch.compiler.disable
+def unlearning_cross_entropy(logits: torch.Tensor, labels: torch.Tensor, mode: str = "nll",
+                             ignore_index: int = -100, reduction: str = "mean",
+                             alpha: float = 0.5, *, inplace_backward: bool = False,
+                             backend: str | None = None) -> torch.Tensor:
+    """Cross-entropy for unlearning, fused: loss and gradient without materialising softmax.
+
+    Args:
+        logits: ``[N, V]`` or ``[B, T, V]``, float32 / bfloat16 / float16 (math is float32).
+            Labels are *not* shifted here: position t is scored against ``labels[t]``.
+        labels: ``[N]`` or ``[B, T]`` integer, in ``[0, V)`` or ``ignore_index``.
+        mode: ``"nll"`` (-log p_y, plain CE), ``"ga"`` (+log p_y, gradient ascent as a loss),
+            ``"uce"`` (-log(1 - alpha p_y), MOLLM's bounded unlearning CE).
+        ignore_index: label value that contributes no loss and no gradient.
+        reduction: ``"mean"`` over non-ignored tokens (0 if there are none), ``"sum"``, or
+            ``"none"`` (float32, shape of ``labels``, 0 at ignored tokens).
+        alpha: the ``uce`` parameter in (0, 1]; the loss is bounded by -log(1 - alpha).
+        inplace_backward: write the gradient into the logits buffer during backward (extra
+            memory O(N) instead of O(N·V)). Only when nothing else reads these logits after
+            this loss's backward.
+        backend: ``"auto"`` / ``"triton"`` / ``"native"`` / ``"reference"``; default from
+            ``UNLEARNOPT_BACKEND``.
+
+    Returns:
+        float32 loss. Equivalent plain PyTorch for ``mode="nll"``:
+        ``F.cross_entropy(logits.float().flatten(0, -2), labels.flatten(), ignore_index=-100)``.
+
+    Example:
+        >>> logits = torch.randn(4, 10, requires_grad=True)
+        >>> unlearning_cross_entropy(logits, torch.tensor([1, 2, -100, 3]), mode="uce").backward()
+    """
+    validate(logits, labels, mode, ignore_index, reduction, alpha)
+    chosen = resolve_backend(backend, logits.device)
+    if chosen == "reference" or logits.dtype == torch.float64:
+        return ref.unlearning_cross_entropy(logits, labels, mode, ignore_index, reduction, alpha)
+    return UnlearningCrossEntropyFunction.apply(logits, labels, mode, float(alpha), ignore_index,
+                                                reduction, chosen, inplace_backward)

@@ -1,0 +1,1 @@
+"""Pure-PyTorch references: the executable specification of every op (and its fallback)."""
