@@ -3,9 +3,13 @@
 from unlearnopt.ops.fused_linear_unlearning_cross_entropy import (
     fused_linear_unlearning_cross_entropy,
 )
+from unlearnopt.ops.min_norm import MinNorm, kkt_residual, min_norm
 from unlearnopt.ops.unlearning_cross_entropy import unlearning_cross_entropy
 
 __all__ = [
+    "MinNorm",
+    "kkt_residual",
+    "min_norm",
     "fused_linear_unlearning_cross_entropy",
     "unlearning_cross_entropy",
 ]
