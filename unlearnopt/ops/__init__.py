@@ -3,11 +3,21 @@
 from unlearnopt.ops.fused_linear_unlearning_cross_entropy import (
     fused_linear_unlearning_cross_entropy,
 )
+from unlearnopt.ops.masked_kl import (
+    fused_linear_masked_kl,
+    masked_kl,
+    token_mask_from_labels,
+    vocab_mask_from_token_ids,
+)
 from unlearnopt.ops.min_norm import MinNorm, kkt_residual, min_norm
 from unlearnopt.ops.unlearning_cross_entropy import unlearning_cross_entropy
 
 __all__ = [
     "MinNorm",
+    "fused_linear_masked_kl",
+    "masked_kl",
+    "token_mask_from_labels",
+    "vocab_mask_from_token_ids",
     "kkt_residual",
     "min_norm",
     "fused_linear_unlearning_cross_entropy",
