@@ -3,6 +3,7 @@
 from unlearnopt.ops.fused_linear_unlearning_cross_entropy import (
     fused_linear_unlearning_cross_entropy,
 )
+from unlearnopt.ops.grad_gram import GradGram, grad_cosine, grad_gram, gram_to_cosine
 from unlearnopt.ops.masked_kl import (
     fused_linear_masked_kl,
     masked_kl,
@@ -13,6 +14,10 @@ from unlearnopt.ops.min_norm import MinNorm, kkt_residual, min_norm
 from unlearnopt.ops.unlearning_cross_entropy import unlearning_cross_entropy
 
 __all__ = [
+    "GradGram",
+    "grad_cosine",
+    "grad_gram",
+    "gram_to_cosine",
     "MinNorm",
     "fused_linear_masked_kl",
     "masked_kl",
