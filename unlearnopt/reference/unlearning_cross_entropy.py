@@ -16,8 +16,12 @@ REDUCTIONS = ("mean", "sum", "none")
 
 def token_losses(logits: torch.Tensor, labels: torch.Tensor, mode: str, alpha: float,
                  ignore_index: int) -> torch.Tensor:
-    """Per-token loss ``[N]`` (float32, 0 at ignored tokens) from logits ``[N, V]``, labels ``[N]``."""
-    logp = torch.log_softmax(logits.float(), dim=-1)
+    """Per-token loss ``[N]`` (0 at ignored tokens) from logits ``[N, V]``, labels ``[N]``.
+
+    Math in float32 for 16-bit logits, float64 for float64 logits (the oracle of the tests
+    and the double-backward path of OFMU).
+    """
+    logp = torch.log_softmax(logits.to(torch.promote_types(logits.dtype, torch.float32)), dim=-1)
     keep = labels != ignore_index
     safe = torch.where(keep, labels, torch.zeros_like(labels))
     logp_y = logp.gather(-1, safe.unsqueeze(-1)).squeeze(-1)
@@ -45,7 +49,8 @@ def reduce_tokens(loss: torch.Tensor, keep: torch.Tensor, reduction: str) -> tor
 def unlearning_cross_entropy(logits: torch.Tensor, labels: torch.Tensor, mode: str = "nll",
                              ignore_index: int = -100, reduction: str = "mean",
                              alpha: float = 0.5) -> torch.Tensor:
-    """logits ``[..., V]`` (any float dtype), labels ``[...]`` int64 -> loss (float32).
+    """logits ``[..., V]`` (any float dtype), labels ``[...]`` int64 -> loss (float32, or
+    float64 for float64 logits).
 
     ``reduction="none"`` returns the shape of ``labels``.
     """
