@@ -35,6 +35,8 @@ import torch
 import triton
 import triton.language as tl
 
+from unlearnopt.kernels._launch import device_guard
+
 _TL_DTYPE = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}
 
 
@@ -167,11 +169,12 @@ def grad_gram_per_tensor(grads: Sequence[Sequence[torch.Tensor | None]]) -> torc
         return out
     partial = torch.empty(tables.n_chunks, k * k, dtype=torch.float32, device=device)
     kp = triton.next_power_of_2(k)
-    for tl_dtype, chunks in tables.groups:
-        _gram_chunks_kernel[(chunks.shape[0],)](
-            chunks, tables.numel, tables.addr, partial, p_count,
-            K=k, KP=kp, DTYPE=tl_dtype, CHUNK=chunk, BLOCK=block, num_warps=warps,
-        )
-    _gram_reduce_kernel[(p_count,)](partial, tables.first_chunk, out, KK=k * k,
-                                    KKP=triton.next_power_of_2(k * k))
+    with device_guard(device):
+        for tl_dtype, chunks in tables.groups:
+            _gram_chunks_kernel[(chunks.shape[0],)](
+                chunks, tables.numel, tables.addr, partial, p_count,
+                K=k, KP=kp, DTYPE=tl_dtype, CHUNK=chunk, BLOCK=block, num_warps=warps,
+            )
+        _gram_reduce_kernel[(p_count,)](partial, tables.first_chunk, out, KK=k * k,
+                                        KKP=triton.next_power_of_2(k * k))
     return out

@@ -13,30 +13,13 @@ Imported lazily (``import triton`` happens here only), see ``unlearnopt.kernels`
 
 from __future__ import annotations
 
-import contextlib
-
 import torch
 import triton
 import triton.language as tl
 
+from unlearnopt.kernels._launch import device_guard, row_launch_settings
+
 FORWARD, REVERSE = 0, 1
-
-
-def launch_settings(vocab: int, dtype: torch.dtype) -> tuple[int, int]:
-    """``(BLOCK_V, num_warps)`` for rows of ``vocab`` logits of ``dtype`` (set only here).
-
-    Each chunk holds two rows (model and reference) in float32 registers, so the cap is half
-    the cross-entropy kernel's: 4096 elements per row for fp32, 8192 for 2-byte inputs.
-    """
-    cap = 4096 if dtype == torch.float32 else 8192
-    block = max(16, min(triton.next_power_of_2(vocab), cap))
-    if block <= 1024:
-        warps = 4
-    elif block <= 4096:
-        warps = 8
-    else:
-        warps = 16
-    return block, warps
 
 
 @triton.heuristics({
@@ -270,8 +253,8 @@ def masked_kl_rows(
     if n == 0 or vocab == 0:
         return loss, stats
 
-    block_v, num_warps = launch_settings(vocab, logits.dtype)
-    with torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext():
+    block_v, num_warps = row_launch_settings(vocab, logits.dtype, rows_per_chunk=2)
+    with device_guard(device):
         _masked_kl_rows_kernel[(n,)](
             logits, logits.stride(0),
             ref_logits, ref_logits.stride(0),

@@ -13,31 +13,13 @@ Imported lazily (``import triton`` happens here only), see ``unlearnopt.kernels`
 
 from __future__ import annotations
 
-import contextlib
-
 import torch
 import triton
 import triton.language as tl
 
+from unlearnopt.kernels._launch import device_guard, row_launch_settings
+
 MODE_NLL, MODE_GA, MODE_UCE = 0, 1, 2
-
-
-def launch_settings(vocab: int, dtype: torch.dtype) -> tuple[int, int]:
-    """``(BLOCK_V, num_warps)`` for rows of ``vocab`` logits of ``dtype``: the only place they are set.
-
-    Chunks of 32 KiB of input (8192 fp32 or 16384 bf16/fp16 logits) keep many loads in
-    flight per program; upcast to fp32 that is 16 or 32 registers per thread at 16 warps,
-    well short of spilling. Short rows get one chunk and fewer warps. Not yet tuned on a GPU.
-    """
-    cap = 8192 if dtype == torch.float32 else 16384
-    block = max(16, min(triton.next_power_of_2(vocab), cap))
-    if block <= 1024:
-        warps = 4
-    elif block <= 4096:
-        warps = 8
-    else:
-        warps = 16
-    return block, warps
 
 
 @triton.heuristics({
@@ -206,9 +188,8 @@ def unlearning_cross_entropy_rows(
     if n == 0:
         return loss, lse
 
-    block_v, num_warps = launch_settings(vocab, logits.dtype)
-    # Triton launches on the current CUDA device; make it the tensors' one.
-    with torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext():
+    block_v, num_warps = row_launch_settings(vocab, logits.dtype, rows_per_chunk=1)
+    with device_guard(device):
         _unlearning_ce_rows_kernel[(n,)](
             logits, logits.stride(0),
             labels,
