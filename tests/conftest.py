@@ -15,7 +15,7 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-import pytest  # noqa: E402
+import pytest
 
 DEVICE = torch.device(os.environ.get("UNLEARNOPT_TEST_DEVICE",
                                      "cuda" if torch.cuda.is_available() else "cpu"))

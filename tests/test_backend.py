@@ -32,7 +32,7 @@ def test_explicit_unavailable_backend_raises(monkeypatch):
 
 
 def test_auto_falls_back_to_reference_with_one_warning(monkeypatch):
-    import unlearnopt.native as native
+    from unlearnopt import native
 
     monkeypatch.setattr(native, "native_error", lambda: "no compiler")
     monkeypatch.setattr(_backend, "_warned", set())

@@ -32,7 +32,7 @@ def _sources() -> list[Path]:
     return sorted(CSRC.glob("*.cpp"))
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _build() -> str | None:
     """Build and load the extension; return None on success, else the reason it failed."""
     if os.environ.get("UNLEARNOPT_DISABLE_NATIVE", "0") not in ("", "0"):

@@ -21,7 +21,13 @@ from __future__ import annotations
 import torch
 
 from unlearnopt.ops._backend import resolve_backend
-from unlearnopt.ops._checks import check_alpha, check_choice, check_float, check_labels, check_same_device
+from unlearnopt.ops._checks import (
+    check_alpha,
+    check_choice,
+    check_float,
+    check_labels,
+    check_same_device,
+)
 from unlearnopt.reference import unlearning_cross_entropy as ref
 
 MODES = ref.MODES
