@@ -1,0 +1,186 @@
+"""SIU: single-image unlearning with constructed targets and a dual masked KL (arXiv 2405.12523).
+
+METHODS.md ``siu``: on the constructed batch of :func:`~unlearnopt.methods.siu_targets.
+build_siu_targets` (passed as ``forget``),
+
+    L = α · CE + β · DMK                      (paper: α = 0.9, β = 0.75)
+
+- CE (objective ``siu_ce``): ``nll`` on every answer token of the four aims, mean over the
+  labelled (shifted) tokens: ``F.cross_entropy(logits[:, :-1].flatten(0, 1),
+  labels[:, 1:].flatten(), ignore_index=-100)``.
+- DMK (objective ``siu_dmk``): ``sum_t m_t sum_v u_v q_v (log q_v − log p_v) / #(m_t = 1)``
+  with q the frozen original's next-token distribution, p the model's, m = ``token_mask``
+  shifted like the labels (so m_t is the mask of the token position t predicts) and
+  u = ``vocab_mask`` (no renormalisation). Forward KL by default (``direction``).
+
+Their gradients are combined as the weighted sum α·g_CE + β·g_DMK (``FixedWeights``), then
+the wrapped optimizer steps. The batch's ``token_mask`` / ``vocab_mask`` / ``siu_aim`` are
+not model inputs: :meth:`SIU.step` strips them before the unlearner sees the batch and the
+objectives read them back (so any model forward works). A batch without ``token_mask``
+uses every labelled token; without ``vocab_mask``, no vocabulary masking (plain KL).
+
+Requires the frozen original (``ref_model=`` or a PEFT model). No retain batch is needed:
+aim (4) of the constructed batch is the retain signal; a retain batch passed to ``step()``
+is ignored.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+
+from unlearnopt.aggregate import Aggregator, FixedWeights
+from unlearnopt.methods.base import Method, Objective, ObjectiveContext, register_method
+from unlearnopt.methods.siu_targets import model_inputs
+
+DIRECTIONS = ("forward", "reverse")
+
+
+def _masked_kl():
+    from unlearnopt.ops.masked_kl import masked_kl
+
+    return masked_kl
+
+
+def _shift_mask(mask: torch.Tensor) -> torch.Tensor:
+    """``[B, T]`` mask in the labels' frame -> the logits' frame (position t predicts t + 1)."""
+    pad = torch.zeros_like(mask[:, :1])
+    return torch.cat([mask[:, 1:], pad], dim=1)
+
+
+def _split_rows(batch: Mapping[str, Any], parts: int) -> list[dict[str, Any]]:
+    """Micro-batches of an SIU batch: row-indexed tensors split along dim 0, ``vocab_mask``
+    shared."""
+    size = batch["labels"].shape[0]
+    if size < parts:
+        raise ValueError(f"forget has batch size {size}, fewer than accumulate={parts}")
+    pixels = batch.get("pixel_values")
+    if isinstance(pixels, torch.Tensor) and pixels.shape[0] != size:
+        raise ValueError(f"forget['pixel_values'] has {pixels.shape[0]} images for {size} rows; "
+                         "splitting into micro-batches (accumulate > 1) needs one image per row "
+                         "(pass a list of micro-batches instead)")
+    bounds = [round(i * size / parts) for i in range(parts + 1)]
+    out = []
+    for a, b in zip(bounds[:-1], bounds[1:]):
+        out.append({k: (v if k == "vocab_mask" or not isinstance(v, torch.Tensor) or v.dim() == 0
+                        else v[a:b]) for k, v in batch.items()})
+    return out
+
+
+class SIU(Method):
+    """SIU's objective, α·CE + β·DMK on the constructed batch (module docstring).
+
+    Options:
+        alpha: weight of the cross-entropy on the constructed targets (paper: 0.9).
+        beta: weight of the dual masked KL (paper: 0.75).
+        direction: ``"forward"`` KL(p_ref || p_θ) (default, METHODS.md) or ``"reverse"``.
+        temperature: softmax temperature of both distributions in the KL (default 1).
+    """
+
+    name = "siu"
+    defaults = {"alpha": 0.9, "beta": 0.75, "direction": "forward", "temperature": 1.0}
+    needs_ref = True
+
+    def __init__(self, **config: Any) -> None:
+        super().__init__(**config)
+        # Masks of the micro-batches of the step in progress, keyed by id() of the stripped
+        # dict the unlearner hands to the objectives (alive for the whole step).
+        self._masks: dict[int, tuple[Mapping[str, Any], torch.Tensor | None,
+                                     torch.Tensor | None]] = {}
+
+    def validate_config(self) -> None:
+        c = self.config
+        for key in ("alpha", "beta", "temperature"):
+            v = c[key]
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
+                raise ValueError(f"siu: {key} must be a finite number, got {v!r}")
+        if c["alpha"] < 0 or c["beta"] < 0:
+            raise ValueError(f"siu: alpha and beta must be >= 0, got alpha={c['alpha']!r}, "
+                             f"beta={c['beta']!r}")
+        if c["temperature"] <= 0:
+            raise ValueError(f"siu: temperature must be > 0, got {c['temperature']!r}")
+        if c["direction"] not in DIRECTIONS:
+            raise ValueError(f"siu: direction must be one of {DIRECTIONS}, "
+                             f"got {c['direction']!r}")
+
+    @property
+    def needs_retain(self) -> bool:
+        return False
+
+    # -- masks ----------------------------------------------------------------------------------
+    def _lookup(self, batch: Mapping[str, Any]):
+        """``(token_mask [B, T] in the logits' frame, vocab_mask [V] | None)`` of a micro-batch."""
+        entry = self._masks.get(id(batch))
+        if entry is not None and entry[0] is batch:
+            _, token_mask, vocab_mask = entry
+        else:  # a batch that did not go through step() (e.g. the user's own loop)
+            token_mask, vocab_mask = batch.get("token_mask"), batch.get("vocab_mask")
+        labels = batch["labels"]
+        if token_mask is None:
+            token_mask = labels != -100
+        if tuple(token_mask.shape) != tuple(labels.shape):
+            raise ValueError(f"token_mask has shape {tuple(token_mask.shape)}, expected the "
+                             f"labels' {tuple(labels.shape)}")
+        return _shift_mask(token_mask.to(labels.device)), vocab_mask
+
+    def _ce(self, ctx: ObjectiveContext) -> torch.Tensor:
+        from unlearnopt.objectives import token_loss
+
+        return token_loss(ctx.logits, ctx.labels, "nll")
+
+    def _dmk(self, ctx: ObjectiveContext) -> torch.Tensor:
+        token_mask, vocab_mask = self._lookup(ctx.batch)
+        logits = ctx.logits
+        vocab = logits.shape[-1]
+        if vocab_mask is not None:
+            if tuple(vocab_mask.shape) != (vocab,):
+                raise ValueError(f"vocab_mask has shape {tuple(vocab_mask.shape)} but the model's "
+                                 f"vocabulary is {vocab}; build it with vocab_size={vocab}")
+            vocab_mask = vocab_mask.to(logits.device)
+        return _masked_kl()(logits.reshape(-1, vocab), ctx.ref_logits.reshape(-1, vocab),
+                            token_mask=token_mask.reshape(-1).to(logits.device),
+                            vocab_mask=vocab_mask, direction=self.config["direction"],
+                            reduction="mean", temperature=float(self.config["temperature"]))
+
+    def _dmk_count(self, batch: Mapping[str, Any]) -> torch.Tensor:
+        token_mask, _ = self._lookup(batch)
+        return (token_mask != 0).sum()
+
+    # -- the recipe -----------------------------------------------------------------------------
+    def objectives(self) -> list[Objective]:
+        return [Objective("siu_ce", "forget", self._ce),
+                Objective("siu_dmk", "forget", self._dmk, count=self._dmk_count)]
+
+    def aggregator(self) -> Aggregator:
+        return Aggregator(FixedWeights([float(self.config["alpha"]), float(self.config["beta"])]))
+
+    def step(self, unlearner, forget, retain) -> dict[str, float]:
+        if forget is None:
+            raise ValueError("siu needs a forget batch (the constructed SIU batch, see "
+                             "unlearnopt.methods.siu_targets.build_siu_targets)")
+        if isinstance(forget, Mapping):
+            parts = getattr(unlearner, "accumulate", 1)
+            micro = _split_rows(forget, parts) if parts > 1 else [forget]
+        elif isinstance(forget, (list, tuple)):
+            micro = list(forget)
+        else:
+            raise TypeError(f"forget must be a batch dict or a list of them, "
+                            f"got {type(forget).__name__}")
+        stripped = []
+        for mb in micro:
+            if not isinstance(mb, Mapping):
+                raise TypeError(f"forget micro-batches must be dicts, got {type(mb).__name__}")
+            clean = model_inputs(mb)
+            self._masks[id(clean)] = (clean, mb.get("token_mask"), mb.get("vocab_mask"))
+            stripped.append(clean)
+        try:
+            # A list is used as given (no re-splitting), so the ids above stay valid.
+            return unlearner.standard_step(self, stripped, None)
+        finally:
+            self._masks.clear()
+
+
+register_method("siu", SIU)

@@ -1,0 +1,21 @@
+"""The losses of the methods, built from ``unlearnopt.ops`` (METHODS.md, "Losses").
+
+Every loss takes the model's logits ``[B, T, V]`` and the *unshifted* labels ``[B, T]``
+(``-100`` = ignored) and aligns them for next-token prediction itself. Reductions: token
+losses and the KL are means over labelled tokens; NPO is a mean over sequences.
+"""
+
+from unlearnopt.objectives.kl import kl_to_reference
+from unlearnopt.objectives.npo import npo_loss
+from unlearnopt.objectives.shift import IGNORE_INDEX, shift_labels
+from unlearnopt.objectives.token import TOKEN_MODES, sequence_log_prob, token_loss
+
+__all__ = [
+    "IGNORE_INDEX",
+    "TOKEN_MODES",
+    "kl_to_reference",
+    "npo_loss",
+    "sequence_log_prob",
+    "shift_labels",
+    "token_loss",
+]
