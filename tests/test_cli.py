@@ -1,0 +1,150 @@
+"""The ``unlearnopt`` command line, in-process: commands on a tiny saved model, and the one-line
+messages (exit status 2, no traceback) for the mistakes a user can make."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from tests.test_eval_pulse import (
+    NEUTRAL,
+    all_texts,
+    tiny_facts,
+    tiny_llama,
+    tiny_tokenizer,
+)
+from unlearnopt.cli import main
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread():
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(old)
+
+
+@pytest.fixture(autouse=True)
+def _reference_backend(monkeypatch):
+    monkeypatch.setenv("UNLEARNOPT_BACKEND", "reference")
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    """A tiny Llama that learned the tiny facts, saved as a Hugging Face directory."""
+    from unlearnopt.eval.pulse import finetune
+
+    tok = tiny_tokenizer(all_texts())
+    model = tiny_llama(len(tok))
+    finetune(model, tok, tiny_facts(), lr=3e-2, epochs=60, target_acc=1.0, progress=False)
+    d = tmp_path_factory.mktemp("tiny_model")
+    model.save_pretrained(d)
+    tok.save_pretrained(d)
+    return d
+
+
+@pytest.fixture(scope="module")
+def data_files(tmp_path_factory):
+    d = tmp_path_factory.mktemp("data")
+    facts = tiny_facts()
+    for name, part in (("forget", facts[:2]), ("retain", facts[4:10])):
+        (d / f"{name}.jsonl").write_text(
+            "".join(json.dumps({"prompt": f.prompt, "answer": f.answer}) + "\n" for f in part))
+    return d
+
+
+def _error(capsys) -> str:
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    return err
+
+
+def test_run_unlearns_and_saves_the_model(model_dir, data_files, tmp_path, capsys):
+    out = tmp_path / "out"
+    rc = main(["run", "--model", str(model_dir), "--method", "ga", "--forget",
+               str(data_files / "forget.jsonl"), "--retain", str(data_files / "retain.jsonl"),
+               "--out", str(out), "--steps", "4", "--lr", "5e-2", "--no-progress"])
+    assert rc == 0
+    text = capsys.readouterr().out
+    assert "before: forget_acc" in text and "after:  forget_acc" in text
+    log = json.loads((out / "run.json").read_text())
+    assert log["method"] == "ga" and log["steps"] == 4 and len(log["history"]) == 4
+    assert log["after"]["forget_acc"] < log["before"]["forget_acc"]
+    from transformers import AutoModelForCausalLM
+
+    reloaded = AutoModelForCausalLM.from_pretrained(out / "model")
+    assert reloaded.config.vocab_size == json.loads(
+        (model_dir / "config.json").read_text())["vocab_size"]
+
+
+def test_pulse_command_with_user_data(model_dir, tmp_path, capsys):
+    facts = tmp_path / "facts.jsonl"
+    facts.write_text("".join(json.dumps(f.to_dict()) + "\n" for f in tiny_facts()))
+    neutral = tmp_path / "neutral.txt"
+    neutral.write_text("\n".join(NEUTRAL))
+    out = tmp_path / "pulse"
+    rc = main(["pulse", "--model", str(model_dir), "--methods", "ga,mollm", "--requests", "2",
+               "--forget-size", "4", "--retain-size", "6", "--steps", "2", "--lr", "1e-2",
+               "--retain-batch-size", "4", "--facts", str(facts), "--neutral", str(neutral),
+               "--out", str(out), "--no-progress"])
+    assert rc == 0, capsys.readouterr().err
+    text = capsys.readouterr().out
+    assert "mollm@end" in text and "ga@end" in text and "report:" in text
+    report = json.loads((out / "report.json").read_text())
+    assert report["config"]["methods"] == ["ga", "mollm"]
+    assert (out / "pretrained_metrics.png").exists()
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["run", "--forget", "MISSING.jsonl", "--out", "x", "--method", "ga"],
+     "data file not found: MISSING.jsonl"),
+    (["run", "--forget", "{forget}", "--out", "x", "--method", "nonsense"],
+     "unknown method 'nonsense'; available: "),
+    (["run", "--forget", "{bad}", "--retain", "{forget}", "--out", "x"],
+     "bad.jsonl, line 2: invalid JSON"),
+    (["run", "--forget", "{noanswer}", "--out", "x", "--method", "ga"],
+     "noanswer.jsonl, line 1: missing required field 'answer'"),
+    (["run", "--forget", "{forget}", "--out", "x", "--method", "grad_diff"],
+     "needs a retain set"),
+    (["run", "--forget", "{forget}", "--out", "x", "--method", "ga", "--option", "beta=1"],
+     "unknown option"),
+    (["run", "--forget", "{forget}", "--out", "x", "--method", "ga", "--model", "{empty}"],
+     "could not load a causal language model from"),
+    (["run", "--forget", "{forget}", "--out", "x", "--method", "ga", "--model", "NOPE/"],
+     "model path not found: NOPE"),
+    (["pulse", "--methods", "ga,bogus"], "unknown method 'bogus'"),
+    (["pulse", "--phases", "later"], "unknown phase 'later'"),
+    (["pulse", "--forget-size", "2", "--requests", "5"], "forget_size (2) must be >= requests"),
+    (["demo", "--option", "mollm.alpha"], "expected METHOD.KEY=VALUE"),
+])
+def test_user_errors_give_one_line_and_status_2(argv, message, data_files, tmp_path, capsys):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"prompt": "a", "answer": "b"}\n{"prompt": "a", answer: b}\n')
+    noanswer = tmp_path / "noanswer.jsonl"
+    noanswer.write_text('{"prompt": "a"}\n')
+    empty = tmp_path / "empty_model"
+    empty.mkdir()
+    subs = {"{forget}": str(data_files / "forget.jsonl"), "{bad}": str(bad),
+            "{noanswer}": str(noanswer), "{empty}": str(empty)}
+    argv = [subs.get(a, a) for a in argv]
+    assert main(argv) == 2
+    err = _error(capsys)
+    assert err.startswith("unlearnopt: error: ") and message in err
+    assert err.count("\n") == 1
+
+
+def test_usage_errors_exit_2(capsys):
+    assert main([]) == 2
+    assert main(["frobnicate"]) == 2
+    assert "usage: unlearnopt" in capsys.readouterr().err
+    assert main(["--help"]) == 0
+
+
+def test_selfcheck_subcommand_exists(monkeypatch, capsys):
+    import unlearnopt.selfcheck as sc
+
+    monkeypatch.setattr(sc, "main", lambda: print("backends: stub") or 0)
+    assert main(["selfcheck"]) == 0
+    assert "backends: stub" in capsys.readouterr().out

@@ -1,0 +1,202 @@
+"""PULSE end to end on a tiny random Llama with a word-level tokenizer (no download).
+
+The tiny model first learns a handful of made-up facts (so the "pretrained" phase has known
+facts to probe), then the protocol runs ga and mollm over two sequential requests.
+"""
+
+from __future__ import annotations
+
+import copy
+import functools
+import json
+import operator
+
+import pytest
+import torch
+
+from unlearnopt.data import Fact
+
+CAPITALS = [("Aland", "Bormo"), ("Cetis", "Dulan"), ("Eskar", "Fimmo"), ("Gorra", "Hulst"),
+            ("Ivar", "Jusk"), ("Kelm", "Lorra"), ("Mivo", "Nesk"), ("Opal", "Prenn")]
+COLOURS = [("apple", "red"), ("sky", "blue"), ("grass", "green"), ("snow", "white"),
+           ("coal", "black"), ("lemon", "yellow"), ("plum", "purple"), ("rust", "brown")]
+PEOPLE = [("Zarn", "baker", "violin"), ("Quill", "pilot", "harp"), ("Tovi", "nurse", "drums"),
+          ("Wexa", "tailor", "flute"), ("Ruvo", "farmer", "cello"), ("Sella", "chef", "banjo")]
+NEUTRAL = ["the dog walks to the park in the morning", "we like to read books at night",
+           "the train is late again today", "she plants red flowers in the garden",
+           "my friend makes good soup", "the children play near the river"]
+
+
+def tiny_facts() -> list[Fact]:
+    facts = []
+    for c, a in CAPITALS:
+        facts.append(Fact(prompt=f"the capital of {c} is", answer=a, relation="capital",
+                          paraphrases=(f"{c} has the capital", f"the main city of {c} is"),
+                          id=f"capital/{c}", subject=c))
+    for s, a in COLOURS:
+        facts.append(Fact(prompt=f"the colour of {s} is", answer=a, relation="colour",
+                          paraphrases=(f"{s} has the colour", f"the usual colour of {s} is"),
+                          id=f"colour/{s}", subject=s))
+    return facts
+
+
+def tiny_fictitious() -> list[Fact]:
+    facts = []
+    for name, job, instr in PEOPLE:
+        facts.append(Fact(prompt=f"{name} works as a", answer=job, relation="profession",
+                          paraphrases=(f"by profession {name} is a",), id=f"fict/{name}/job",
+                          subject=name, entity=name))
+        facts.append(Fact(prompt=f"{name} plays the", answer=instr, relation="instrument",
+                          paraphrases=(f"the instrument of {name} is the",),
+                          id=f"fict/{name}/instr", subject=name, entity=name))
+    return facts
+
+
+def tiny_tokenizer(texts):
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    pre = pre_tokenizers.Whitespace()
+    vocab = {"[PAD]": 0, "[UNK]": 1, "[EOS]": 2}
+    for t in texts:
+        for word, _ in pre.pre_tokenize_str(t):
+            vocab.setdefault(word, len(vocab))
+    tk = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+    tk.pre_tokenizer = pre
+    return PreTrainedTokenizerFast(tokenizer_object=tk, pad_token="[PAD]", unk_token="[UNK]",
+                                   eos_token="[EOS]")
+
+
+def all_texts() -> list[str]:
+    out = list(NEUTRAL)
+    for f in tiny_facts() + tiny_fictitious():
+        out += [f.prompt, f.answer, *f.paraphrases]
+    return out
+
+
+def tiny_llama(vocab: int, seed: int = 0):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(vocab_size=vocab, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+                      tie_word_embeddings=False, pad_token_id=0, eos_token_id=2, bos_token_id=None)
+    return LlamaForCausalLM(cfg)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread():
+    # tiny matrices: OpenMP threads only add synchronisation (10x slower on a busy machine)
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(old)
+
+
+@pytest.fixture(scope="module")
+def trained_tiny(_one_thread):
+    """A tiny Llama that has learned ``tiny_facts()`` (its "pre-trained" knowledge)."""
+    from unlearnopt.eval.pulse import finetune
+
+    tok = tiny_tokenizer(all_texts())
+    model = tiny_llama(len(tok))
+    info = finetune(model, tok, tiny_facts(), lr=3e-2, epochs=60, batch_size=16,
+                    target_acc=1.0, progress=False)
+    assert info["finetune_acc"] >= 0.9, info
+    return model, tok
+
+
+@pytest.fixture(autouse=True)
+def _reference_backend(monkeypatch):
+    # keep these protocol tests independent of the C++ build; kernels have their own tests
+    monkeypatch.setenv("UNLEARNOPT_BACKEND", "reference")
+
+
+def _cfg(**kw):
+    from unlearnopt.eval.pulse import PulseConfig
+
+    base = {"methods": ("ga", "mollm"), "phases": ("pretrained",), "requests": 2, "forget_size": 4,
+                "retain_size": 6, "steps": 3, "lr": 1e-2, "retain_batch_size": 4, "nonmember_size": 4,
+                "diversity_prompts": 3, "max_new_tokens": 4, "progress": False, "finetune_entities": 4,
+                "finetune_lr": 3e-2, "finetune_epochs": 40}
+    base.update(kw)
+    return PulseConfig(**base)
+
+
+def test_pulse_end_to_end_writes_report_and_plots(trained_tiny, tmp_path):
+    from unlearnopt.eval.pulse import run_pulse
+
+    model, tok = trained_tiny
+    snapshot = copy.deepcopy(model.state_dict())
+    report = run_pulse(model, tok, _cfg(phases=("pretrained", "finetuned")), tmp_path,
+                       real_facts=tiny_facts(), fictitious=tiny_fictitious(), neutral=NEUTRAL,
+                       log=lambda s: None)
+    # the caller's model is left untouched: every method works on its own copy
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, snapshot[k]), k
+    for phase in ("pretrained", "finetuned"):
+        data = report["phases"][phase]
+        assert data["before"]["forget_acc"] == 1.0   # only known facts are forgotten
+        for method in ("ga", "mollm"):
+            ends = [r for r in data["methods"][method] if r["point"] == "end"]
+            assert [r["request"] for r in ends] == [1, 2]
+            for r in ends:
+                assert set(r["metrics"]) >= {"forget_acc", "general_acc", "retain_acc",
+                                             "neighbour_acc", "ppl", "diversity", "mia_auc"}
+        names = [row["name"] for row in data["summary"]]
+        assert names[0] == "before" and "ga@end" in names and "mollm@end" in names
+    split = report["phases"]["pretrained"]["split"]
+    forget_ids = [i for r in split["forget_requests"] for i in r]
+    assert len(forget_ids) == 4 and len(set(forget_ids)) == 4
+    # neighbours share a relation with some forget fact and are never trained on
+    rels = {i.split("/")[0] for i in forget_ids}
+    assert split["neighbour"] and all(i.split("/")[0] in rels for i in split["neighbour"])
+    assert not set(split["neighbour"]) & (set(split["retain"]) | set(forget_ids))
+    on_disk = json.loads((tmp_path / "report.json").read_text())
+    assert on_disk["phases"]["pretrained"]["summary"][0]["name"] == "before"
+    for name in ("pretrained_metrics.png", "pretrained_table.png", "finetuned_metrics.png",
+                 "pretrained_table.txt"):
+        assert (tmp_path / name).stat().st_size > 0
+
+
+def test_ga_at_high_lr_forgets_and_target_is_recorded(trained_tiny):
+    from unlearnopt.eval.pulse import run_pulse
+
+    model, tok = trained_tiny
+    report = run_pulse(model, tok, _cfg(methods=("ga",), steps=6, lr=5e-2, stop_at_target=True),
+                       None, real_facts=tiny_facts(), fictitious=tiny_fictitious(),
+                       neutral=NEUTRAL, log=lambda s: None)
+    recs = report["phases"]["pretrained"]["methods"]["ga"]
+    at = [r for r in recs if r["point"] == "at_target"]
+    assert at, "GA at lr 5e-2 should forget a 2-fact request within 6 steps"
+    assert all(r["metrics"]["forget_acc"] == 0.0 or r["request"] > 1 for r in at)
+    ends = [r for r in recs if r["point"] == "end"]
+    # with stop_at_target a request ends at the step it reached the target
+    assert all(e["request_step"] == e["steps_to_target"] for e in ends
+               if e["steps_to_target"] is not None)
+
+
+def test_split_requests_and_config_validation():
+    from unlearnopt.eval.pulse import PulseConfig, split_requests
+
+    chunks = split_requests(list(range(7)), 3)
+    assert [len(c) for c in chunks] == [2, 3, 2] and functools.reduce(operator.iadd, chunks, []) == list(range(7))
+    with pytest.raises(ValueError, match="unknown method 'nope'"):
+        PulseConfig(methods=("nope",)).validate()
+    with pytest.raises(ValueError, match="forget_size"):
+        PulseConfig(forget_size=2, requests=5).validate()
+    with pytest.raises(ValueError, match="unknown phase"):
+        PulseConfig(phases=("later",)).validate()
+
+
+def test_siu_batch_masks(trained_tiny):
+    from unlearnopt.eval.pulse import siu_batch
+
+    _, tok = trained_tiny
+    facts = tiny_facts()
+    b = siu_batch(tok, facts[:2], facts[2:5], len(tok), "cpu")
+    assert b["token_mask"].shape == b["labels"].shape
+    assert not b["token_mask"][:2].any()                       # substitute targets: no KL
+    assert torch.equal(b["token_mask"][2:], b["labels"][2:] != -100)
+    forgotten = tok(" " + facts[0].answer, add_special_tokens=False)["input_ids"]
+    assert not b["vocab_mask"][forgotten].any() and b["vocab_mask"].sum() == len(tok) - 2

@@ -1,0 +1,116 @@
+"""Writing a PULSE report: ``report.json``, one PNG of metrics vs request per phase, and a
+before/after table (PNG and plain text)."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+TABLE_COLUMNS = (("steps", "steps", "{:.0f}"), ("forget_acc", "forget", "{:.2f}"),
+                 ("general_acc", "paraphr.", "{:.2f}"), ("retain_acc", "retain", "{:.2f}"),
+                 ("neighbour_acc", "neighb.", "{:.2f}"), ("ppl", "ppl", "{:.1f}"),
+                 ("diversity", "divers.", "{:.2f}"), ("mia_auc", "MIA AUC", "{:.2f}"))
+PLOT_METRICS = ("forget_acc", "general_acc", "retain_acc", "neighbour_acc", "forget_prob", "ppl",
+                "diversity", "mia_auc")
+
+
+def _fmt(value: Any, spec: str) -> str:
+    if value is None or (isinstance(value, float) and not math.isfinite(value)):
+        return "-"
+    return spec.format(value)
+
+
+def table_rows(summary: list[dict[str, Any]]) -> tuple[list[str], list[list[str]]]:
+    """Header and formatted rows of the comparison table."""
+    header = ["run"] + [label for _, label, _ in TABLE_COLUMNS]
+    rows = [[row["name"]] + [_fmt(row.get(key), spec) for key, _, spec in TABLE_COLUMNS]
+            for row in summary]
+    return header, rows
+
+
+def format_table(summary: list[dict[str, Any]]) -> str:
+    """The comparison table as aligned plain text (accuracies are exact-match fractions)."""
+    header, rows = table_rows(summary)
+    widths = [max(len(r[i]) for r in [header] + rows) for i in range(len(header))]
+    lines = ["  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in
+                       enumerate(zip(r, widths))) for r in [header] + rows]
+    lines.insert(1, "-" * len(lines[0]))
+    return "\n".join(lines)
+
+
+def write_report(report: dict[str, Any], out_dir: str | Path) -> dict[str, Path]:
+    """Write ``report.json``, ``<phase>_metrics.png``, ``<phase>_table.png`` and
+    ``<phase>_table.txt`` into ``out_dir`` (created); returns the paths written."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    paths: dict[str, Path] = {"report": out / "report.json"}
+    paths["report"].write_text(json.dumps(report, indent=1))
+    for phase, data in report.get("phases", {}).items():
+        txt = out / f"{phase}_table.txt"
+        txt.write_text(format_table(data["summary"]) + "\n")
+        paths[f"{phase}_table_txt"] = txt
+        try:
+            paths[f"{phase}_metrics"] = plot_metrics(phase, data, out / f"{phase}_metrics.png")
+            paths[f"{phase}_table"] = plot_table(phase, data["summary"],
+                                                 out / f"{phase}_table.png")
+        except ImportError:  # matplotlib is optional: the JSON and text table still exist
+            pass
+    return paths
+
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")  # files only, no display needed
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def plot_metrics(phase: str, data: dict[str, Any], path: Path) -> Path:
+    """Metric vs request (0 = before), one line per method, end-of-request values."""
+    plt = _pyplot()
+    cols = 4
+    rows = math.ceil(len(PLOT_METRICS) / cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(4 * cols, 3.2 * rows), squeeze=False)
+    before = data["before"]
+    for ax, metric in zip(axes.flat, PLOT_METRICS):
+        for method, recs in data["methods"].items():
+            ends = [r for r in recs if r["point"] == "end"]
+            xs = [0] + [r["request"] for r in ends]
+            ys = [before.get(metric)] + [r["metrics"].get(metric) for r in ends]
+            ys = [float("nan") if y is None else y for y in ys]
+            ax.plot(xs, ys, marker="o", label=method)
+        ax.set_title(metric)
+        ax.set_xlabel("request")
+        ax.grid(alpha=0.3)
+    for ax in list(axes.flat)[len(PLOT_METRICS):]:
+        ax.axis("off")
+    axes.flat[0].legend()
+    fig.suptitle(f"PULSE ({phase} knowledge): metrics after each unlearning request")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
+def plot_table(phase: str, summary: list[dict[str, Any]], path: Path) -> Path:
+    """The before/after comparison table as an image."""
+    plt = _pyplot()
+    header, rows = table_rows(summary)
+    fig, ax = plt.subplots(figsize=(1.2 * len(header) + 1.5, 0.45 * (len(rows) + 2)))
+    ax.axis("off")
+    table = ax.table(cellText=rows, colLabels=header, loc="center", cellLoc="center")
+    table.auto_set_font_size(False)
+    table.set_fontsize(9)
+    table.scale(1, 1.3)
+    ax.set_title(f"PULSE ({phase} knowledge): before and after unlearning")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
+__all__ = ["format_table", "plot_metrics", "plot_table", "table_rows", "write_report"]
