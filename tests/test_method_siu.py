@@ -157,13 +157,11 @@ def hand_written_siu_update(model, ref, batch, lr, alpha, beta):
 
 
 def update_tolerance() -> float:
-    """1e-9 when the reference cross-entropy keeps float64 inputs in float64; 1e-5 (float32
-    rounding of the loss, ~1e-7 relative, with margin) while it computes them in float32."""
-    from unlearnopt.reference.unlearning_cross_entropy import unlearning_cross_entropy
-
-    exact = unlearning_cross_entropy(torch.zeros(1, 3, dtype=torch.float64),
-                                     torch.zeros(1, dtype=torch.long)).dtype == torch.float64
-    return 1e-9 if exact else 1e-5
+    """Relative tolerance of the update: the float64 HF Llama/LLaVA still compute RMSNorm and
+    the attention softmax in float32, so the hand-written route (one backward of
+    alpha*CE + beta*DMK) and the library's (one backward per objective, then combined) agree
+    to ~1e-7 relative, not to float64 rounding (measured: 3.5e-8 and 5.5e-8)."""
+    return 1e-6
 
 
 def perturbed_pair(kind: str):

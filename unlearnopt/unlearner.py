@@ -301,7 +301,10 @@ class MultiObjectiveUnlearner:
                 m.training = True
 
     # -- batches --------------------------------------------------------------------------------
-    def _micro_batches(self, batch: Any, name: str) -> list[Batch]:
+    def micro_batches(self, batch: Any, name: str) -> list[Batch]:
+        """Validate ``batch`` (a dict, or a list of dicts) and split it into the micro-batches
+        of one step (``accumulate=`` splits a dict along dim 0); methods with their own
+        ``step()`` call this so that they see the same micro-batches as every other method."""
         if isinstance(batch, (list, tuple)):
             if not batch:
                 raise ValueError(f"{name} is an empty list of micro-batches")
@@ -346,7 +349,7 @@ class MultiObjectiveUnlearner:
                 if batch is None:
                     raise ValueError(f"method {self.method.name!r} needs a {kind} batch "
                                      f"(objectives {[o.name for o in objectives if o.batch == kind]})")
-                batches[kind] = self._micro_batches(batch, kind)
+                batches[kind] = self.micro_batches(batch, kind)
 
         # Each micro-batch's loss is weighted by its share of the units (tokens/sequences) of
         # the whole batch over all ranks, so the summed gradient is the global-batch mean's.

@@ -251,7 +251,7 @@ def _micro_batches(unlearner, batch, name: str) -> list[Mapping[str, Any]]:
         raise ValueError(f"ofmu needs a {name} batch, got None")
     # The unlearner's own validation and accumulate-splitting, so OFMU sees the same
     # micro-batches as every other method.
-    return unlearner._micro_batches(batch, name)
+    return unlearner.micro_batches(batch, name)
 
 
 def _restore(params: Sequence[torch.Tensor], saved: Sequence[torch.Tensor]) -> None:
