@@ -5,159 +5,189 @@
 //     inv_temperature, stats_in [N, 3] f32?, grad_scale f32 (1 or N)?, grad_out [N, V]?)
 //     -> (loss [N] f32, stats [N, 3] f32)
 //
-// With z = logits / T, r = ref_logits / T, p = softmax(z), q = softmax(r), u the vocab mask
-// and m the token mask, row i gets loss m_i * KL_i (0, not computed, where m_i == 0) and
-// stats (lse_z, lse_r, coef) where coef is what the gradient needs besides the two lse:
+// The contract is the docstring of unlearnopt.ops.masked_kl.rows_function. With
+// z = logits / T, r = ref_logits / T, p = softmax(z), q = softmax(r), u the vocab mask and m
+// the token mask, row i gets loss m_i * KL_i (0, not computed, where m_i == 0) and stats
+// (lse_z, lse_r, coef) where coef is what the gradient needs besides the two lse:
 //   forward: KL = sum u q (log q - log p),  coef = S = sum u q
 //   reverse: KL = sum u p (log p - log q),  coef = C = KL + sum u p
-// Statistics come from ONE read of both rows (online log-sum-exp of each, with the masked
-// sums rescaled whenever a running max grows). With stats_in the statistics pass is skipped
-// (backward) and both outputs are returned empty. With grad_scale, grad_out[i] receives
-// grad_scale[i] * m_i * dKL_i/dlogits_i (zeros where m_i == 0); grad_out may be logits.
-// All math is float32 whatever the input dtype; offsets are int64.
+// With stats_in the statistics pass is skipped (backward) and both outputs are returned
+// empty. With grad_scale, grad_out[i] receives grad_scale[i] * m_i * dKL_i/dlogits_i (zeros
+// where m_i == 0); grad_out may be logits itself.
+//
+// Passes over a row: the statistics take one read of both rows (online log-sum-exp of each,
+// as row_log_sum_exp in common.h, with the masked sums riding along); the gradient takes one
+// more read of both and one write. exp work, the bound on this kernel: 2 per column in the
+// statistics (e^{z - m_z}, e^{r - m_r}; the KL term needs no log per column, see row_stats),
+// 2 in the forward-direction gradient (p and q), 1 in the reverse one (p).
+// All math is float32 whatever the input dtype (running sums in double); offsets are int64.
+#include "common.h"
 
-#include <ATen/ATen.h>
-#include <ATen/Dispatch.h>
-#include <ATen/Parallel.h>
 #include <torch/library.h>
 
 #include <algorithm>
-#include <cmath>
-#include <cstdint>
-#include <cstring>
-#include <limits>
+#include <optional>
+#include <tuple>
 
+namespace unlearnopt {
 namespace {
-namespace masked_kl_detail {
 
-constexpr int64_t kBlock = 2048;  // 2 x 8 KB of fp32 per block: stays in L1 between the loops
-constexpr int kForward = 0;
-constexpr int kReverse = 1;
+constexpr int64_t kForward = 0;
+constexpr int64_t kReverse = 1;
+constexpr float kNegInf = -std::numeric_limits<float>::infinity();
 
-// The row loops below are only vectorised by GCC without -ftrapping-math: with it, the
-// compares of the clamps and selects count as possibly trapping and block if-conversion
-// ("control flow in loop"). Nothing here relies on FP exceptions.
-#pragma GCC push_options
-#pragma GCC optimize("no-trapping-math")
+// Sums of one chunk, all relative to the shifts (oz, or) the chunk pass was given:
+//   sz = sum e^{z - oz}, sr = sum e^{r - or}; with e = e^{r - or} (forward) or e^{z - oz}
+//   (reverse): a = sum u e, b = sum u e (r - z) (forward) or sum u e (z - r) (reverse), where
+//   z, r are the UNSCALED logits here (b is multiplied by 1/T once per row).
+// mz, mr: the chunk's maxima of z and r (scaled by 1/T), when the pass computes them.
+struct ChunkSums {
+  float mz, mr, sz, sr, a, b;
+};
 
-// exp(x) for float, written so that `omp simd` loops vectorise it (std::exp does not without
-// -ffast-math). e^x = 2^n e^f with n = round(x / ln2), f = x - n ln2 (two-part ln2), and e^f
-// from a degree-7 polynomial (Cephes expf coefficients); relative error ~1e-7. Inputs below
-// ln(FLT_MIN) give exactly 0 (so exp(-inf) = 0); inputs above 88 are clamped.
-__attribute__((always_inline)) static inline float fast_exp(float x) {
-  const float lo = -87.33654475f;
-  const float hi = 88.0f;
-  float xc = x > hi ? hi : x;
-  xc = xc < lo ? lo : xc;
-  // Adding 1.5 * 2^23 rounds to the nearest integer; its low mantissa bits hold n.
-  const float magic = 12582912.0f;
-  float t = xc * 1.44269504088896341f + magic;
-  float n = t - magic;
-  int32_t ti;
-  std::memcpy(&ti, &t, sizeof(ti));
-  int32_t ni = ti - 0x4B400000;
-  float f = xc - n * 0.693359375f;
-  f = f - n * (-2.12194440e-4f);
-  float poly = 1.9875691500e-4f;
-  poly = poly * f + 1.3981999507e-3f;
-  poly = poly * f + 8.3334519073e-3f;
-  poly = poly * f + 4.1665795894e-2f;
-  poly = poly * f + 1.6666665459e-1f;
-  poly = poly * f + 5.0000001201e-1f;
-  float ef = poly * (f * f) + f + 1.0f;
-  int32_t bits = (ni + 127) << 23;
-  float scale;
-  std::memcpy(&scale, &bits, sizeof(scale));
-  float res = ef * scale;
-  return x < lo ? 0.0f : res;
+// One fused sweep over a chunk of both rows. Why no per-column log: with
+// log q - log p = (r - z) + (lse_z - lse_r), sum u q (log q - log p) = b' + (lse_z - lse_r) a'
+// for the normalised a' = sum u q, b' = sum u q (r - z): linear in the logits given q.
+// WITH_MAX: also the chunk maxima (the online path); without: a separate max pass ran first.
+// The exps take x - shift <= 88: without WITH_MAX the shifts are the maxima (x - shift <= 0);
+// with it, a chunk whose maximum rose more than kLseMaxJump (64) above a shift is thrown away
+// and redone by the caller, so terms past 88 (meaningless in fast_exp_le88) never count.
+// u e (r - z) is 0 where u e == 0: r - z may then be +-inf or NaN (a logit of -inf), and the
+// term must not turn the sum into NaN; the select on the bits keeps the loop vectorised.
+template <typename Codec, int64_t DIR, bool HAS_U, bool WITH_MAX>
+inline ChunkSums chunk_pass(const typename Codec::storage* __restrict z,
+                            const typename Codec::storage* __restrict r,
+                            const float* __restrict u, int64_t len, float inv_t, float oz,
+                            float orr) {
+  float mz = kNegInf, mr = kNegInf, sz = 0.0f, sr = 0.0f, a = 0.0f, b = 0.0f;
+#pragma omp simd reduction(max : mz, mr) reduction(+ : sz, sr, a, b)
+  for (int64_t j = 0; j < len; ++j) {
+    const float zj = Codec::load(z[j]);
+    const float rj = Codec::load(r[j]);
+    if constexpr (WITH_MAX) {
+      // inv_t > 0: the max of the scaled values is the scaled max.
+      mz = zj > mz ? zj : mz;
+      mr = rj > mr ? rj : mr;
+    }
+    const float ez = fast_exp_le88(zj * inv_t - oz);
+    const float er = fast_exp_le88(rj * inv_t - orr);
+    sz += ez;
+    sr += er;
+    const float e = DIR == kForward ? er : ez;
+    const float w = HAS_U ? u[j] * e : e;
+    const float d = DIR == kForward ? rj - zj : zj - rj;
+    a += w;
+    b += select_bits(w == 0.0f, 0.0f, w * d);
+  }
+  return {mz * inv_t, mr * inv_t, sz, sr, a, b};
 }
 
-// exp(old_max - new_max) for rescaling running sums; 1 when the max did not move (which also
-// covers both being -inf, where the difference would be NaN).
-static inline float rescale(float old_max, float new_max) {
-  return old_max == new_max ? 1.0f : std::exp(old_max - new_max);
+// Maxima of a chunk of both rows (scaled by 1/T).
+template <typename Codec>
+inline void chunk_max2(const typename Codec::storage* __restrict z,
+                       const typename Codec::storage* __restrict r, int64_t len, float inv_t,
+                       float& mz_out, float& mr_out) {
+  float mz = kNegInf, mr = kNegInf;
+#pragma omp simd reduction(max : mz, mr)
+  for (int64_t j = 0; j < len; ++j) {
+    const float zj = Codec::load(z[j]);
+    const float rj = Codec::load(r[j]);
+    mz = zj > mz ? zj : mz;
+    mr = rj > mr ? rj : mr;
+  }
+  mz_out = mz * inv_t;
+  mr_out = mr * inv_t;
 }
 
 struct RowStats {
   float lse_z, lse_r, coef, kl;
 };
 
-// One read of both rows: online log-sum-exp of z and r and the masked sums.
-//   forward: a = sum u e^{r - mr},  b = sum u e^{r - mr} (r - z)   (scaled by 1/sum e^{r - mr})
-//            KL = b/sr + (lse_z - lse_r) a/sr   since log q - log p = (r - z) + (lse_z - lse_r)
-//   reverse: a = sum u e^{z - mz},  b = sum u e^{z - mz} (z - r)
-//            KL = b/sz + (lse_r - lse_z) a/sz
-template <typename scalar_t, int DIR, bool HAS_U>
-RowStats row_stats(const scalar_t* __restrict z_row, const scalar_t* __restrict r_row,
-                   const float* __restrict u, int64_t V, float inv_t, float* __restrict zb,
-                   float* __restrict rb) {
-  const float ninf = -std::numeric_limits<float>::infinity();
-  float mz = ninf, mr = ninf, sz = 0.f, sr = 0.f, a = 0.f, b = 0.f;
-  for (int64_t start = 0; start < V; start += kBlock) {
-    const int64_t len = std::min(kBlock, V - start);
-    float bmz = ninf, bmr = ninf;
-#pragma omp simd reduction(max : bmz, bmr)
-    for (int64_t j = 0; j < len; ++j) {
-      const float zj = static_cast<float>(z_row[start + j]) * inv_t;
-      const float rj = static_cast<float>(r_row[start + j]) * inv_t;
-      zb[j] = zj;
-      rb[j] = rj;
-      bmz = zj > bmz ? zj : bmz;
-      bmr = rj > bmr ? rj : bmr;
+// Running sums of a row, relative to the running maxima mz, mr (scaled logits).
+struct RowRun {
+  float mz = kNegInf, mr = kNegInf;
+  double sz = 0.0, sr = 0.0, a = 0.0, b = 0.0;
+
+  // Moves the shifts to new maxima (>= the old ones): each sum is multiplied by
+  // e^{old - new}. a and b carry the shift of r (forward) or of z (reverse). A shift that
+  // does not move is skipped (which also covers -inf to -inf, where old - new is NaN).
+  template <int64_t DIR>
+  void raise_to(float nmz, float nmr) {
+    if (nmz != mz) {
+      const double f = std::exp(static_cast<double>(mz) - nmz);
+      sz *= f;
+      if (DIR == kReverse) {
+        a *= f;
+        b *= f;
+      }
+      mz = nmz;
     }
-    const float nmz = std::max(mz, bmz), nmr = std::max(mr, bmr);
-    const float cz = rescale(mz, nmz), cr = rescale(mr, nmr);
-    sz *= cz;
-    sr *= cr;
-    if constexpr (DIR == kForward) {
-      a *= cr;
-      b *= cr;
-    } else {
-      a *= cz;
-      b *= cz;
+    if (nmr != mr) {
+      const double f = std::exp(static_cast<double>(mr) - nmr);
+      sr *= f;
+      if (DIR == kForward) {
+        a *= f;
+        b *= f;
+      }
+      mr = nmr;
     }
-    mz = nmz;
-    mr = nmr;
-    // A block of -inf only (possible only if the whole row so far is -inf) adds nothing.
-    const float oz = mz == ninf ? 0.f : mz, orr = mr == ninf ? 0.f : mr;
-    float ssz = 0.f, ssr = 0.f, sa = 0.f, sb = 0.f;
-    const float* __restrict ub = HAS_U ? u + start : nullptr;
-#pragma omp simd reduction(+ : ssz, ssr, sa, sb)
-    for (int64_t j = 0; j < len; ++j) {
-      const float ez = fast_exp(zb[j] - oz);
-      const float er = fast_exp(rb[j] - orr);
-      ssz += ez;
-      ssr += er;
-      if constexpr (DIR == kForward) {
-        const float w = HAS_U ? ub[j] * er : er;
-        sa += w;
-        // w == 0 guards 0 * inf when a logit is -inf (product formed unconditionally so the
-        // select is if-converted and the loop vectorises).
-        const float t = w * (rb[j] - zb[j]);
-        sb += w == 0.f ? 0.f : t;
-      } else {
-        const float w = HAS_U ? ub[j] * ez : ez;
-        sa += w;
-        const float t = w * (zb[j] - rb[j]);
-        sb += w == 0.f ? 0.f : t;
+  }
+
+  void add(const ChunkSums& c) {
+    sz += c.sz;
+    sr += c.sr;
+    a += c.a;
+    b += c.b;
+  }
+};
+
+// One read of both rows: online log-sum-exp of z and r and the masked sums, chunk by chunk
+// as in row_log_sum_exp (common.h). Fast path (both running maxima finite): one fused sweep
+// relative to the running maxima that also finds the chunk maxima; the sums are rescaled once
+// per chunk if a maximum rose. If a maximum jumped by more than kLseMaxJump (terms may have
+// saturated) or nothing finite was seen yet, the chunk gets a max pass first and a sweep
+// relative to the new maxima (a shift of 0 while a row is still all -inf: its terms are 0).
+//   forward: KL = T^-1 b / sr + (lse_z - lse_r) a / sr
+//            (log q - log p = (r - z) / T + lse_z - lse_r, r and z unscaled in b)
+//   reverse: KL = T^-1 b / sz + (lse_r - lse_z) a / sz
+template <typename Codec, int64_t DIR, bool HAS_U>
+RowStats row_stats(const typename Codec::storage* z, const typename Codec::storage* r,
+                   const float* u, int64_t v, float inv_t) {
+  RowRun run;
+  for (int64_t c0 = 0; c0 < v; c0 += kLseChunk) {
+    const int64_t len = std::min(kLseChunk, v - c0);
+    const float* uc = HAS_U ? u + c0 : nullptr;
+    if (run.mz > kNegInf && run.mr > kNegInf) {
+      const ChunkSums c =
+          chunk_pass<Codec, DIR, HAS_U, true>(z + c0, r + c0, uc, len, inv_t, run.mz, run.mr);
+      if (!(c.mz - run.mz > kLseMaxJump) && !(c.mr - run.mr > kLseMaxJump)) {
+        run.add(c);
+        run.raise_to<DIR>(std::max(run.mz, c.mz), std::max(run.mr, c.mr));
+        continue;
       }
     }
-    sz += ssz;
-    sr += ssr;
-    a += sa;
-    b += sb;
+    float bmz, bmr;
+    chunk_max2<Codec>(z + c0, r + c0, len, inv_t, bmz, bmr);
+    run.raise_to<DIR>(std::max(run.mz, bmz), std::max(run.mr, bmr));
+    run.add(chunk_pass<Codec, DIR, HAS_U, false>(z + c0, r + c0, uc, len, inv_t,
+                                                 run.mz == kNegInf ? 0.0f : run.mz,
+                                                 run.mr == kNegInf ? 0.0f : run.mr));
   }
+  // The KL takes the lse in double: lse_z - lse_r cancels when the two rows are close.
+  const double lse_z = static_cast<double>(run.mz) + std::log(run.sz);
+  const double lse_r = static_cast<double>(run.mr) + std::log(run.sr);
   RowStats st;
-  st.lse_z = mz + std::log(sz);
-  st.lse_r = mr + std::log(sr);
+  st.lse_z = static_cast<float>(lse_z);
+  st.lse_r = static_cast<float>(lse_r);
   if constexpr (DIR == kForward) {
-    const float S = a / sr;
-    st.kl = b / sr + (st.lse_z - st.lse_r) * S;
-    st.coef = S;
+    const double S = run.a / run.sr;
+    st.kl = static_cast<float>(inv_t * run.b / run.sr + (lse_z - lse_r) * S);
+    st.coef = static_cast<float>(S);
   } else {
-    const float S = a / sz;
-    st.kl = b / sz + (st.lse_r - st.lse_z) * S;
-    st.coef = st.kl + S;
+    const double S = run.a / run.sz;
+    const double kl = inv_t * run.b / run.sz + (lse_r - lse_z) * S;
+    st.kl = static_cast<float>(kl);
+    st.coef = static_cast<float>(kl + S);
   }
   return st;
 }
@@ -168,92 +198,96 @@ RowStats row_stats(const scalar_t* __restrict z_row, const scalar_t* __restrict 
 //            dKL/dz_j = sum_v u_v [p_v (d_vj - p_j) f_v + p_v (d_vj - p_j)]
 //                     = u_j p_j (f_j + 1) - p_j sum_v u_v p_v (f_v + 1)
 //                     = p_j (u_j (f_j + 1) - C),    C = KL + sum u p
-template <typename scalar_t, int DIR, bool HAS_U>
-void row_grad(const scalar_t* z_row, const scalar_t* __restrict r_row, const float* __restrict u,
-              scalar_t* g_row, int64_t V, float inv_t, const RowStats& st, float k,
-              float* __restrict zb, float* __restrict rb) {
-  for (int64_t start = 0; start < V; start += kBlock) {
-    const int64_t len = std::min(kBlock, V - start);
-    // Load the whole block first: g_row may alias z_row.
+// The exps take z_j - lse_z and r_j - lse_r, <= 0 up to rounding.
+// g_j depends on z_j and r_j only, so writing g over z (in-place backward) in the same loop
+// is safe. Reverse: the term is 0 where p_j == 0 (f_j may be +-inf or NaN there).
+template <typename Codec, int64_t DIR, bool HAS_U>
+void row_grad(const typename Codec::storage* z, const typename Codec::storage* __restrict r,
+              const float* __restrict u, typename Codec::storage* g, int64_t v, float inv_t,
+              const RowStats& st, float k) {
+  const float lse_z = st.lse_z, lse_r = st.lse_r;
+  if constexpr (DIR == kForward) {
+    const float kc = k * st.coef;
 #pragma omp simd
-    for (int64_t j = 0; j < len; ++j) {
-      zb[j] = static_cast<float>(z_row[start + j]) * inv_t;
-      rb[j] = static_cast<float>(r_row[start + j]) * inv_t;
+    for (int64_t j = 0; j < v; ++j) {
+      const float p = fast_exp_le88(Codec::load(z[j]) * inv_t - lse_z);
+      const float q = fast_exp_le88(Codec::load(r[j]) * inv_t - lse_r);
+      const float ku = HAS_U ? k * u[j] : k;
+      g[j] = Codec::store(kc * p - ku * q);
     }
-    const float* __restrict ub = HAS_U ? u + start : nullptr;
-    const float lse_z = st.lse_z, lse_r = st.lse_r, coef = st.coef;
+  } else {
+    const float coef = st.coef;
 #pragma omp simd
-    for (int64_t j = 0; j < len; ++j) {
-      const float p = fast_exp(zb[j] - lse_z);
-      float g;
-      if constexpr (DIR == kForward) {
-        const float q = fast_exp(rb[j] - lse_r);
-        const float uq = HAS_U ? ub[j] * q : q;
-        g = coef * p - uq;
-      } else {
-        const float f = (zb[j] - lse_z) - (rb[j] - lse_r);
-        const float uf = HAS_U ? ub[j] * (f + 1.f) : (f + 1.f);
-        const float t = p * (uf - coef);
-        g = p == 0.f ? 0.f : t;
-      }
-      zb[j] = k * g;
+    for (int64_t j = 0; j < v; ++j) {
+      const float lp = Codec::load(z[j]) * inv_t - lse_z;
+      const float lq = Codec::load(r[j]) * inv_t - lse_r;
+      const float p = fast_exp_le88(lp);
+      const float f1 = (lp - lq) + 1.0f;
+      const float uf = HAS_U ? u[j] * f1 : f1;
+      g[j] = Codec::store(select_bits(p == 0.0f, 0.0f, k * (p * (uf - coef))));
     }
-#pragma omp simd
-    for (int64_t j = 0; j < len; ++j) g_row[start + j] = static_cast<scalar_t>(zb[j]);
   }
 }
 
-#pragma GCC pop_options
+struct RowsArgs {
+  int64_t n, v;
+  const void* logits;
+  int64_t logits_stride;
+  const void* ref;
+  int64_t ref_stride;
+  const float* tmask;     // nullptr: every token counts
+  const float* u;         // nullptr: no vocab mask
+  float inv_t;
+  float* stats;           // [N, 3]: written, or read when have_stats
+  bool have_stats;
+  float* loss;            // [N], unused when have_stats
+  const float* scale;     // nullptr: no gradient
+  int64_t scale_stride;   // 0 (broadcast) or 1
+  void* grad;
+  int64_t grad_stride;
+};
 
-template <typename scalar_t, int DIR, bool HAS_U>
-void run_rows(const at::Tensor& logits, const at::Tensor& ref, const float* tmask, const float* u,
-              float inv_t, float* stats, bool have_stats, float* loss, const float* scale,
-              int64_t scale_stride, const at::Tensor* grad_out) {
-  const int64_t N = logits.size(0), V = logits.size(1);
-  const int64_t zs = logits.stride(0), rs = ref.stride(0);
-  const scalar_t* zp = logits.data_ptr<scalar_t>();
-  const scalar_t* rp = ref.data_ptr<scalar_t>();
-  scalar_t* gp = grad_out ? grad_out->data_ptr<scalar_t>() : nullptr;
-  const int64_t gs = grad_out ? grad_out->stride(0) : 0;
-  const int nthreads =
-      static_cast<int>(std::min<int64_t>(at::get_num_threads(), std::max<int64_t>(N, 1)));
-#pragma omp parallel num_threads(nthreads)
-  {
-    alignas(64) float zb[kBlock];
-    alignas(64) float rb[kBlock];
-#pragma omp for schedule(static)
-    for (int64_t i = 0; i < N; ++i) {
-      const float m = tmask ? tmask[i] : 1.0f;
-      const scalar_t* z_row = zp + i * zs;
-      const scalar_t* r_row = rp + i * rs;
-      if (m == 0.f) {
-        // Masked token: no loss, no gradient, nothing read.
-        if (!have_stats) {
-          stats[3 * i] = stats[3 * i + 1] = stats[3 * i + 2] = 0.f;
-          loss[i] = 0.f;
-        }
-        if (gp) std::fill(gp + i * gs, gp + i * gs + V, static_cast<scalar_t>(0.f));
-        continue;
+template <typename Codec, int64_t DIR, bool HAS_U>
+void rows_kernel(const RowsArgs& a) {
+  using S = typename Codec::storage;
+  const S* zbase = static_cast<const S*>(a.logits);
+  const S* rbase = static_cast<const S*>(a.ref);
+  S* gbase = static_cast<S*>(a.grad);
+  const int64_t v = a.v;
+  const int64_t work = v * (!a.have_stats + (a.scale != nullptr));
+  parallel_rows(a.n, work, [&](int64_t i) {
+    const float m = a.tmask != nullptr ? a.tmask[i] : 1.0f;
+    S* g = a.scale != nullptr ? gbase + i * a.grad_stride : nullptr;
+    float* st_row = a.stats + 3 * i;
+    if (m == 0.0f) {
+      // Masked token: no loss, no gradient, nothing read.
+      if (!a.have_stats) {
+        st_row[0] = st_row[1] = st_row[2] = 0.0f;
+        a.loss[i] = 0.0f;
       }
-      RowStats st;
-      if (have_stats) {
-        st.lse_z = stats[3 * i];
-        st.lse_r = stats[3 * i + 1];
-        st.coef = stats[3 * i + 2];
-        st.kl = 0.f;
-      } else {
-        st = row_stats<scalar_t, DIR, HAS_U>(z_row, r_row, u, V, inv_t, zb, rb);
-        stats[3 * i] = st.lse_z;
-        stats[3 * i + 1] = st.lse_r;
-        stats[3 * i + 2] = st.coef;
-        loss[i] = m * st.kl;
+      if (g != nullptr) {
+        const S zero = Codec::store(0.0f);
+        std::fill(g, g + v, zero);
       }
-      if (gp) {
-        const float k = scale[i * scale_stride] * m * inv_t;
-        row_grad<scalar_t, DIR, HAS_U>(z_row, r_row, u, gp + i * gs, V, inv_t, st, k, zb, rb);
-      }
+      return;
     }
-  }
+    const S* z = zbase + i * a.logits_stride;
+    const S* r = rbase + i * a.ref_stride;
+    RowStats st;
+    if (a.have_stats) {
+      st = {st_row[0], st_row[1], st_row[2], 0.0f};
+    } else {
+      st = row_stats<Codec, DIR, HAS_U>(z, r, a.u, v, a.inv_t);
+      st_row[0] = st.lse_z;
+      st_row[1] = st.lse_r;
+      st_row[2] = st.coef;
+      a.loss[i] = m * st.kl;
+    }
+    if (g != nullptr) {
+      const float k = a.scale[i * a.scale_stride] * m * a.inv_t;
+      row_grad<Codec, DIR, HAS_U>(z, r, a.u, g, v, a.inv_t, st, k);
+    }
+  });
 }
 
 void check_rows_arg(const char* name, const at::Tensor& t, int64_t n) {
@@ -267,6 +301,8 @@ std::tuple<at::Tensor, at::Tensor> masked_kl_rows(
     const std::optional<at::Tensor>& token_mask, const std::optional<at::Tensor>& vocab_mask,
     int64_t direction, double inv_temperature, const std::optional<at::Tensor>& stats_in,
     const std::optional<at::Tensor>& grad_scale, const std::optional<at::Tensor>& grad_out) {
+  TORCH_CHECK(logits.device().is_cpu(), "masked_kl_rows: logits must be a CPU tensor, got ",
+              logits.device());
   TORCH_CHECK(logits.dim() == 2 && logits.stride(1) == 1,
               "masked_kl_rows: logits must be [N, V] with unit column stride, got ", logits.sizes(),
               " strides ", logits.strides());
@@ -285,12 +321,12 @@ std::tuple<at::Tensor, at::Tensor> masked_kl_rows(
   const float* tmask = nullptr;
   if (token_mask.has_value()) {
     check_rows_arg("token_mask", *token_mask, N);
-    tmask = token_mask->data_ptr<float>();
+    tmask = token_mask->const_data_ptr<float>();
   }
   const float* u = nullptr;
   if (vocab_mask.has_value()) {
     check_rows_arg("vocab_mask", *vocab_mask, V);
-    u = vocab_mask->data_ptr<float>();
+    u = vocab_mask->const_data_ptr<float>();
   }
   auto fopts = logits.options().dtype(at::kFloat);
   at::Tensor stats, loss;
@@ -308,7 +344,6 @@ std::tuple<at::Tensor, at::Tensor> masked_kl_rows(
   }
   const float* scale = nullptr;
   int64_t scale_stride = 0;
-  const at::Tensor* gout = nullptr;
   if (grad_scale.has_value()) {
     TORCH_CHECK(grad_out.has_value(), "masked_kl_rows: grad_out is required with grad_scale");
     TORCH_CHECK(grad_scale->scalar_type() == at::kFloat && grad_scale->is_contiguous() &&
@@ -319,40 +354,45 @@ std::tuple<at::Tensor, at::Tensor> masked_kl_rows(
                     grad_out->scalar_type() == dt,
                 "masked_kl_rows: grad_out must be [", N, ", ", V, "] ", dt,
                 " with unit column stride");
-    scale = grad_scale->data_ptr<float>();
+    scale = grad_scale->const_data_ptr<float>();
     scale_stride = grad_scale->numel() == 1 ? 0 : 1;
-    gout = &(*grad_out);
   } else {
     TORCH_CHECK(!grad_out.has_value(), "masked_kl_rows: grad_out given without grad_scale");
     TORCH_CHECK(!have_stats, "masked_kl_rows: stats_in without grad_scale does nothing");
   }
   if (N == 0 || V == 0) return {loss, stats};
-  const float inv_t = static_cast<float>(inv_temperature);
-  float* loss_p = have_stats ? nullptr : loss.data_ptr<float>();
-  float* stats_p = have_stats ? const_cast<float*>(stats_in->data_ptr<float>())
-                              : stats.data_ptr<float>();
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, dt, "masked_kl_rows", [&] {
+
+  RowsArgs a;
+  a.n = N;
+  a.v = V;
+  a.logits = logits.const_data_ptr();
+  a.logits_stride = logits.stride(0);
+  a.ref = ref_logits.const_data_ptr();
+  a.ref_stride = ref_logits.stride(0);
+  a.tmask = tmask;
+  a.u = u;
+  a.inv_t = static_cast<float>(inv_temperature);
+  a.stats = have_stats ? const_cast<float*>(stats_in->const_data_ptr<float>())
+                       : stats.mutable_data_ptr<float>();
+  a.have_stats = have_stats;
+  a.loss = have_stats ? nullptr : loss.mutable_data_ptr<float>();
+  a.scale = scale;
+  a.scale_stride = scale_stride;
+  a.grad = grad_scale.has_value() ? grad_out->mutable_data_ptr() : nullptr;
+  a.grad_stride = grad_scale.has_value() ? grad_out->stride(0) : 0;
+  dispatch_float(dt, "masked_kl_rows: logits", [&](auto codec) {
+    using C = decltype(codec);
     if (direction == kForward) {
-      if (u)
-        run_rows<scalar_t, kForward, true>(logits, ref_logits, tmask, u, inv_t, stats_p,
-                                           have_stats, loss_p, scale, scale_stride, gout);
-      else
-        run_rows<scalar_t, kForward, false>(logits, ref_logits, tmask, u, inv_t, stats_p,
-                                            have_stats, loss_p, scale, scale_stride, gout);
+      u != nullptr ? rows_kernel<C, kForward, true>(a) : rows_kernel<C, kForward, false>(a);
     } else {
-      if (u)
-        run_rows<scalar_t, kReverse, true>(logits, ref_logits, tmask, u, inv_t, stats_p,
-                                           have_stats, loss_p, scale, scale_stride, gout);
-      else
-        run_rows<scalar_t, kReverse, false>(logits, ref_logits, tmask, u, inv_t, stats_p,
-                                            have_stats, loss_p, scale, scale_stride, gout);
+      u != nullptr ? rows_kernel<C, kReverse, true>(a) : rows_kernel<C, kReverse, false>(a);
     }
   });
   return {loss, stats};
 }
 
-}  // namespace masked_kl_detail
 }  // namespace
+}  // namespace unlearnopt
 
 TORCH_LIBRARY_FRAGMENT(unlearnopt_native, m) {
   m.def(
@@ -362,5 +402,5 @@ TORCH_LIBRARY_FRAGMENT(unlearnopt_native, m) {
 }
 
 TORCH_LIBRARY_IMPL(unlearnopt_native, CPU, m) {
-  m.impl("masked_kl_rows", &masked_kl_detail::masked_kl_rows);
+  m.impl("masked_kl_rows", &unlearnopt::masked_kl_rows);
 }
