@@ -15,7 +15,7 @@ from collections import defaultdict
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-BASELINES = ("eager", "python loop", "scipy loop")
+BASELINES = ("eager", "loop", "python loop", "scipy loop")
 PEERS = ("liger", "torch.compile", "torchjd", "qpth", "foreach", "cat+matmul")
 
 
@@ -38,6 +38,35 @@ def _fmt_bytes(n) -> str:
     return "" if n is None else f"{n / 2**20:.0f} MiB"
 
 
+def _per_problem_table(benches: list[dict]) -> list[str]:
+    """Solvers timed per problem (min_norm): ours batched against looped peers, same K."""
+    peers = defaultdict(dict)
+    ours = []
+    for bench in benches:
+        info = bench["extra_info"]
+        name = bench["name"].split("[")[0].replace("test_bench_", "")
+        if "backend" in info:
+            ours.append(info)
+        else:
+            peers[info["K"]][name] = info["per_problem_us"]
+    peer_names = sorted({n for d in peers.values() for n in d})
+    lines = ["## min_norm, time per problem", "",
+             "| backend | B | K | per problem | max KKT residual | "
+             + " | ".join(f"x {n}" for n in peer_names) + " |",
+             "|---|---|---|---|---|" + "---|" * len(peer_names)]
+    for info in sorted(ours, key=lambda i: (i["backend"], i["B"], i["K"])):
+        us = info["per_problem_us"]
+        ratios = [f"{peers[info['K']][n] / us:.0f}" if n in peers[info["K"]] else ""
+                  for n in peer_names]
+        lines.append(f"| {info['backend']} | {info['B']} | {info['K']} | {us:.3f} us | "
+                     f"{info.get('kkt_max', float('nan')):.1e} | " + " | ".join(ratios) + " |")
+    lines.append("")
+    lines += [f"Looped peers, per problem: " + "; ".join(
+        f"K={k}: " + ", ".join(f"{n} {v:.1f} us" for n, v in sorted(d.items()))
+        for k, d in sorted(peers.items())), ""]
+    return lines
+
+
 def render(run: dict) -> str:
     info = run.get("machine_info", {}).get("unlearnopt", {})
     lines = [
@@ -51,8 +80,14 @@ def render(run: dict) -> str:
         "",
     ]
     groups = defaultdict(list)
+    per_problem = []
     for bench in run["benchmarks"]:
-        groups[bench.get("group") or bench["name"]].append(bench)
+        if "per_problem_us" in bench.get("extra_info", {}):
+            per_problem.append(bench)
+        else:
+            groups[bench.get("group") or bench["name"]].append(bench)
+    if per_problem:
+        lines += _per_problem_table(per_problem)
     for group, benches in groups.items():
         by_impl = {_impl(b): b for b in benches}
         base_name = next((b for b in BASELINES if b in by_impl), None)
