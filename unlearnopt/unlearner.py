@@ -29,7 +29,20 @@ before the Gram every rank holds exactly the gradient of the global-batch mean, 
 process on the concatenated batch would. That is K all-reduces of the gradient size per
 step, what DDP itself would spend on K synchronised backward passes; the Gram, the weights
 and the direction are then computed redundantly (and identically) on every rank, so no
-statistic is gathered. FSDP2 is not supported yet (see ``_check_model``).
+statistic is gathered.
+
+FSDP2 (``fully_shard``): parameters and gradients are sharded DTensors. Each objective's
+backward runs with gradient sync on, so FSDP2's post-backward reduce-scatter hands back the
+objective's gradient already reduced and sharded (no separate all-reduce, nothing gathered);
+FSDP2 averages over ranks, so the loss is multiplied by the world size before its backward
+(each rank's part is weighted by its global share, as under DDP, and the SUM is wanted).
+Several backward passes run through one forward, so the unsharded parameters must outlive
+the first: ``reshard_after_backward`` is switched off during the step's backward passes and
+the model resharded after them. The Gram runs on the local shards (``grad_gram`` all-reduces
+only ``[P, K, K]``), the weighted combination is DTensor arithmetic, the optimizer steps the
+sharded parameters. Other trainable parameters of the model that the optimizer does not hold
+also receive (unused) gradients under FSDP2, since backward cannot be restricted to the
+sharded parameters. A ``ref_model`` may be a plain local copy on every rank.
 """
 
 from __future__ import annotations
@@ -58,6 +71,15 @@ class UnlearningStepError(RuntimeError):
 
 def _is_ddp(model: torch.nn.Module) -> bool:
     return isinstance(model, torch.nn.parallel.DistributedDataParallel)
+
+
+def _fsdp_modules(model: torch.nn.Module) -> list[torch.nn.Module]:
+    """The FSDP2 (``fully_shard``) modules of ``model``, outermost first; [] without FSDP2."""
+    try:
+        from torch.distributed.fsdp import FSDPModule
+    except ImportError:                                    # torch built without distributed
+        return []
+    return [m for m in model.modules() if isinstance(m, FSDPModule)]
 
 
 def _unwrap(model: torch.nn.Module) -> torch.nn.Module:
@@ -209,9 +231,12 @@ class MultiObjectiveUnlearner:
         if missing:
             raise ValueError(f"the optimizer's trainable parameters {missing[:5]} are not "
                              "parameters of model")
-        if any(type(p).__name__ == "DTensor" or hasattr(p, "device_mesh") for p in self.params):
-            raise NotImplementedError("FSDP2 (DTensor parameters) is not supported by "
-                                      "MultiObjectiveUnlearner yet; use DDP")
+        self._fsdp = _fsdp_modules(self.model)
+        if not self._fsdp and any(type(p).__name__ == "DTensor" or hasattr(p, "device_mesh")
+                                  for p in self.params):
+            raise NotImplementedError("DTensor parameters outside FSDP2 (fully_shard), e.g. "
+                                      "tensor parallelism, are not supported by "
+                                      "MultiObjectiveUnlearner; use DDP or fully_shard")
 
     def _check_reference(self) -> None:
         if self.ref_model is not None:
@@ -316,15 +341,39 @@ class MultiObjectiveUnlearner:
 
     # -- gradients ------------------------------------------------------------------------------
     def _world(self) -> int:
-        if _is_ddp(self.model) and dist.is_available() and dist.is_initialized():
+        if (_is_ddp(self.model) or self._fsdp) and dist.is_available() and dist.is_initialized():
             return dist.get_world_size()
         return 1
+
+    @contextlib.contextmanager
+    def _fsdp_backwards(self) -> Iterator[None]:
+        """FSDP2: keep the unsharded parameters across the several backward passes of one
+        forward (each pass needs them), reshard once at the end. Nothing without FSDP2."""
+        if not self._fsdp:
+            yield
+            return
+        groups = [g for m in self._fsdp for g in m._get_fsdp_state()._fsdp_param_groups]
+        before = [g.reshard_after_backward for g in groups]
+        for m in self._fsdp:
+            m.set_reshard_after_backward(False, recurse=False)
+        try:
+            yield
+        finally:
+            for g, flag in zip(groups, before):
+                g.reshard_after_backward = flag
+            for m in self._fsdp:
+                m.reshard()
 
     def _backward(self, loss: torch.Tensor, retain_graph: bool) -> list[torch.Tensor | None]:
         """Backward of ``loss`` into the trainable parameters; returns and clears their grads."""
         if self.scaler is not None:
             loss = self.scaler.scale(loss)
-        loss.backward(retain_graph=retain_graph, inputs=self.params)
+        if self._fsdp:
+            # The sharded parameters are not leaves of the forward's graph (FSDP2 all-gathers
+            # them into unsharded ones and reduce-scatters into their .grad), so no inputs=.
+            loss.backward(retain_graph=retain_graph)
+        else:
+            loss.backward(retain_graph=retain_graph, inputs=self.params)
         grads = []
         for p in self.params:
             grads.append(p.grad)
@@ -359,6 +408,8 @@ class MultiObjectiveUnlearner:
         if world > 1:
             dist.all_reduce(totals)
         totals = totals.clamp(min=1)
+        # FSDP2's reduce-scatter averages over ranks; the weighted parts must be SUMmed.
+        rank_factor = float(world) if self._fsdp else 1.0
 
         saved = [p.grad for p in self.params]
         for p in self.params:
@@ -367,7 +418,7 @@ class MultiObjectiveUnlearner:
         grads: Grads = [[None] * len(self.params) for _ in objectives]
         index = {n: i for i, n in enumerate(names)}
         try:
-            with self.no_sync():
+            with self.no_sync(), self._fsdp_backwards():
                 for kind in BATCH_KINDS:
                     objs = [o for o in objectives if o.batch == kind]
                     for m, mb in enumerate(batches.get(kind, [])):
@@ -381,6 +432,8 @@ class MultiObjectiveUnlearner:
                             share = counts[obj.name][m].to(loss.device) / totals[i]
                             weighted = loss * share.to(loss.dtype)
                             losses[obj.name] = losses[obj.name] + weighted.detach().float()
+                            if rank_factor != 1.0:
+                                weighted = weighted * rank_factor
                             new = self._backward(weighted, retain_graph=j < len(objs) - 1)
                             acc = grads[i]
                             for q, g in enumerate(new):
@@ -392,7 +445,10 @@ class MultiObjectiveUnlearner:
                                     acc[q].add_(g)
                         del ctx
             if world > 1:
-                self._all_reduce(grads, losses)
+                if self._fsdp:
+                    self._all_reduce_losses(losses)
+                else:
+                    self._all_reduce(grads, losses)
         finally:
             for p, g in zip(self.params, saved):
                 p.grad = g
@@ -423,6 +479,15 @@ class MultiObjectiveUnlearner:
         for n, v in zip(names, packed.unbind(0)):
             losses[n] = v
 
+    @staticmethod
+    def _all_reduce_losses(losses: dict[str, torch.Tensor]) -> None:
+        """SUM of the losses across ranks (FSDP2: the gradients are reduced by FSDP2)."""
+        names = list(losses)
+        packed = torch.stack([losses[n] for n in names])
+        dist.all_reduce(packed)
+        for n, v in zip(names, packed.unbind(0)):
+            losses[n] = v
+
     def backward(self, losses: Mapping[str, torch.Tensor]) -> None:
         """Per-objective gradients of your own losses (a dict name -> 0-dim tensor).
 
@@ -430,7 +495,8 @@ class MultiObjectiveUnlearner:
         up over calls (accumulation) until :meth:`step` (with no batches) uses them. The
         names must be the method's objective names, or any names for an aggregator that does
         not depend on K (min-norm). Under DDP, run your forward passes inside
-        :meth:`no_sync`; the gradients are averaged over ranks in :meth:`step`.
+        :meth:`no_sync`; the gradients are averaged over ranks in :meth:`step` (under FSDP2
+        by FSDP2's own reduce-scatter in each backward pass).
         """
         if not isinstance(losses, Mapping) or not losses:
             raise TypeError("losses must be a non-empty dict of name -> 0-dim tensor")
@@ -447,8 +513,9 @@ class MultiObjectiveUnlearner:
         try:
             items = list(losses.items())
             new_grads = {}
-            for j, (name, loss) in enumerate(items):
-                new_grads[name] = self._backward(loss, retain_graph=j < len(items) - 1)
+            with self._fsdp_backwards():
+                for j, (name, loss) in enumerate(items):
+                    new_grads[name] = self._backward(loss, retain_graph=j < len(items) - 1)
         finally:
             for p, g in zip(self.params, saved):
                 p.grad = g
@@ -490,7 +557,11 @@ class MultiObjectiveUnlearner:
         grads = [self._pending[n] for n in names]
         losses = {n: self._pending_losses[n] for n in names}
         world = self._world()
-        if world > 1:
+        if world > 1 and self._fsdp:
+            # FSDP2's reduce-scatter already averaged the gradients over ranks.
+            self._all_reduce_losses(losses)
+            losses = {n: v / world for n, v in losses.items()}
+        elif world > 1:
             self._all_reduce(grads, losses)
             for per in grads:
                 for g in per:
