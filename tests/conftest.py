@@ -56,3 +56,20 @@ def device() -> torch.device:
 
 def seeded(seed: int = 0) -> torch.Generator:
     return torch.Generator().manual_seed(seed)
+
+
+def run_two_processes(worker: str, *args: str, timeout: int = 240) -> None:
+    """Run ``tests/distributed/<worker>`` on 2 CPU processes (gloo) through
+    ``torch.distributed.run``; fail with the end of its output if it fails."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).parents[1]
+    env = dict(os.environ, OMP_NUM_THREADS="1", UNLEARNOPT_BACKEND="reference")
+    env.pop("TRITON_INTERPRET", None)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+           str(root / "tests" / "distributed" / worker), *args]
+    proc = subprocess.run(cmd, cwd=root, env=env, capture_output=True, text=True,
+                          timeout=timeout, check=False)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]

@@ -6,15 +6,12 @@ from __future__ import annotations
 
 import copy
 import math
-import os
-import subprocess
-import sys
-from pathlib import Path
 from typing import ClassVar
 
 import pytest
 import torch
 
+from tests.conftest import run_two_processes
 from tests.tiny_models import make_batch, make_model
 from unlearnopt.aggregate import Aggregator, FixedWeights
 from unlearnopt.methods import Method, Objective, available_methods, get_method, register_method
@@ -344,15 +341,8 @@ def test_frozen_parameters_get_no_gradient(llama32):
 @pytest.mark.distributed
 def test_ddp_matches_single_process(tmp_path):
     methods = ["mollm", "grad_diff", "npo"]
-    worker = Path(__file__).parent / "distributed" / "unlearner_worker.py"
     out = tmp_path / "result.pt"
-    env = dict(os.environ, OMP_NUM_THREADS="1", UNLEARNOPT_BACKEND="reference")
-    env.pop("TRITON_INTERPRET", None)
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-           str(worker), str(out), ",".join(methods)]
-    proc = subprocess.run(cmd, cwd=Path(__file__).parents[1], env=env, capture_output=True,
-                          text=True, timeout=240, check=False)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    run_two_processes("unlearner_worker.py", str(out), ",".join(methods))
     res = torch.load(out, weights_only=False)
     for method in methods:
         single, ranks = res[method]["single"], res[method]["ranks"]

@@ -2,13 +2,10 @@
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
-from pathlib import Path
-
 import pytest
 import torch
+
+from tests.conftest import run_two_processes
 
 F32_EPS = torch.finfo(torch.float32).eps
 
@@ -19,15 +16,8 @@ def test_fsdp2_matches_single_process(tmp_path):
     parameters and stats of one process stepping on the concatenated batches."""
     pytest.importorskip("torch.distributed.fsdp", reason="torch built without distributed")
     methods = ["mollm", "grad_diff"]
-    worker = Path(__file__).parent / "distributed" / "unlearner_fsdp_worker.py"
     out = tmp_path / "result.pt"
-    env = dict(os.environ, OMP_NUM_THREADS="1", UNLEARNOPT_BACKEND="reference")
-    env.pop("TRITON_INTERPRET", None)
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-           str(worker), str(out), ",".join(methods)]
-    proc = subprocess.run(cmd, cwd=Path(__file__).parents[1], env=env, capture_output=True,
-                          text=True, timeout=240, check=False)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    run_two_processes("unlearner_fsdp_worker.py", str(out), ",".join(methods))
     res = torch.load(out, weights_only=False)
     for method in methods:
         single, ranks = res[method]["single"], res[method]["ranks"]
