@@ -62,7 +62,7 @@ class PulseConfig:
     requests: int = 5
     forget_size: int = 10
     retain_size: int = 40
-    steps: int = 8
+    steps: int = 3
     lr: float = 1e-5
     retain_batch_size: int = 8
     forget_target: float = 0.0

@@ -24,6 +24,15 @@ Aggregation: MGDA on rescaled gradients (``MinNormWeights``):
 Options: ``alpha`` (0.5), ``normalize`` ("mean"), ``sit_out`` (1e-3), ``granularity``
 ("global"), ``solver`` (None = ``unlearnopt.ops.min_norm``; any
 ``gram [B, K, K] -> weights [B, K]``). Needs a reference model (for ``retain_kl``).
+
+Defaults measured on SmolLM2-135M (the shipped facts, docs/real_model_results.md): the options
+above with AdamW lr 1e-5, clipping at 1.0, retain batches of 8 known facts, stopped at the
+target. ``unlearnopt pulse`` forgetting "The currency of India is the rupee" and "The official
+language of Thailand is Thai": 1 step, retain accuracy 1.00, neighbour accuracy (11 other
+currencies/languages, never trained on) 0.91, perplexity 64.7 -> 64.8, which meets the quality
+bar of issue 7 (by one neighbour). GA at the same lr also needs 1 step but keeps 0.92 / 0.27.
+Running on past the target costs neighbours (3 steps: 1.00 / 0.64), so stop there
+(``pulse --stop-at-target``, ``run --early-stop``). At lr 3e-6 mollm needs 4 steps.
 """
 
 from __future__ import annotations

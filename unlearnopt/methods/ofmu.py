@@ -58,6 +58,17 @@ T = 1: 16×, β = 0: 10×, ``autograd``: 35×. The ≤ 2.5× goal is not met by 
 Defaults: T = 5 (METHODS.md). The paper's values of β, ρ_0, γ are not stored here; ours:
 β = 1 (the cosine is in [−1, 1], commensurate with a token-mean loss), ρ_0 = 0.01, γ = 1.05.
 
+Measured on SmolLM2-135M (the shipped facts, docs/real_model_results.md), OFMU does NOT meet
+the quality bar of issue 7 and no working default was found. With AdamW lr 1e-5, T = 1 and
+inner_lr = None (the inner steps then use lr 1e-5 on raw gradients, which barely move the
+model while the outer AdamW step on L_r does): after 3 steps forget accuracy 0.50 of 1.00 (the
+forgotten answers' probability rose, 0.30 -> 0.41), retain 0.88, neighbours 1.00, perplexity
+64.1. With inner_lr = 1e-2 one step forgets but wrecks the model (retain and neighbours 0.00,
+perplexity 438); inner_lr = 1e-3: retain 0.67, neighbours 0.71; inner_lr = 3e-4 (T = 1): forget
+0 in 1 step, retain 0.92, neighbours 0.88 (bar 0.90), perplexity 64.7 -> 65.6, the closest
+found (GA's first step: 0.83 / 0.88). Pass ``inner_lr=3e-4`` for models of this size; the
+default stays None (tied to the optimizer's lr).
+
 Single process only: the Hessian products run their own ``autograd.grad`` calls, which
 DDP's reducer does not average; under ``torch.distributed`` with more than one rank this
 method raises.

@@ -22,6 +22,14 @@ uses every labelled token; without ``vocab_mask``, no vocabulary masking (plain 
 Requires the frozen original (``ref_model=`` or a PEFT model). No retain batch is needed:
 aim (4) of the constructed batch is the retain signal; a retain batch passed to ``step()``
 is ignored.
+
+Defaults measured on SmolLM2-135M (the shipped facts, docs/real_model_results.md): the paper's
+α = 0.9, β = 0.75, AdamW lr 1e-5, 8 retain facts per batch, substitute answer "unknown". SIU
+does NOT meet the quality bar of issue 7 there: it forgets a 2-fact request in 3 steps
+(GA, mollm: 1) with retain accuracy 0.96 and perplexity 64.7 -> 65.0, but neighbour accuracy
+(facts of the same relations, never trained on) falls to 0.64 (bar: 0.90). That is better
+than GA (0.27 at its first step at the target, 0.00 after 3 steps) and worse than mollm
+(0.91 at the target).
 """
 
 from __future__ import annotations
