@@ -72,6 +72,8 @@ def _pyplot():
 def plot_metrics(phase: str, data: dict[str, Any], path: Path) -> Path:
     """Metric vs request (0 = before), one line per method, end-of-request values."""
     plt = _pyplot()
+    from matplotlib.ticker import MaxNLocator
+
     cols = 4
     rows = math.ceil(len(PLOT_METRICS) / cols)
     fig, axes = plt.subplots(rows, cols, figsize=(4 * cols, 3.2 * rows), squeeze=False)
@@ -85,6 +87,7 @@ def plot_metrics(phase: str, data: dict[str, Any], path: Path) -> Path:
             ax.plot(xs, ys, marker="o", label=method)
         ax.set_title(metric)
         ax.set_xlabel("request")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # requests are whole numbers
         ax.grid(alpha=0.3)
     for ax in list(axes.flat)[len(PLOT_METRICS):]:
         ax.axis("off")
