@@ -61,7 +61,7 @@ def _per_problem_table(benches: list[dict]) -> list[str]:
         lines.append(f"| {info['backend']} | {info['B']} | {info['K']} | {us:.3f} us | "
                      f"{info.get('kkt_max', float('nan')):.1e} | " + " | ".join(ratios) + " |")
     lines.append("")
-    lines += [f"Looped peers, per problem: " + "; ".join(
+    lines += ["Looped peers, per problem: " + "; ".join(
         f"K={k}: " + ", ".join(f"{n} {v:.1f} us" for n, v in sorted(d.items()))
         for k, d in sorted(peers.items())), ""]
     return lines

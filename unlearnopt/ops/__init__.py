@@ -15,16 +15,16 @@ from unlearnopt.ops.unlearning_cross_entropy import unlearning_cross_entropy
 
 __all__ = [
     "GradGram",
+    "MinNorm",
+    "fused_linear_masked_kl",
+    "fused_linear_unlearning_cross_entropy",
     "grad_cosine",
     "grad_gram",
     "gram_to_cosine",
-    "MinNorm",
-    "fused_linear_masked_kl",
-    "masked_kl",
-    "token_mask_from_labels",
-    "vocab_mask_from_token_ids",
     "kkt_residual",
+    "masked_kl",
     "min_norm",
-    "fused_linear_unlearning_cross_entropy",
+    "token_mask_from_labels",
     "unlearning_cross_entropy",
+    "vocab_mask_from_token_ids",
 ]
