@@ -20,7 +20,8 @@ from unlearnopt.methods.siu_targets import (
 )
 
 WORDS = tuple(dict.fromkeys(
-    ["<pad>", "<unk>", "<s>", "</s>", "who", "is", "this", "?", "donald", "trump", "jacob", "smith", ".", "a", "baker", "from", "ohio", "describe", "the", "person", "in", "image", "where", "does", "live", "he", "lives", "washington", "joe", "biden"]))
+    "<pad> <unk> <s> </s> who is this ? donald trump jacob smith . a baker from ohio describe "
+    "the person in image where does live he lives washington joe biden".split()))
 
 
 def word_tokenizer():
