@@ -17,7 +17,7 @@ import torch
 import triton
 import triton.language as tl
 
-from unlearnopt.kernels._launch import device_guard, row_launch_settings
+from unlearnopt.kernels._launch import check_gradient_args, device_guard, row_launch_settings
 
 FORWARD, REVERSE = 0, 1
 
@@ -233,23 +233,7 @@ def masked_kl_rows(
     else:
         loss = torch.empty(n, dtype=torch.float32, device=device)
         stats = torch.empty(n, 3, dtype=torch.float32, device=device)
-    scale_stride = 0
-    if grad_scale is not None:
-        if grad_out is None:
-            raise ValueError("grad_out is required when grad_scale is given")
-        if grad_scale.dtype != torch.float32 or grad_scale.numel() not in (1, n) \
-                or grad_scale.device != device:
-            raise ValueError(f"grad_scale must be float32 on {device} with 1 or {n} elements, "
-                             f"got {tuple(grad_scale.shape)} {grad_scale.dtype}")
-        grad_scale = grad_scale.reshape(-1).contiguous()
-        scale_stride = 1 if grad_scale.numel() > 1 else 0
-        if grad_out.shape != logits.shape or grad_out.stride(1) != 1 \
-                or grad_out.dtype != logits.dtype or grad_out.device != device:
-            raise ValueError(f"grad_out must be [{n}, {vocab}] {logits.dtype} with unit column "
-                             f"stride on {device}, got {tuple(grad_out.shape)} {grad_out.dtype} "
-                             f"strides {grad_out.stride()}")
-    elif grad_out is not None:
-        raise ValueError("grad_out given without grad_scale")
+    grad_scale, scale_stride = check_gradient_args(logits, grad_scale, grad_out)
     if n == 0 or vocab == 0:
         return loss, stats
 

@@ -17,7 +17,7 @@ import torch
 import triton
 import triton.language as tl
 
-from unlearnopt.kernels._launch import device_guard, row_launch_settings
+from unlearnopt.kernels._launch import check_gradient_args, device_guard, row_launch_settings
 
 MODE_NLL, MODE_GA, MODE_UCE = 0, 1, 2
 
@@ -164,24 +164,7 @@ def unlearning_cross_entropy_rows(
     if lse_in is not None:
         _check_rows("lse_in", lse_in, n, torch.float32, device)
         lse_in = lse_in.contiguous()
-    scale_stride = 0
-    if grad_scale is not None:
-        if grad_out is None:
-            raise ValueError("grad_out is required when grad_scale is given")
-        if grad_scale.dtype != torch.float32 or grad_scale.numel() not in (1, n) \
-                or grad_scale.device != device:
-            raise ValueError(f"grad_scale must be float32 on {device} with 1 or {n} elements, "
-                             f"got {tuple(grad_scale.shape)} {grad_scale.dtype} on "
-                             f"{grad_scale.device}")
-        grad_scale = grad_scale.reshape(-1).contiguous()
-        scale_stride = 1 if grad_scale.numel() > 1 else 0
-        if grad_out.shape != logits.shape or grad_out.stride(1) != 1 \
-                or grad_out.device != device:
-            raise ValueError(f"grad_out must be [{n}, {vocab}] with unit column stride on "
-                             f"{device}, got {tuple(grad_out.shape)} strides "
-                             f"{grad_out.stride()} on {grad_out.device}")
-    elif grad_out is not None:
-        raise ValueError("grad_out given without grad_scale")
+    grad_scale, scale_stride = check_gradient_args(logits, grad_scale, grad_out)
 
     loss = torch.empty(n, dtype=torch.float32, device=device)
     lse = lse_in if lse_in is not None else torch.empty(n, dtype=torch.float32, device=device)
