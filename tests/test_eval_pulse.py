@@ -176,6 +176,65 @@ def test_ga_at_high_lr_forgets_and_target_is_recorded(trained_tiny):
                if e["steps_to_target"] is not None)
 
 
+def test_run_on_past_the_target_measures_both_points(trained_tiny):
+    from unlearnopt.eval.pulse import run_pulse
+
+    model, tok = trained_tiny
+    report = run_pulse(model, tok, _cfg(methods=("ga",), steps=4, lr=5e-2, stop_at_target=False),
+                       None, real_facts=tiny_facts(), fictitious=tiny_fictitious(),
+                       neutral=NEUTRAL, log=lambda s: None)
+    recs = report["phases"]["pretrained"]["methods"]["ga"]
+    ends = [r for r in recs if r["point"] == "end"]
+    assert [e["request_step"] for e in ends] == [4, 4]      # the whole budget, every request
+    for at in (r for r in recs if r["point"] == "at_target"):
+        end = next(e for e in ends if e["request"] == at["request"])
+        assert at["request_step"] == end["steps_to_target"] <= end["request_step"]
+
+
+def test_requests_replay_earlier_facts_with_a_fresh_optimizer(trained_tiny, monkeypatch):
+    from unlearnopt.eval import pulse
+
+    model, tok = trained_tiny
+    batches, optimizers = [], []
+
+    def fake_step(self, forget):       # record what each step would train on; change nothing
+        batches.append([f.id for f in forget])
+        optimizers.append(self.optimizer)
+        return {}
+
+    monkeypatch.setattr(pulse.UnlearningRun, "step", fake_step)
+    facts = tiny_facts()
+    split = pulse.Split(facts[:4], facts[8:12], facts[4:6], [], [facts[:2], facts[2:4]])
+    work = copy.deepcopy(model)
+    for replay, fresh in ((True, True), (False, False)):
+        batches.clear()
+        optimizers.clear()
+        cfg = _cfg(methods=("ga",), steps=2, replay=replay, fresh_optimizer=fresh)
+        recs = pulse.run_method_sequence(work, None, tok, "ga", split, cfg, NEUTRAL, NEUTRAL[:2],
+                                         log=lambda s: None)
+        assert [r["request_step"] for r in recs] == [2, 2]      # never at the target
+        first, second = [f.id for f in facts[:2]], [f.id for f in facts[2:4]]
+        assert batches == [first, first] + [first + second if replay else second] * 2
+        assert (optimizers[2] is not optimizers[1]) == fresh
+        assert optimizers[0] is optimizers[1]
+
+
+def test_forget_facts_have_answers_of_their_own():
+    from unlearnopt.eval.pulse import PulseConfig, split_pretrained
+
+    known = [Fact(prompt=f"{c} is on the continent of", answer="Europe", relation="continent",
+                  id=f"continent/{c}") for c in ("France", "Norway", "Spain", "Italy")]
+    known += [Fact(prompt=f"{c} is on the continent of", answer=a, relation="continent",
+                   id=f"continent/{c}") for c, a in (("Chad", "Africa"), ("Peru", "South America"))]
+    known += [Fact(prompt=f"the colour of {s} is", answer=a, relation="colour", id=f"colour/{s}")
+              for s, a in COLOURS]
+    for seed in range(5):
+        split = split_pretrained(known, [], PulseConfig(forget_size=6, requests=2, seed=seed))
+        answers = [f.answer for f in split.forget]
+        assert "Europe" not in answers and len(answers) == 6
+        assert {"Africa", "South America"} & set(answers)       # continents are still forgotten
+
+
 def test_split_requests_and_config_validation():
     from unlearnopt.eval.pulse import PulseConfig, split_requests
 
