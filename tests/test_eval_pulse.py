@@ -209,7 +209,8 @@ def test_requests_replay_earlier_facts_with_a_fresh_optimizer(trained_tiny, monk
     for replay, fresh in ((True, True), (False, False)):
         batches.clear()
         optimizers.clear()
-        cfg = _cfg(methods=("ga",), steps=2, replay=replay, fresh_optimizer=fresh)
+        cfg = _cfg(methods=("ga",), steps=2, replay=replay, fresh_optimizer=fresh,
+                   method_options={"ga": {"lr": 0.125}})
         recs = pulse.run_method_sequence(work, None, tok, "ga", split, cfg, NEUTRAL, NEUTRAL[:2],
                                          log=lambda s: None)
         assert [r["request_step"] for r in recs] == [2, 2]      # never at the target
@@ -217,6 +218,7 @@ def test_requests_replay_earlier_facts_with_a_fresh_optimizer(trained_tiny, monk
         assert batches == [first, first] + [first + second if replay else second] * 2
         assert (optimizers[2] is not optimizers[1]) == fresh
         assert optimizers[0] is optimizers[1]
+        assert all(o.param_groups[0]["lr"] == 0.125 for o in optimizers)   # the method's own lr
 
 
 def test_forget_facts_have_answers_of_their_own():
@@ -246,6 +248,8 @@ def test_split_requests_and_config_validation():
         PulseConfig(forget_size=2, requests=5).validate()
     with pytest.raises(ValueError, match="unknown phase"):
         PulseConfig(phases=("later",)).validate()
+    with pytest.raises(ValueError, match=r"method_options\['siu'\]\['lr'\] must be a positive"):
+        PulseConfig(method_options={"siu": {"lr": 0}}).validate()
 
 
 def test_siu_batch_masks(trained_tiny):

@@ -190,11 +190,17 @@ def test_hvp_modes_agree(granularity):
     o_fd, _ = fd.outer_direction(rho=0.5)
     scale = max(t.abs().max().item() for t in o_exact)
     assert max((a - b).abs().max().item() for a, b in zip(o_exact, o_fd)) < 1e-6 * scale
+    # rho = 0 (the default): the outer direction is the retain gradient, no Hessian product
+    g_retain = torch.autograd.grad(nll(model, retain), params)
+    for e in (exact, fd):
+        o_zero, _ = e.outer_direction(rho=0.0)
+        for a, b in zip(o_zero, g_retain):
+            torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
 
 
 @pytest.mark.parametrize("kind", ["llama", "llava"])
 def test_hugging_face_models_float32(kind, monkeypatch):
-    """Default options (finite differences, fused losses) on tiny HF models in float32."""
+    """Finite differences and fused losses (the defaults) on tiny HF models in float32."""
     from unlearnopt.unlearner import MultiObjectiveUnlearner
 
     monkeypatch.delenv("UNLEARNOPT_BACKEND")
@@ -203,7 +209,9 @@ def test_hugging_face_models_float32(kind, monkeypatch):
     retain = make_batch(kind, batch=2, seq=10, seed=2)
     start = [p.detach().clone() for p in model.parameters()]
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
-    unlearner = MultiObjectiveUnlearner(model, opt, method="ofmu", inner_steps=1)
+    # rho > 0 and the inner steps tied to the optimizer's lr: the paths the defaults skip
+    unlearner = MultiObjectiveUnlearner(model, opt, method="ofmu", inner_steps=1, rho=0.01,
+                                        inner_lr=None)
     stats = unlearner.step(forget=forget, retain=retain)
     assert all(torch.isfinite(torch.tensor(v)) for v in stats.values())
     assert stats["loss/forget_nll"] > stats["loss/forget_nll_before_inner"]

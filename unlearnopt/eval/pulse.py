@@ -46,6 +46,7 @@ import json
 import math
 import random
 import time
+import zlib
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -63,8 +64,18 @@ from unlearnopt.eval.metrics import (
 )
 
 PHASES = ("pretrained", "finetuned")
-# What the SIU recipe answers to a forgotten prompt (aim 1: an answer the model never gave).
-SIU_SUBSTITUTE = "unknown"
+# What the SIU recipe answers to a forgotten prompt (aim 1, "align with an unseen concept"):
+# an invented word per fact, picked by a stable hash of the fact's id. One shared word such as
+# "unknown" teaches the relation ("the currency of X is the unknown") and spreads to the
+# neighbours.
+SIU_SUBSTITUTES = ("Zorvel", "Mirtan", "Quessa", "Brodan", "Velkin", "Tarsio", "Odrune",
+                   "Faxley", "Nimbrel", "Corvath", "Ulvena", "Presk", "Hadrel", "Isomar",
+                   "Kettrin", "Wolmar")
+
+
+def siu_substitute(fact: Fact) -> str:
+    """The invented answer SIU trains ``fact``'s prompt towards (stable across runs)."""
+    return SIU_SUBSTITUTES[zlib.crc32(fact.id.encode()) % len(SIU_SUBSTITUTES)]
 
 
 @dataclass
@@ -84,6 +95,7 @@ class PulseConfig:
     replay: bool = True
     fresh_optimizer: bool = True
     seed: int = 0
+    # per method: the method's options, plus "lr" to give that method its own learning rate
     method_options: dict[str, dict[str, Any]] = field(default_factory=dict)
     max_grad_norm: float | None = 1.0
     finetune_entities: int = 20
@@ -116,6 +128,11 @@ class PulseConfig:
                              f"({self.requests}): every request needs a fact")
         if not self.lr > 0:
             raise ValueError(f"lr must be positive, got {self.lr!r}")
+        for m, opts in self.method_options.items():
+            lr = opts.get("lr", 1.0)
+            if isinstance(lr, bool) or not isinstance(lr, (int, float)) or not lr > 0:
+                raise ValueError(f"method_options[{m!r}]['lr'] must be a positive number, "
+                                 f"got {lr!r}")
 
 
 # --------------------------------------------------------------------------- data splits
@@ -218,12 +235,15 @@ def _sample(facts: Sequence[Fact], k: int, rng: random.Random) -> list[Fact]:
 
 
 def siu_batch(tokenizer, forget: Sequence[Fact], retain: Sequence[Fact], vocab_size: int,
-              device, substitute: str = SIU_SUBSTITUTE) -> dict[str, torch.Tensor]:
+              device, substitute: str | Callable[[Fact], str] = siu_substitute
+              ) -> dict[str, torch.Tensor]:
     """SIU's constructed batch for facts (METHODS.md): forget prompts answered with
-    ``substitute`` (aim 1, ``token_mask`` False), retain facts with their answers (aim 4,
-    ``token_mask`` True); ``vocab_mask`` False on the forget answers' token ids."""
+    ``substitute`` (a string, or a function of the fact; aim 1, ``token_mask`` False), retain
+    facts with their answers (aim 4, ``token_mask`` True); ``vocab_mask`` False on the forget
+    answers' token ids."""
     facts = list(forget) + list(retain)
-    answers = [substitute] * len(forget) + [f.answer for f in retain]
+    subst = substitute if callable(substitute) else (lambda f: substitute)
+    answers = [subst(f) for f in forget] + [f.answer for f in retain]
     from unlearnopt.eval.metrics import encode_qa
 
     batch = encode_qa(tokenizer, [f.prompt for f in facts], answers, device)
@@ -349,10 +369,11 @@ def run_method_sequence(model, ref_model, tokenizer, method: str, split: Split, 
     "metrics", "train_seconds"}`` (``"end"`` also has ``"steps_to_target"`` and
     ``"last_stats"``, the last step's statistics); with ``stop_at_target`` the two points of a
     request that reached the target share one measurement."""
-    run = UnlearningRun(model, tokenizer, method, ref_model, split.retain, lr=cfg.lr,
+    options = dict(cfg.method_options.get(method) or {})
+    run = UnlearningRun(model, tokenizer, method, ref_model, split.retain,
+                        lr=float(options.pop("lr", cfg.lr)),
                         retain_batch_size=cfg.retain_batch_size, seed=cfg.seed,
-                        max_grad_norm=cfg.max_grad_norm,
-                        options=cfg.method_options.get(method))
+                        max_grad_norm=cfg.max_grad_norm, options=options)
     records: list[dict[str, Any]] = []
     train_seconds = 0.0
     for r, chunk in enumerate(split.requests, start=1):
@@ -551,4 +572,4 @@ def dump_json(report: dict, path: str | Path) -> None:
 
 __all__ = ["METRIC_NAMES", "PHASES", "PulseConfig", "Split", "UnlearningRun", "finetune",
            "known_facts", "quality_verdict", "run_method_sequence", "run_pulse", "siu_batch",
-           "split_pretrained", "split_requests", "summarize"]
+           "siu_substitute", "split_pretrained", "split_requests", "summarize"]

@@ -17,9 +17,9 @@ One ``step()``, all on the same forget/retain batches:
    *directly*, not through the wrapped optimizer (its state, e.g. Adam's moments, only
    sees outer steps)::
 
-       θ ← θ + η_in ∇Φ(θ)          η_in = inner_lr, or each parameter group's current ``lr``
-                                   of the wrapped optimizer when inner_lr is None (default),
-                                   so LR schedulers scale the inner steps too.
+       θ ← θ + η_in ∇Φ(θ)          η_in = inner_lr (default 3e-5), or each parameter group's
+                                   current ``lr`` of the wrapped optimizer when inner_lr is
+                                   None, so LR schedulers scale the inner steps too.
 
 2. one outer step through the wrapped optimizer (clipping etc. by the unlearner), at the θ
    reached by the inner loop, along
@@ -51,23 +51,28 @@ so ∇Φ = g_f − β(H_f a + H_r b). Two ways to get the Hessian products (``hv
   For small models and tests.
 
 Cost per ``step()`` in gradient evaluations (forward + backward of one batch),
-``finite_difference``: 6·T + 6 + 12 with β > 0 (T = 5: 48); 2·T + 6 with β = 0. GA is 1.
-Measured on the tiny test Llama (B = 4, T = 32, CPU, one thread): defaults 40× a GA step,
-T = 1: 16×, β = 0: 10×, ``autograd``: 35×. The ≤ 2.5× goal is not met by the exact method.
+``finite_difference``: 6·T + 6 with β > 0 (T = 5: 36), plus 12 when ρ > 0 (the product
+H_Φ ∇Φ; skipped at ρ = 0); 2·T + 6 with β = 0. GA is 1. Measured on the tiny test Llama
+(B = 4, T = 32, CPU, one thread) with ρ > 0: 40× a GA step, T = 1: 16×, β = 0: 10×,
+``autograd``: 35×. The ≤ 2.5× goal is not met by the exact method.
 
-Defaults: T = 5 (METHODS.md). The paper's values of β, ρ_0, γ are not stored here; ours:
-β = 1 (the cosine is in [−1, 1], commensurate with a token-mean loss), ρ_0 = 0.01, γ = 1.05.
+Defaults: T = 5 (METHODS.md), β = 1 (the cosine is in [−1, 1], commensurate with a token-mean
+loss), γ = 1.05, and two measured on SmolLM2-135M (the shipped facts,
+docs/real_model_results.md; the paper's values are not stored here):
 
-Measured on SmolLM2-135M (the shipped facts, docs/real_model_results.md), OFMU does NOT meet
-the quality bar of issue 7 and no working default was found. With AdamW lr 1e-5, T = 1 and
-inner_lr = None (the inner steps then use lr 1e-5 on raw gradients, which barely move the
-model while the outer AdamW step on L_r does): after 3 steps forget accuracy 0.50 of 1.00 (the
-forgotten answers' probability rose, 0.30 -> 0.41), retain 0.88, neighbours 1.00, perplexity
-64.1. With inner_lr = 1e-2 one step forgets but wrecks the model (retain and neighbours 0.00,
-perplexity 438); inner_lr = 1e-3: retain 0.67, neighbours 0.71; inner_lr = 3e-4 (T = 1): forget
-0 in 1 step, retain 0.92, neighbours 0.88 (bar 0.90), perplexity 64.7 -> 65.6, the closest
-found (GA's first step: 0.83 / 0.88). Pass ``inner_lr=3e-4`` for models of this size; the
-default stays None (tied to the optimizer's lr).
+- ``inner_lr = 3e-5``. The inner steps move θ directly along raw gradients and their effect
+  persists (the outer step starts where they end), so they do the forgetting. Forgetting
+  "The currency of India is the rupee" and "The official language of Thailand is Thai" with
+  AdamW lr 1e-5 (T = 5, ρ = 0): one step forgets both keeping retain 0.96 and neighbours 0.96
+  (24 known facts each), perplexity 64.7 -> 65.5. Tied to the optimizer's lr (``None``, 1e-5)
+  the inner steps barely move the model and 3 steps leave forget accuracy at 0.50; inner_lr
+  1e-4 forgets in one step but keeps retain 0.67; with T = 1, 3e-4 keeps 0.92 / 0.88, 1e-3
+  0.67 / 0.71, 1e-2 wrecks the model (perplexity 438).
+- ``rho = 0`` (the penalty ρ‖∇Φ‖² off). Whenever it is on, 2ρ·H_Φ ∇Φ dominates ∇L_r in the
+  outer direction (it scales with the Hessian and the large ∇Φ after the ascent), and AdamW
+  normalises the step, so the outer step follows the penalty instead of repairing the retain
+  loss: with the settings above, ρ = 1e-2 and 1e-3 keep retain 0.79 (neighbours 0.88), 1e-4
+  keeps 0.88 / 0.88, 0 keeps 0.96 / 0.96. Pass ``rho > 0`` for the full bi-level method.
 
 Single process only: the Hessian products run their own ``autograd.grad`` calls, which
 DDP's reducer does not average; under ``torch.distributed`` with more than one rank this
@@ -233,7 +238,11 @@ class OFMUEngine:
 
     def outer_direction(self, rho: float):
         """``(d, info)``: d = ∇L_r + 2ρ·H_Φ ∇Φ at the current θ (list like ``params``)."""
-        if self.hvp == "autograd":
+        if rho == 0:   # the penalty is off: skip the Hessian product H_Φ ∇Φ (12 gradient
+            # evaluations with finite differences, a third-order backward with autograd)
+            dphi, gr, info = self.phi_gradient()
+            v, h_phi_v = dphi, None
+        elif self.hvp == "autograd":
             dphi, gr, info = self.phi_gradient(create_graph=True)
             v = [t.detach() for t in dphi]
             pairs = [(t, x) for t, x in zip(dphi, v) if t.requires_grad]
@@ -247,7 +256,8 @@ class OFMUEngine:
             v = dphi
             h_phi_v = directional_derivative(lambda: self.phi_gradient()[0], self.params, v,
                                              self.fd_eps)
-        direction = [g + (2.0 * rho) * h.to(g.dtype) for g, h in zip(gr, h_phi_v)]
+        direction = list(gr) if h_phi_v is None else [
+            g + (2.0 * rho) * h.to(g.dtype) for g, h in zip(gr, h_phi_v)]
         info["grad_norm_phi"] = global_norm(v)
         info["grad_norm_retain"] = global_norm(gr)
         return direction, info
@@ -283,11 +293,12 @@ class OFMU(Method):
     Options:
         beta: weight of the cosine penalty in Φ (≥ 0; 0 skips every Hessian product of the
             inner steps). Default 1.0.
-        rho: initial penalty ρ_0 of the outer objective (≥ 0). Default 0.01.
+        rho: initial penalty ρ_0 of the outer objective (≥ 0). Default 0 (measured, see the
+            module docstring): the outer step is then a plain step on the retain loss.
         gamma: growth factor, ρ ← γρ after every outer step (≥ 1). Default 1.05.
         inner_steps: T ≥ 0 inner ascent steps per ``step()``. Default 5.
-        inner_lr: step size of the inner ascent; None (default): each parameter group's
-            ``lr`` in the wrapped optimizer.
+        inner_lr: step size of the inner ascent (default 3e-5, measured on SmolLM2-135M);
+            None: each parameter group's current ``lr`` in the wrapped optimizer.
         granularity: ``"global"`` (default) or ``"per_tensor"`` cosine.
         hvp: ``"finite_difference"`` (default) or ``"autograd"`` (exact; reference-path
             losses, thrice-differentiable model ops).
@@ -296,7 +307,7 @@ class OFMU(Method):
     """
 
     name = "ofmu"
-    defaults = {"beta": 1.0, "rho": 0.01, "gamma": 1.05, "inner_steps": 5, "inner_lr": None,
+    defaults = {"beta": 1.0, "rho": 0.0, "gamma": 1.05, "inner_steps": 5, "inner_lr": 3e-5,
                 "granularity": "global", "hvp": "finite_difference", "fd_eps": 1e-3}
     needs_ref = False
 
