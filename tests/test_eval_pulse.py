@@ -252,6 +252,27 @@ def test_split_requests_and_config_validation():
         PulseConfig(method_options={"siu": {"lr": 0}}).validate()
 
 
+def test_method_settings_precedence():
+    from unlearnopt.eval.pulse import TUNED_METHOD_OPTIONS, PulseConfig, method_settings
+
+    cfg = PulseConfig(lr=2e-5, method_options={"siu": {"beta": 1.5}, "npo": {"lr": 7e-6}})
+    assert method_settings(cfg, "ga") == {"lr": 2e-5}
+    assert method_settings(cfg, "npo") == {"lr": 7e-6}
+    assert method_settings(cfg, "siu") == {**TUNED_METHOD_OPTIONS["siu"], "beta": 1.5}
+    cfg.method_options["siu"]["lr"] = 1e-6          # the caller's options win
+    assert method_settings(cfg, "siu")["lr"] == 1e-6
+
+
+def test_siu_substitutes_are_invented_per_fact():
+    from unlearnopt.eval.pulse import SIU_SUBSTITUTES, siu_substitute
+
+    facts = tiny_facts()
+    words = [siu_substitute(f) for f in facts]
+    assert words == [siu_substitute(f) for f in tiny_facts()]        # stable across calls
+    assert set(words) <= set(SIU_SUBSTITUTES) and len(set(words)) > 3
+    assert not {f.answer for f in facts} & set(words)
+
+
 def test_siu_batch_masks(trained_tiny):
     from unlearnopt.eval.pulse import siu_batch
 

@@ -361,6 +361,20 @@ def _metrics(model, tokenizer, split: Split, upto: int, neutral, div_prompts, cf
                     batch_size=cfg.eval_batch_size, progress=cfg.progress, desc=desc)
 
 
+# Per-method PULSE settings measured on SmolLM2-135M (docs/real_model_results.md), under the
+# caller's method_options. SIU learns a new answer (the invented substitute) rather than
+# pushing one down, and needs a larger step: at lr 1e-5 it had not forgotten a 2-fact request
+# after 8 steps.
+TUNED_METHOD_OPTIONS: dict[str, dict[str, Any]] = {"siu": {"lr": 3e-5}}
+
+
+def method_settings(cfg: PulseConfig, method: str) -> dict[str, Any]:
+    """``{"lr": ..., **options}`` for ``method``: ``cfg.lr``, then ``TUNED_METHOD_OPTIONS``,
+    then ``cfg.method_options`` (the later wins)."""
+    return {"lr": cfg.lr, **TUNED_METHOD_OPTIONS.get(method, {}),
+            **(cfg.method_options.get(method) or {})}
+
+
 def run_method_sequence(model, ref_model, tokenizer, method: str, split: Split, cfg: PulseConfig,
                         neutral: Sequence[str], div_prompts: Sequence[str],
                         log: Callable[[str], None] = print) -> list[dict[str, Any]]:
@@ -369,9 +383,9 @@ def run_method_sequence(model, ref_model, tokenizer, method: str, split: Split, 
     "metrics", "train_seconds"}`` (``"end"`` also has ``"steps_to_target"`` and
     ``"last_stats"``, the last step's statistics); with ``stop_at_target`` the two points of a
     request that reached the target share one measurement."""
-    options = dict(cfg.method_options.get(method) or {})
+    options = method_settings(cfg, method)
     run = UnlearningRun(model, tokenizer, method, ref_model, split.retain,
-                        lr=float(options.pop("lr", cfg.lr)),
+                        lr=float(options.pop("lr")),
                         retain_batch_size=cfg.retain_batch_size, seed=cfg.seed,
                         max_grad_norm=cfg.max_grad_norm, options=options)
     records: list[dict[str, Any]] = []
@@ -495,6 +509,7 @@ def run_pulse(model, tokenizer, cfg: PulseConfig | None = None, out_dir: str | P
         summary = summarize(before, records)
         verdicts = {row["name"]: quality_verdict(before, row) for row in summary[1:]}
         report["phases"][phase] = {"split": split.ids(), "before": before, "methods": records,
+                                   "settings": {m: method_settings(cfg, m) for m in cfg.methods},
                                    "summary": summary, "verdicts": verdicts, **extra}
         if base is not model:
             del base
@@ -570,6 +585,7 @@ def dump_json(report: dict, path: str | Path) -> None:
     Path(path).write_text(json.dumps(report, indent=1))
 
 
-__all__ = ["METRIC_NAMES", "PHASES", "PulseConfig", "Split", "UnlearningRun", "finetune",
-           "known_facts", "quality_verdict", "run_method_sequence", "run_pulse", "siu_batch",
-           "siu_substitute", "split_pretrained", "split_requests", "summarize"]
+__all__ = ["METRIC_NAMES", "PHASES", "TUNED_METHOD_OPTIONS", "PulseConfig", "Split",
+           "UnlearningRun", "finetune", "known_facts", "method_settings", "quality_verdict",
+           "run_method_sequence", "run_pulse", "siu_batch", "siu_substitute", "split_pretrained",
+           "split_requests", "summarize"]

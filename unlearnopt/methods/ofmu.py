@@ -83,7 +83,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Mapping, Sequence
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 
@@ -307,8 +307,9 @@ class OFMU(Method):
     """
 
     name = "ofmu"
-    defaults = {"beta": 1.0, "rho": 0.0, "gamma": 1.05, "inner_steps": 5, "inner_lr": 3e-5,
-                "granularity": "global", "hvp": "finite_difference", "fd_eps": 1e-3}
+    defaults: ClassVar[Mapping[str, Any]] = {
+        "beta": 1.0, "rho": 0.0, "gamma": 1.05, "inner_steps": 5, "inner_lr": 3e-5,
+        "granularity": "global", "hvp": "finite_difference", "fd_eps": 1e-3}
     needs_ref = False
 
     def __init__(self, **config: Any) -> None:
