@@ -12,7 +12,8 @@ Phases (``PulseConfig.phases``):
   (``finetune_entities`` of them; AdamW, lr ``finetune_lr``, batches of 16, until 95% of those
   facts are answered exactly or ``finetune_epochs`` epochs), then forget the facts of some of
   them; the other fine-tuned facts are the retain set, known real facts are the neighbours, and
-  invented people that were never fine-tuned are the never-seen samples. The fine-tuned model is
+  invented people that were never fine-tuned are the never-seen samples. As in the first
+  phase, only facts whose answer no other learned fact shares are forgotten. The fine-tuned model is
   the reference ("original") of this phase.
 
 Sustainability: the forget set is split into ``requests`` consecutive requests. Each method
@@ -556,7 +557,14 @@ def _finetuned_setup(model, tokenizer, real_facts, fictitious, cfg: PulseConfig,
     if len(learned) < cfg.requests + 1:
         raise ValueError(f"fine-tuning taught only {len(learned)} facts; increase "
                          "finetune_epochs or finetune_lr")
-    forget = learned[: min(cfg.forget_size, len(learned) - 1)]
+    # as in split_pretrained: only facts with an answer no other learned fact shares
+    answers = collections.Counter(_answer_key(f) for f in learned)
+    own = [f for f in learned if answers[_answer_key(f)] == 1]
+    forget = own[: min(cfg.forget_size, len(learned) - 1)]
+    if len(forget) < cfg.requests:
+        raise ValueError(f"only {len(forget)} fine-tuned facts have an answer no other learned "
+                         f"fact shares; need at least requests={cfg.requests} (fine-tune more "
+                         "entities: finetune_entities)")
     forget_ids = {f.id for f in forget}
     retain = [f for f in learned if f.id not in forget_ids][: cfg.retain_size]
     rng = random.Random(cfg.seed)
