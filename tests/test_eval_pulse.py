@@ -191,10 +191,15 @@ def test_run_on_past_the_target_measures_both_points(trained_tiny):
         assert at["request_step"] == end["steps_to_target"] <= end["request_step"]
 
 
-def test_requests_replay_earlier_facts_with_a_fresh_optimizer(trained_tiny, monkeypatch):
+def test_requests_replay_relapsed_facts_with_a_fresh_optimizer(trained_tiny, monkeypatch):
+    from types import SimpleNamespace
+
+    import numpy as np
+
     from unlearnopt.eval import pulse
 
     model, tok = trained_tiny
+    facts = tiny_facts()
     batches, optimizers = [], []
 
     def fake_step(self, forget):       # record what each step would train on; change nothing
@@ -202,8 +207,11 @@ def test_requests_replay_earlier_facts_with_a_fresh_optimizer(trained_tiny, monk
         optimizers.append(self.optimizer)
         return {}
 
+    def fake_score(model, tokenizer, prompts, answers, **kw):   # facts[0] stays forgotten
+        return SimpleNamespace(exact=np.array([p != facts[0].prompt for p in prompts]))
+
     monkeypatch.setattr(pulse.UnlearningRun, "step", fake_step)
-    facts = tiny_facts()
+    monkeypatch.setattr(pulse, "score_answers", fake_score)
     split = pulse.Split(facts[:4], facts[8:12], facts[4:6], [], [facts[:2], facts[2:4]])
     work = copy.deepcopy(model)
     for replay, fresh in ((True, True), (False, False)):
@@ -215,7 +223,9 @@ def test_requests_replay_earlier_facts_with_a_fresh_optimizer(trained_tiny, monk
                                          log=lambda s: None)
         assert [r["request_step"] for r in recs] == [2, 2]      # never at the target
         first, second = [f.id for f in facts[:2]], [f.id for f in facts[2:4]]
-        assert batches == [first, first] + [first + second if replay else second] * 2
+        # request 2 replays facts[1] (answered again), not facts[0] (still forgotten)
+        assert batches == [first, first] + [second + first[1:] if replay else second] * 2
+        assert recs[1]["replayed_facts"] == (1 if replay else 0)
         assert (optimizers[2] is not optimizers[1]) == fresh
         assert optimizers[0] is optimizers[1]
         assert all(o.param_groups[0]["lr"] == 0.125 for o in optimizers)   # the method's own lr

@@ -26,12 +26,15 @@ request (both defaults measured on SmolLM2-135M, docs/real_model_results.md):
   model the previous request delivered. Kept across requests, AdamW's second moments from the
   first request's large forget gradients shrink later steps: mollm then forgot none of
   requests 3-5 within 8 steps.
-- ``replay`` (default True): a request's forget batch holds its facts *and* those of the
-  earlier requests (the deletion list is known), so earlier forgetting is maintained; without
-  it, the retain objectives pulled earlier facts back (half of request 1-3 relapsed).
+- ``replay`` (default True): the earlier requests' facts that the model answers again
+  (relapsed) join the request's forget batch, re-checked after every step, and the request
+  is done when its own facts and all earlier ones are forgotten (the deletion list is known).
+  Without it the retain objectives pulled earlier facts back (mollm: half of requests 1-3
+  relapsed); replaying every earlier fact instead kept pushing facts already forgotten, which
+  unbounded losses (OFMU's inner ascent) turn into lost fluency.
 
 Matched forget efficacy (METHODS.md): after every step the forget accuracy of the request's
-forget batch is checked (one small forward pass) and, the first time it is
+facts (with ``replay``, and of every earlier request's) is checked (greedy, a few tokens) and, the first time it is
 ``<= forget_target``, every metric is measured (``at_target``); with ``stop_at_target``
 (default) the request ends there, so every method is compared at the point where it has
 forgotten (early-stopped GA is the baseline of METHODS.md). The summary reports each method at
@@ -394,18 +397,32 @@ def run_method_sequence(model, ref_model, tokenizer, method: str, split: Split, 
     for r, chunk in enumerate(split.requests, start=1):
         if r > 1 and cfg.fresh_optimizer:
             run.restart()
-        target = [f for req in split.requests[:r] for f in req] if cfg.replay else chunk
+        earlier = [f for req in split.requests[: r - 1] for f in req] if cfg.replay else []
+        watched = list(chunk) + earlier          # what must be forgotten when the request ends
+
+        def answered(watched=watched) -> np.ndarray:
+            return np.asarray(score_answers(model, tokenizer, [f.prompt for f in watched],
+                                            [f.answer for f in watched]).exact, dtype=bool)
+
+        def forget_batch(known: np.ndarray, chunk=chunk, earlier=earlier) -> list[Fact]:
+            # earlier facts join only while answered again (relapsed): unbounded losses (GA,
+            # OFMU's inner ascent) would otherwise keep pushing facts already forgotten
+            return list(chunk) + [f for f, k in zip(earlier, known[len(chunk):]) if k]
+
+        batch = forget_batch(answered()) if earlier else list(chunk)
         reached_at = None
+        replayed = 0
         stats: dict[str, float] = {}
         for s in range(1, cfg.steps + 1):
             t0 = time.perf_counter()
-            stats = run.step(target)
+            stats = run.step(batch)
             train_seconds += time.perf_counter() - t0
-            cur = score_answers(model, tokenizer, [f.prompt for f in target],
-                                [f.answer for f in target]).exact.mean()
-            if cur <= cfg.forget_target:
+            replayed = max(replayed, len(batch) - len(chunk))
+            known = answered()
+            if known.mean() <= cfg.forget_target:
                 reached_at = s
                 break
+            batch = forget_batch(known)
         m = _metrics(model, tokenizer, split, r, neutral, div_prompts, cfg, f"{method} r{r}")
         base = {"request": r, "step": run.steps, "request_step": s, "metrics": m,
                 "train_seconds": train_seconds}
@@ -415,13 +432,14 @@ def run_method_sequence(model, ref_model, tokenizer, method: str, split: Split, 
             # run on to the budget from the target; the "end" point is measured there
             for s in range(reached_at + 1, cfg.steps + 1):
                 t0 = time.perf_counter()
-                stats = run.step(target)
+                stats = run.step(batch)
                 train_seconds += time.perf_counter() - t0
             m = _metrics(model, tokenizer, split, r, neutral, div_prompts, cfg,
                          f"{method} r{r} end")
             base = {**base, "step": run.steps, "request_step": cfg.steps, "metrics": m,
                     "train_seconds": train_seconds}
         records.append({**base, "point": "end", "steps_to_target": reached_at,
+                        "replayed_facts": replayed,
                         "last_stats": {k: float(v) for k, v in stats.items()
                                        if isinstance(v, (int, float))}})
         log(f"  {method} request {r}/{len(split.requests)}: steps to target "
