@@ -26,13 +26,21 @@ Options: ``alpha`` (0.5), ``normalize`` ("mean"), ``sit_out`` (1e-3), ``granular
 ``gram [B, K, K] -> weights [B, K]``). Needs a reference model (for ``retain_kl``).
 
 Defaults measured on SmolLM2-135M (the shipped facts, docs/real_model_results.md): the options
-above with AdamW lr 1e-5, clipping at 1.0, retain batches of 8 known facts, stopped at the
-target. ``unlearnopt pulse`` forgetting "The currency of India is the rupee" and "The official
-language of Thailand is Thai": 1 step, retain accuracy 1.00, neighbour accuracy (11 other
-currencies/languages, never trained on) 0.91, perplexity 64.7 -> 64.8, which meets the quality
-bar of issue 7 (by one neighbour). GA at the same lr also needs 1 step but keeps 0.92 / 0.27.
-Running on past the target costs neighbours (3 steps: 1.00 / 0.64), so stop there
-(``pulse --stop-at-target``, ``run --early-stop``). At lr 3e-6 mollm needs 4 steps.
+above with AdamW lr 1e-5, clipping at 1.0, retain batches of 8 known facts, each request
+stopped at its target (``unlearnopt pulse`` defaults):
+
+- one request, "The currency of India is the rupee" and "The official language of Thailand
+  is Thai": 1 step, retain accuracy 1.00, neighbour accuracy (11 other currencies/languages,
+  never trained on) 0.91, perplexity 64.7 -> 64.8, which meets the quality bar of issue 7
+  (by one neighbour); GA and NPO also need 1 step but keep 0.92 / 0.27. Running on past the
+  target costs neighbours (3 steps: 1.00 / 0.64): stop there (``run --early-stop``).
+- five sequential requests of 2 facts (a fresh optimizer per request, relapsed earlier facts
+  replayed): every request forgotten (1-8 steps, 25 in all), ending at retain 1.00, neighbours
+  0.88 of 24 (the bar is 0.90: one neighbour short), perplexity 65.2; GA and NPO end at
+  0.33 / 0.38. With one optimizer kept across requests, its second moments from the first
+  request's large gradients shrank later steps and requests 3-5 were not forgotten in 8
+  steps. lr 5e-6 and ``granularity="per_tensor"`` forgot more slowly (request 2 not finished
+  in 8 steps) without keeping more.
 """
 
 from __future__ import annotations

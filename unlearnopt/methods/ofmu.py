@@ -74,6 +74,14 @@ docs/real_model_results.md; the paper's values are not stored here):
   loss: with the settings above, ρ = 1e-2 and 1e-3 keep retain 0.79 (neighbours 0.88), 1e-4
   keeps 0.88 / 0.88, 0 keeps 0.96 / 0.96. Pass ``rho > 0`` for the full bi-level method.
 
+OFMU does NOT meet the quality bar of issue 7 with these defaults, and they are fragile: the
+same request inside ``unlearnopt pulse --requests 1 --forget-size 2`` (another retain set)
+needed 2 steps and kept retain 0.92 but neighbours 0.27 of 11, like GA. Over five sequential
+requests it forgot the first in one step (0.96 / 0.96) and none of the other four within 8
+steps each (forget accuracy 0.40 at the end, "The capital of France is Paris" among the
+survivors), while perplexity rose 64.7 -> 73.9 (bar: +10%); 1441 s of training against
+mollm's 77 s and GA's 9 s on this CPU.
+
 Single process only: the Hessian products run their own ``autograd.grad`` calls, which
 DDP's reducer does not average; under ``torch.distributed`` with more than one rank this
 method raises.

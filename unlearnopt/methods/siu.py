@@ -23,13 +23,22 @@ Requires the frozen original (``ref_model=`` or a PEFT model). No retain batch i
 aim (4) of the constructed batch is the retain signal; a retain batch passed to ``step()``
 is ignored.
 
-Defaults measured on SmolLM2-135M (the shipped facts, docs/real_model_results.md): the paper's
-α = 0.9, β = 0.75, AdamW lr 1e-5, 8 retain facts per batch, substitute answer "unknown". SIU
-does NOT meet the quality bar of issue 7 there: it forgets a 2-fact request in 3 steps
-(GA, mollm: 1) with retain accuracy 0.96 and perplexity 64.7 -> 65.0, but neighbour accuracy
-(facts of the same relations, never trained on) falls to 0.64 (bar: 0.90). That is better
-than GA (0.27 at its first step at the target, 0.00 after 3 steps) and worse than mollm
-(0.91 at the target).
+Defaults: the paper's α = 0.9, β = 0.75. Measured on SmolLM2-135M (the shipped facts,
+docs/real_model_results.md), with PULSE's constructed batches (``unlearnopt.eval.pulse.
+siu_batch``: each forget prompt answered with an invented word of its own, 8 retain facts)
+and AdamW at lr 3e-5 (``pulse.TUNED_METHOD_OPTIONS``):
+
+- The substitute matters most. One shared answer ("unknown") teaches the relation ("the
+  currency of X is the unknown"): forgetting 2 facts took 3 steps at lr 1e-5 and neighbour
+  accuracy (same relations, never trained on) fell to 0.83 of 24 (0.64 of 11). An invented
+  word per fact spreads far less but is learned more slowly: at lr 1e-5 the request was not
+  forgotten after 8 steps; at lr 3e-5 it was in 6, keeping retain 1.00 and neighbours 0.88
+  (of 24); lr 5e-5 cost neighbours sooner (0.83 at step 2).
+- Five sequential requests (``unlearnopt pulse``): the first four are forgotten (2-6 steps)
+  with retain >= 0.96 and neighbours >= 0.88; the fifth is not finished within 8 steps and
+  the run ends at forget 0.10, retain 0.96, neighbours 0.79, perplexity 64.7 -> 63.1.
+  SIU misses the quality bar of issue 7 on neighbours there; GA at the same budget ends at
+  retain 0.33, neighbours 0.38.
 """
 
 from __future__ import annotations
