@@ -159,14 +159,18 @@ def test_pulse_end_to_end_writes_report_and_plots(trained_tiny, tmp_path):
         assert (tmp_path / name).stat().st_size > 0
 
 
-def test_ga_at_high_lr_forgets_and_target_is_recorded(trained_tiny):
+def _ga_records(trained_tiny, **kw) -> list[dict]:
     from unlearnopt.eval.pulse import run_pulse
 
     model, tok = trained_tiny
-    report = run_pulse(model, tok, _cfg(methods=("ga",), steps=6, lr=5e-2, stop_at_target=True),
-                       None, real_facts=tiny_facts(), fictitious=tiny_fictitious(),
-                       neutral=NEUTRAL, log=lambda s: None)
-    recs = report["phases"]["pretrained"]["methods"]["ga"]
+    report = run_pulse(model, tok, _cfg(methods=("ga",), lr=5e-2, **kw), None,
+                       real_facts=tiny_facts(), fictitious=tiny_fictitious(), neutral=NEUTRAL,
+                       log=lambda s: None)
+    return report["phases"]["pretrained"]["methods"]["ga"]
+
+
+def test_ga_at_high_lr_forgets_and_target_is_recorded(trained_tiny):
+    recs = _ga_records(trained_tiny, steps=6, stop_at_target=True)
     at = [r for r in recs if r["point"] == "at_target"]
     assert at, "GA at lr 5e-2 should forget a 2-fact request within 6 steps"
     assert all(r["metrics"]["forget_acc"] == 0.0 or r["request"] > 1 for r in at)
@@ -177,13 +181,7 @@ def test_ga_at_high_lr_forgets_and_target_is_recorded(trained_tiny):
 
 
 def test_run_on_past_the_target_measures_both_points(trained_tiny):
-    from unlearnopt.eval.pulse import run_pulse
-
-    model, tok = trained_tiny
-    report = run_pulse(model, tok, _cfg(methods=("ga",), steps=4, lr=5e-2, stop_at_target=False),
-                       None, real_facts=tiny_facts(), fictitious=tiny_fictitious(),
-                       neutral=NEUTRAL, log=lambda s: None)
-    recs = report["phases"]["pretrained"]["methods"]["ga"]
+    recs = _ga_records(trained_tiny, steps=4, stop_at_target=False)
     ends = [r for r in recs if r["point"] == "end"]
     assert [e["request_step"] for e in ends] == [4, 4]      # the whole budget, every request
     for at in (r for r in recs if r["point"] == "at_target"):
