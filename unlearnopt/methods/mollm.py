@@ -41,6 +41,9 @@ stopped at its target (``unlearnopt pulse`` defaults):
   request's large gradients shrank later steps and requests 3-5 were not forgotten in 8
   steps. lr 5e-6 and ``granularity="per_tensor"`` forgot more slowly (request 2 not finished
   in 8 steps) without keeping more.
+- fine-tuned knowledge (``pulse --phases finetuned``: 10 facts about invented people in five
+  requests): all forgotten, retain 1.00, neighbours as before (10 of 12), perplexity 64.4 ->
+  64.7, which meets the bar.
 """
 
 from __future__ import annotations

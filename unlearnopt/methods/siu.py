@@ -39,6 +39,9 @@ and AdamW at lr 3e-5 (``pulse.TUNED_METHOD_OPTIONS``):
   the run ends at forget 0.10, retain 0.96, neighbours 0.79, perplexity 64.7 -> 63.1.
   SIU misses the quality bar of issue 7 on neighbours there; GA at the same budget ends at
   retain 0.33, neighbours 0.38.
+- Fine-tuned knowledge (``pulse --phases finetuned``: 10 facts about invented people in five
+  requests): all forgotten in 14 steps, retain 1.00, neighbours as before (10 of 12),
+  perplexity 64.4 -> 66.0, which meets the bar.
 """
 
 from __future__ import annotations
