@@ -13,7 +13,6 @@ concatenated batches (one process). The sharded parameters are gathered with
 
 from __future__ import annotations
 
-import copy
 import os
 import sys
 
@@ -22,12 +21,8 @@ import torch.distributed as dist
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 
-from tests.tiny_models import make_batch, make_model
+from tests.distributed.unlearner_worker import compare_with_one_process
 from unlearnopt.unlearner import MultiObjectiveUnlearner
-
-
-def part(batch, lo, hi):
-    return {k: v[lo:hi] for k, v in batch.items()}
 
 
 def run(model, ref, method, forget, retain, fsdp=False):
@@ -48,38 +43,5 @@ def run(model, ref, method, forget, retain, fsdp=False):
     return stats[-1], [p.clone() for p in params]
 
 
-def main() -> None:
-    out_path, methods = sys.argv[1], sys.argv[2].split(",")
-    dist.init_process_group("gloo")
-    rank, world = dist.get_rank(), dist.get_world_size()
-    assert world == 2
-    torch.manual_seed(0)
-    model = make_model("llama", dtype=torch.float32)
-    ref = copy.deepcopy(model)
-    with torch.no_grad():
-        gen = torch.Generator().manual_seed(5)
-        for p in model.parameters():
-            p.add_(0.05 * torch.randn(p.shape, generator=gen, dtype=p.dtype))
-    forget = make_batch("llama", batch=3, seq=8, seed=1, dtype=torch.float32)
-    retain = make_batch("llama", batch=3, seq=8, seed=2, dtype=torch.float32)
-    results = {}
-    for method in methods:
-        single = None
-        if rank == 0:
-            stats, params = run(copy.deepcopy(model), ref, method, forget, retain)
-            single = {"stats": stats, "params": params}
-        lo, hi = (0, 1) if rank == 0 else (1, 3)
-        mine = run(copy.deepcopy(model), ref, method, part(forget, lo, hi),
-                   part(retain, lo, hi), fsdp=True)
-        gathered = [None] * world
-        dist.all_gather_object(gathered, mine)
-        results[method] = {"single": single, "ranks": gathered}
-    if rank == 0:
-        results["init"] = [p.detach().clone() for p in model.parameters()]
-        torch.save(results, out_path)
-    dist.barrier()
-    dist.destroy_process_group()
-
-
 if __name__ == "__main__":
-    main()
+    compare_with_one_process(run, torch.float32, fsdp=True)

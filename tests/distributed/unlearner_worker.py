@@ -39,20 +39,23 @@ def run(model, ref, method, forget, retain, ddp=False):
     return stats[-1], [p.detach().clone() for p in module.parameters()]
 
 
-def main() -> None:
+def compare_with_one_process(run, dtype: torch.dtype, **wrap) -> None:
+    """The launch of both unlearner workers: every method on a sharded run (``run(...,
+    **wrap)``, each rank on its part of the batches) and, on rank 0, on one process; rank 0
+    saves both to ``sys.argv[1]``."""
     out_path, methods = sys.argv[1], sys.argv[2].split(",")
     dist.init_process_group("gloo")
     rank, world = dist.get_rank(), dist.get_world_size()
     assert world == 2
     torch.manual_seed(0)
-    model = make_model("llama", dtype=torch.float64)
+    model = make_model("llama", dtype=dtype)
     ref = copy.deepcopy(model)
     with torch.no_grad():
         gen = torch.Generator().manual_seed(5)
         for p in model.parameters():
             p.add_(0.05 * torch.randn(p.shape, generator=gen, dtype=p.dtype))
-    forget = make_batch("llama", batch=3, seq=8, seed=1, dtype=torch.float64)
-    retain = make_batch("llama", batch=3, seq=8, seed=2, dtype=torch.float64)
+    forget = make_batch("llama", batch=3, seq=8, seed=1, dtype=dtype)
+    retain = make_batch("llama", batch=3, seq=8, seed=2, dtype=dtype)
     results = {}
     for method in methods:
         single = None
@@ -61,7 +64,7 @@ def main() -> None:
             single = {"stats": stats, "params": params}
         lo, hi = (0, 1) if rank == 0 else (1, 3)
         mine = run(copy.deepcopy(model), ref, method, part(forget, lo, hi),
-                   part(retain, lo, hi), ddp=True)
+                   part(retain, lo, hi), **wrap)
         gathered = [None] * world
         dist.all_gather_object(gathered, mine)
         results[method] = {"single": single, "ranks": gathered}
@@ -73,4 +76,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    compare_with_one_process(run, torch.float64, ddp=True)
