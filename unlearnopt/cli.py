@@ -21,15 +21,11 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from unlearnopt.training import DEFAULT_LR, DEFAULT_STEPS
+
 EXIT_USAGE = 2
 
-# Demo/pulse defaults (AdamW learning rate, step budget per request), measured on SmolLM2-135M
-# with the shipped facts (docs/real_model_results.md): at lr 1e-5 mollm forgets each 2-fact
-# request in 1-8 steps keeping retain accuracy >= 0.9 and neighbours >= 0.88; each request
-# stops at its target (--no-stop-at-target runs on to the budget).
 DEMO_METHODS = ("ga", "mollm")
-DEFAULT_LR = 1e-5
-DEFAULT_STEPS = 8
 
 
 class CLIError(Exception):
@@ -208,7 +204,7 @@ def _cmd_run(args) -> int:
     import torch
 
     from unlearnopt.eval.metrics import fact_accuracy
-    from unlearnopt.eval.pulse import UnlearningRun
+    from unlearnopt.training import UnlearningRun
 
     def accs() -> dict[str, float]:
         d = {"forget_acc": fact_accuracy(model, tok, forget)}

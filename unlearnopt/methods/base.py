@@ -48,7 +48,7 @@ from __future__ import annotations
 
 import copy
 import importlib
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ClassVar
 
@@ -190,6 +190,22 @@ class Method:
     @property
     def needs_retain(self) -> bool:
         return any(o.batch == "retain" for o in self.objectives())
+
+    def fact_batches(self, forget: Sequence[Any], retain: Sequence[Any], *,
+                     encode: Callable[[Sequence[str], Sequence[str]], dict[str, torch.Tensor]],
+                     tokenizer: Any, vocab_size: int) -> tuple[dict, dict | None]:
+        """The ``(forget, retain)`` batches of one step on prompt -> answer facts.
+
+        ``forget`` / ``retain``: facts (objects with ``prompt``, ``answer`` and ``id``);
+        ``encode(prompts, answers)`` returns a batch dict (``input_ids``, ``attention_mask``,
+        ``labels`` ``[B, T]`` int64, loss on the answer tokens) on the model's device. By
+        default each side is encoded with its own answers (retain only when the method needs
+        one); a method that trains on constructed targets overrides this.
+        """
+        fb = encode([f.prompt for f in forget], [f.answer for f in forget])
+        rb = (encode([f.prompt for f in retain], [f.answer for f in retain])
+              if retain and self.needs_retain else None)
+        return fb, rb
 
     # -- the step -----------------------------------------------------------------------------
     def step(self, unlearner: MultiObjectiveUnlearner, forget, retain) -> dict[str, float]:

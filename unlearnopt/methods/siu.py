@@ -24,9 +24,9 @@ aim (4) of the constructed batch is the retain signal; a retain batch passed to 
 is ignored.
 
 Defaults: the paper's α = 0.9, β = 0.75. Measured on SmolLM2-135M (the shipped facts,
-docs/real_model_results.md), with PULSE's constructed batches (``unlearnopt.eval.pulse.
-siu_batch``: each forget prompt answered with an invented word of its own, 8 retain facts)
-and AdamW at lr 3e-5 (``pulse.TUNED_METHOD_OPTIONS``):
+docs/real_model_results.md), with the constructed batches of :meth:`SIU.fact_batches` (each forget prompt answered
+with an invented word of its own, 8 retain facts) and AdamW at lr 3e-5
+(``unlearnopt.training.TUNED_METHOD_OPTIONS``):
 
 - The substitute matters most. One shared answer ("unknown") teaches the relation ("the
   currency of X is the unknown"): forgetting 2 facts took 3 steps at lr 1e-5 and neighbour
@@ -47,16 +47,29 @@ and AdamW at lr 3e-5 (``pulse.TUNED_METHOD_OPTIONS``):
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+import zlib
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
 
 from unlearnopt.aggregate import Aggregator, FixedWeights
 from unlearnopt.methods.base import Method, Objective, ObjectiveContext, register_method
-from unlearnopt.methods.siu_targets import model_inputs
+from unlearnopt.methods.siu_targets import AIM_ALIGN, AIM_PRESERVE, model_inputs
 
 DIRECTIONS = ("forward", "reverse")
+# What SIU answers to a forgotten fact's prompt when it trains on facts (aim 1, "align with an
+# unseen concept"): an invented word per fact, picked by a stable hash of the fact's id. One
+# shared word such as "unknown" teaches the relation ("the currency of X is the unknown") and
+# spreads to the facts of the same relation that were not asked to be forgotten.
+SUBSTITUTES = ("Zorvel", "Mirtan", "Quessa", "Brodan", "Velkin", "Tarsio", "Odrune",
+               "Faxley", "Nimbrel", "Corvath", "Ulvena", "Presk", "Hadrel", "Isomar",
+               "Kettrin", "Wolmar")
+
+
+def substitute_answer(fact) -> str:
+    """The invented answer SIU trains ``fact``'s prompt towards (stable across runs)."""
+    return SUBSTITUTES[zlib.crc32(fact.id.encode()) % len(SUBSTITUTES)]
 
 
 def _masked_kl():
@@ -168,6 +181,28 @@ class SIU(Method):
     def _dmk_count(self, batch: Mapping[str, Any]) -> torch.Tensor:
         token_mask, _ = self._lookup(batch)
         return (token_mask != 0).sum()
+
+    def fact_batches(self, forget: Sequence[Any], retain: Sequence[Any], *, encode, tokenizer,
+                     vocab_size: int) -> tuple[dict, None]:
+        """SIU's constructed batch for prompt -> answer facts, and no retain batch: forget
+        prompts answered with :func:`substitute_answer` (aim 1, ``token_mask`` False), retain
+        facts with their own answers (aim 4, ``token_mask`` True); ``vocab_mask`` ``[V]`` False
+        on the token ids of the forget facts' real answers (with a leading space)."""
+        facts = list(forget) + list(retain)
+        answers = [substitute_answer(f) for f in forget] + [f.answer for f in retain]
+        batch = encode([f.prompt for f in facts], answers)
+        device = batch["labels"].device
+        token_mask = batch["labels"] != -100
+        token_mask[: len(forget)] = False
+        vocab_mask = torch.ones(vocab_size, dtype=torch.bool, device=device)
+        for f in forget:
+            ids = tokenizer(" " + f.answer, add_special_tokens=False)["input_ids"]
+            vocab_mask[torch.tensor(ids, dtype=torch.long, device=device)] = False
+        batch["token_mask"] = token_mask
+        batch["vocab_mask"] = vocab_mask
+        batch["siu_aim"] = torch.tensor([AIM_ALIGN] * len(forget) + [AIM_PRESERVE] * len(retain),
+                                        device=device)
+        return batch, None
 
     # -- the recipe -----------------------------------------------------------------------------
     def objectives(self) -> list[Objective]:
