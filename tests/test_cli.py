@@ -148,3 +148,23 @@ def test_selfcheck_subcommand_exists(monkeypatch, capsys):
     monkeypatch.setattr(sc, "main", lambda: print("backends: stub") or 0)
     assert main(["selfcheck"]) == 0
     assert "backends: stub" in capsys.readouterr().out
+
+
+def test_pulse_focus_and_one_shot_flags(model_dir, tmp_path, capsys):
+    facts = tmp_path / "facts.jsonl"
+    facts.write_text("".join(json.dumps(f.to_dict()) + "\n" for f in tiny_facts()))
+    neutral = tmp_path / "neutral.txt"
+    neutral.write_text("\n".join(NEUTRAL))
+    out = tmp_path / "pulse"
+    rc = main(["pulse", "--model", str(model_dir), "--methods", "ga", "--requests", "2",
+               "--forget-size", "4", "--retain-size", "6", "--steps", "1", "--lr", "1e-2",
+               "--retain-batch-size", "4", "--facts", str(facts), "--neutral", str(neutral),
+               "--focus", "relation", "--retain-same-relation", "--compare-one-shot",
+               "--out", str(out), "--no-progress"])
+    assert rc == 0, capsys.readouterr().err
+    text = capsys.readouterr().out
+    assert "ga x2" in text and "ga x1" in text
+    report = json.loads((out / "report.json").read_text())
+    assert report["config"]["focus"] == "relation" and report["config"]["retain_same_relation"]
+    requests = report["phases"]["pretrained"]["split"]["forget_requests"]
+    assert all(len({i.split("/")[0] for i in r}) == 1 for r in requests)

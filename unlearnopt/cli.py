@@ -105,6 +105,8 @@ def _pulse_config(args, methods: list[str], phases: list[str], options: dict):
                       steps=args.steps, lr=args.lr, retain_batch_size=args.retain_batch_size,
                       forget_target=args.forget_target, stop_at_target=args.stop_at_target,
                       replay=args.replay, fresh_optimizer=args.fresh_optimizer,
+                      focus=args.focus, retain_same_relation=args.retain_same_relation,
+                      compare_one_shot=args.compare_one_shot,
                       seed=args.seed, method_options=options,
                       progress=not args.no_progress)
     try:
@@ -125,6 +127,10 @@ def _print_results(report: dict, out: Path) -> None:
             ok = all(v.values())
             failed = [k for k, good in v.items() if not good]
             print(f"  {name:16s} {'meets the quality bar' if ok else 'misses: ' + ', '.join(failed)}")
+        if "one_shot" in data:
+            print(f"\nThe same forget facts as one request (x1) and as "
+                  f"{len(data['split']['forget_requests'])} sequential requests:")
+            print(format_table(data["one_shot"]["summary"]))
     print(f"\nreport: {out / 'report.json'}")
     for p in sorted(out.glob("*.png")):
         print(f"plot:   {p}")
@@ -218,7 +224,8 @@ def _cmd_run(args) -> int:
     model.requires_grad_(True)
     run = UnlearningRun(model, tok, method_name, ref, retain, lr=args.lr,
                         retain_batch_size=args.retain_batch_size, seed=args.seed,
-                        max_grad_norm=args.max_grad_norm, options=options)
+                        max_grad_norm=args.max_grad_norm, options=options,
+                        retain_same_relation=args.retain_same_relation)
     rng = random.Random(args.seed)
     order = list(forget)
     history = []
@@ -296,6 +303,14 @@ def _add_pulse_args(p: argparse.ArgumentParser, methods: str, out: str) -> None:
                         "(default: yes)")
     p.add_argument("--fresh-optimizer", action=argparse.BooleanOptionalAction, default=True,
                    help="a new optimizer for every request (default: yes)")
+    p.add_argument("--focus", choices=("spread", "relation", "subject"), default="spread",
+                   help="how a request's forget facts are drawn: spread over the relations, "
+                        "all from one relation, or every fact of one subject")
+    p.add_argument("--retain-same-relation", action="store_true",
+                   help="each step's retain batch takes up to half its facts from the forget "
+                        "facts' relations (never the held-out neighbours)")
+    p.add_argument("--compare-one-shot", action="store_true",
+                   help="also serve the same forget facts as one request and print both")
     p.add_argument("--option", action="append", metavar="METHOD.KEY=VALUE",
                    help="a method option, e.g. npo.beta=0.2 (repeatable)")
     p.add_argument("--facts", help="JSONL of facts to probe (default: the shipped real facts); "
@@ -323,6 +338,9 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--batch-size", type=int, default=8, help="forget facts per step")
     run.add_argument("--retain-batch-size", type=int, default=8, help="retain facts per step")
     run.add_argument("--max-grad-norm", type=float, default=1.0)
+    run.add_argument("--retain-same-relation", action="store_true",
+                     help="each step's retain batch takes up to half its facts from the "
+                          "relations of the step's forget facts ('relation' in the JSONL)")
     run.add_argument("--early-stop", action="store_true",
                      help="stop once every forget fact is forgotten (greedy exact match)")
     run.add_argument("--option", action="append", metavar="KEY=VALUE",

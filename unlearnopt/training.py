@@ -66,12 +66,15 @@ class UnlearningRun:
         lr: AdamW learning rate (no weight decay).
         max_grad_norm: clipping of the combined update (None: no clipping).
         options: the method's options.
+        retain_same_relation: each step's retain batch takes up to half of its facts from the
+            retain facts that share a relation with that step's forget facts (the rest drawn
+            from the others); False: drawn uniformly from all retain facts.
     """
 
     def __init__(self, model, tokenizer, method: str, ref_model, retain: Sequence[Fact], *,
                  lr: float, retain_batch_size: int, seed: int = 0,
                  max_grad_norm: float | None = DEFAULT_MAX_GRAD_NORM,
-                 options: dict | None = None) -> None:
+                 options: dict | None = None, retain_same_relation: bool = False) -> None:
         self.model = model
         self.tokenizer = tokenizer
         self.method = method
@@ -81,6 +84,7 @@ class UnlearningRun:
         self.options = dict(options or {})
         self.retain = list(retain)
         self.retain_batch_size = retain_batch_size
+        self.retain_same_relation = retain_same_relation
         self.rng = random.Random(seed)
         self.device = next(model.parameters()).device
         self.vocab_size = model_vocab_size(model)
@@ -104,10 +108,25 @@ class UnlearningRun:
 
         return encode_qa(self.tokenizer, prompts, answers, self.device)
 
+    def retain_batch(self, forget: Sequence[Fact]) -> list[Fact]:
+        """The retain facts of the next step (seeded draw, see ``retain_same_relation``)."""
+        k = self.retain_batch_size
+        if not self.retain_same_relation:
+            return sample(self.retain, k, self.rng)
+        relations = {f.relation for f in forget}
+        same = [f for f in self.retain if f.relation in relations]
+        other = [f for f in self.retain if f.relation not in relations]
+        chosen = sample(same, min(len(same), max(k // 2, 1)), self.rng)
+        chosen += sample(other, k - len(chosen), self.rng)
+        if len(chosen) < k:   # too few other facts: fill up with more of the same relations
+            left = [f for f in same if f not in chosen]
+            chosen += sample(left, k - len(chosen), self.rng)
+        return chosen
+
     def step(self, forget: Sequence[Fact]) -> dict[str, float]:
         """One optimizer step on ``forget`` and a fresh random retain batch; the step's stats."""
         self.model.train()
-        retain = sample(self.retain, self.retain_batch_size, self.rng)
+        retain = self.retain_batch(forget)
         fb, rb = self.unlearner.method.fact_batches(forget, retain, encode=self._encode,
                                                     tokenizer=self.tokenizer,
                                                     vocab_size=self.vocab_size)

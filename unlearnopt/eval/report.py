@@ -51,6 +51,10 @@ def write_report(report: dict[str, Any], out_dir: str | Path) -> dict[str, Path]
         txt = out / f"{phase}_table.txt"
         txt.write_text(format_table(data["summary"]) + "\n")
         paths[f"{phase}_table_txt"] = txt
+        if "one_shot" in data:
+            one = out / f"{phase}_one_shot_table.txt"
+            one.write_text(format_table(data["one_shot"]["summary"]) + "\n")
+            paths[f"{phase}_one_shot_table_txt"] = one
         try:
             paths[f"{phase}_metrics"] = plot_metrics(phase, data, out / f"{phase}_metrics.png")
             paths[f"{phase}_table"] = plot_table(phase, data["summary"],

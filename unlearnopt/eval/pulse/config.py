@@ -14,6 +14,9 @@ from unlearnopt.training import (
 )
 
 PHASES = ("pretrained", "finetuned")
+# How a request's forget facts are drawn: "spread" over the relations (round-robin), all from
+# one "relation", or every fact of one "subject" (see ``unlearnopt.eval.pulse.splits``).
+FOCUS = ("spread", "relation", "subject")
 
 
 @dataclass
@@ -29,6 +32,12 @@ class PulseConfig:
     request there. ``replay``: earlier requests' facts that the model answers again join the
     forget batch. ``fresh_optimizer``: a new optimizer per request. The fine-tuned phase
     teaches ``finetune_entities`` invented people (``finetune_lr``, ``finetune_epochs``).
+    ``focus``: how a request's forget facts are drawn, one of :data:`FOCUS` (``"subject"``
+    forgets every fact of ``requests`` subjects; ``forget_size`` is then not used).
+    ``retain_same_relation``: each step's retain batch takes up to half its facts from the
+    retain facts of the forget batch's relations (never a neighbour: neighbours are not in the
+    retain set). ``compare_one_shot``: also serve the same forget facts as ONE request (step
+    budget ``steps * requests``) and report it beside the sequential run.
     Evaluation: ``nonmember_size`` never-seen facts (membership inference),
     ``diversity_prompts`` greedy generations of ``max_new_tokens``, batches of
     ``eval_batch_size``.
@@ -46,6 +55,9 @@ class PulseConfig:
     stop_at_target: bool = True
     replay: bool = True
     fresh_optimizer: bool = True
+    focus: str = "spread"
+    retain_same_relation: bool = False
+    compare_one_shot: bool = False
     seed: int = 0
     # per method: the method's options, plus "lr" to give that method its own learning rate
     method_options: dict[str, dict[str, Any]] = field(default_factory=dict)
@@ -72,6 +84,8 @@ class PulseConfig:
         for p in self.phases:
             if p not in PHASES:
                 raise ValueError(f"unknown phase {p!r}; expected some of {PHASES}")
+        if self.focus not in FOCUS:
+            raise ValueError(f"unknown focus {self.focus!r}; expected one of {FOCUS}")
         for name in ("requests", "forget_size", "retain_size", "steps", "retain_batch_size"):
             v = getattr(self, name)
             if not isinstance(v, int) or v < 1:
@@ -94,4 +108,4 @@ def method_settings(cfg: PulseConfig, method: str) -> dict[str, Any]:
     return tuned_settings(method, cfg.lr, cfg.method_options.get(method))
 
 
-__all__ = ["PHASES", "PulseConfig", "method_settings"]
+__all__ = ["FOCUS", "PHASES", "PulseConfig", "method_settings"]

@@ -15,6 +15,13 @@ Phases (``PulseConfig.phases``):
   invented people that were never fine-tuned are the never-seen samples. The fine-tuned model
   is the reference ("original") of this phase.
 
+``PulseConfig.focus`` chooses how requests are drawn: ``"spread"`` (above), or concentrated as
+real deletion requests are: ``"relation"`` (each request forgets facts of one relation) or
+``"subject"`` (each request forgets every fact of one subject, e.g. an invented person's four
+facts); then the neighbours are held-out facts of the forgotten relations, in both phases (see
+:func:`~unlearnopt.eval.pulse.splits.split_focused`). ``compare_one_shot`` also serves the
+same forget facts as one request and reports both side by side.
+
 Sustainability: the forget set is split into ``requests`` consecutive requests. Each method
 starts from the same model and serves them one after another, at most ``steps`` optimizer
 steps per request; after every request all metrics are measured again, on all forget facts
@@ -43,6 +50,7 @@ summary reports each method at that point of the last request and at the end.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 import math
 import time
@@ -63,6 +71,7 @@ from unlearnopt.eval.pulse.splits import (
     entity_shuffled,
     known_facts,
     split_finetuned,
+    split_focused,
     split_pretrained,
 )
 from unlearnopt.training import UnlearningRun, finetune
@@ -89,7 +98,8 @@ def run_method_sequence(model, ref_model, tokenizer, method: str, split: Split, 
     run = UnlearningRun(model, tokenizer, method, ref_model, split.retain,
                         lr=float(options.pop("lr")),
                         retain_batch_size=cfg.retain_batch_size, seed=cfg.seed,
-                        max_grad_norm=cfg.max_grad_norm, options=options)
+                        max_grad_norm=cfg.max_grad_norm, options=options,
+                        retain_same_relation=cfg.retain_same_relation)
     records: list[dict[str, Any]] = []
     train_seconds = 0.0
     for r, chunk in enumerate(split.requests, start=1):
@@ -183,7 +193,10 @@ def run_pulse(model, tokenizer, cfg: PulseConfig | None = None, out_dir: str | P
     report (also written to ``out_dir/report.json`` with plots, when ``out_dir`` is given)::
 
         {"config": ..., "phases": {phase: {"split": ids, "before": metrics,
-          "methods": {method: [records]}, "summary": [rows], "verdicts": {...}}}}
+          "methods": {method: [records]}, "summary": [rows], "verdicts": {...},
+          "one_shot": {"methods": ..., "summary": ..., "verdicts": ...}}}}
+
+    (``"one_shot"`` only with ``compare_one_shot`` and more than one request.)
     """
     cfg = cfg or PulseConfig()
     cfg.validate()
@@ -201,7 +214,9 @@ def run_pulse(model, tokenizer, cfg: PulseConfig | None = None, out_dir: str | P
             base = model
             known = known_facts(model, tokenizer, real_facts, cfg.eval_batch_size)
             log(f"  the model answers {len(known)}/{len(real_facts)} real facts exactly")
-            split = split_pretrained(known, entity_shuffled(fictitious, cfg.seed), cfg)
+            nonmember = entity_shuffled(fictitious, cfg.seed)
+            split = (split_pretrained(known, nonmember, cfg) if cfg.focus == "spread"
+                     else split_focused(known, nonmember, cfg))
             extra = {"known_facts": len(known), "probed_facts": len(real_facts)}
         else:
             base, split, extra = finetuned_setup(model, tokenizer, real_facts, fictitious, cfg,
@@ -213,21 +228,23 @@ def run_pulse(model, tokenizer, cfg: PulseConfig | None = None, out_dir: str | P
         log(f"  before: forget acc {before['forget_acc']:.2f}, retain acc "
             f"{before['retain_acc']:.2f}, neighbour acc {before['neighbour_acc']:.2f}, "
             f"ppl {before['ppl']:.1f}")
-        records: dict[str, list[dict]] = {}
-        ref = copy.deepcopy(base).eval().requires_grad_(False)
-        for method in cfg.methods:
-            torch.manual_seed(cfg.seed)
-            work = copy.deepcopy(base)
-            work.requires_grad_(True)
-            records[method] = run_method_sequence(work, ref, tokenizer, method, split, cfg,
-                                                  neutral, div_prompts, log)
-            del work
-        del ref
+        records = _run_methods(base, tokenizer, split, cfg, neutral, div_prompts, log)
         summary = summarize(before, records)
         verdicts = {row["name"]: quality_verdict(before, row) for row in summary[1:]}
         report["phases"][phase] = {"split": split.ids(), "before": before, "methods": records,
                                    "settings": {m: method_settings(cfg, m) for m in cfg.methods},
                                    "summary": summary, "verdicts": verdicts, **extra}
+        if cfg.compare_one_shot and len(split.requests) > 1:
+            log(f"  the same {len(split.forget)} facts as one request")
+            one_cfg = dataclasses.replace(cfg, requests=1, steps=cfg.steps * len(split.requests),
+                                          compare_one_shot=False)
+            one = Split(split.forget, split.retain, split.neighbour, split.nonmember,
+                        [list(split.forget)])
+            one_records = _run_methods(base, tokenizer, one, one_cfg, neutral, div_prompts, log)
+            rows = one_shot_rows(before, records, one_records, len(split.requests))
+            report["phases"][phase]["one_shot"] = {
+                "methods": one_records, "summary": rows,
+                "verdicts": {row["name"]: quality_verdict(before, row) for row in rows[1:]}}
         if base is not model:
             del base
     report["seconds"] = time.perf_counter() - t_start
@@ -237,6 +254,39 @@ def run_pulse(model, tokenizer, cfg: PulseConfig | None = None, out_dir: str | P
 
         write_report(report, out_dir)
     return report
+
+
+def _run_methods(base, tokenizer, split: Split, cfg: PulseConfig, neutral, div_prompts,
+                 log) -> dict[str, list[dict]]:
+    """Every method of ``cfg`` over ``split``'s requests, each on its own copy of ``base``."""
+    records: dict[str, list[dict]] = {}
+    ref = copy.deepcopy(base).eval().requires_grad_(False)
+    for method in cfg.methods:
+        torch.manual_seed(cfg.seed)
+        work = copy.deepcopy(base)
+        work.requires_grad_(True)
+        records[method] = run_method_sequence(work, ref, tokenizer, method, split, cfg,
+                                              neutral, div_prompts, log)
+        del work
+    del ref
+    return records
+
+
+def one_shot_rows(before: dict[str, float], sequential: dict[str, list[dict]],
+                  one_shot: dict[str, list[dict]], requests: int) -> list[dict[str, Any]]:
+    """Rows of the one-shot vs split table: "before", then per method the end of the
+    sequential run (``"<method> x<requests>"``) and of the one-request run (``"<method> x1"``),
+    both measured on all the forget facts."""
+    rows = [{"name": "before", "method": None, "point": "before", "steps": 0, **before}]
+    for method, seq in sequential.items():
+        for label, recs in ((f"x{requests}", seq), ("x1", one_shot[method])):
+            end = [r for r in recs if r["point"] == "end"][-1]
+            rows.append({"name": f"{method} {label}", "method": method, "point": "end",
+                         "requests": max(r["request"] for r in recs), "steps": end["step"],
+                         "reached_target": all(r["steps_to_target"] is not None
+                                               for r in recs if r["point"] == "end"),
+                         **end["metrics"]})
+    return rows
 
 
 def finetuned_setup(model, tokenizer, real_facts: Sequence[Fact], fictitious: Sequence[Fact],
@@ -258,7 +308,8 @@ def finetuned_setup(model, tokenizer, real_facts: Sequence[Fact], fictitious: Se
     log(f"  fine-tuned on {len(tuned)} facts about {len(tuned_names)} invented people: "
         f"{ft['finetune_steps']} steps, accuracy {ft['finetune_acc']:.2f}")
     learned = known_facts(base, tokenizer, tuned, cfg.eval_batch_size)
-    split = split_finetuned(learned, known_real, unseen, cfg)
+    split = (split_finetuned(learned, known_real, unseen, cfg) if cfg.focus == "spread"
+             else split_focused(learned, unseen, cfg))
     base.eval()
     return base, split, ft
 
@@ -281,5 +332,5 @@ def dump_json(report: dict, path: str | Path) -> None:
     Path(path).write_text(json.dumps(report, indent=1))
 
 
-__all__ = ["dump_json", "finetuned_setup", "quality_verdict", "run_method_sequence", "run_pulse",
-           "summarize"]
+__all__ = ["dump_json", "finetuned_setup", "one_shot_rows", "quality_verdict",
+           "run_method_sequence", "run_pulse", "summarize"]

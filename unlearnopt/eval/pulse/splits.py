@@ -148,5 +148,118 @@ def split_finetuned(learned: Sequence[Fact], known_real: Sequence[Fact],
                  split_requests(forget, cfg.requests))
 
 
+def split_focused(pool: Sequence[Fact], nonmember_pool: Sequence[Fact], cfg: PulseConfig
+                  ) -> Split:
+    """A concentrated split of the facts a model knows (``pool``), as real deletion requests
+    are: ``cfg.focus == "relation"`` or ``"subject"``.
+
+    - ``"relation"``: each request forgets facts of ONE relation (its share of ``forget_size``;
+      requests take different relations while there are enough). Only facts whose answer no
+      other fact of ``pool`` shares are forgotten. Neighbours: half of the other facts of the
+      forgotten relations, held out; the other half goes to the retain set first, so the
+      retain set holds facts of the same relations (never a neighbour).
+    - ``"subject"``: each request forgets ALL facts of one subject (``Fact.entity`` or
+      ``subject``; ``forget_size`` is not used: ``requests`` subjects are forgotten).
+      Neighbours: the facts of the same relations about other subjects, every other subject
+      held out in full; the others are retained. A fact that shares an answer with a
+      forgotten fact is left out of both (keeping it would ask the model to keep and drop the
+      same answer).
+
+    The retain set is capped at ``retain_size`` and so is the neighbour set; never-seen
+    samples come from ``nonmember_pool``.
+    """
+    rng = random.Random(cfg.seed)
+    if cfg.focus == "relation":
+        requests, neighbour, rest = _focus_relation(pool, cfg, rng)
+    elif cfg.focus == "subject":
+        requests, neighbour, rest = _focus_subject(pool, cfg, rng)
+    else:
+        raise ValueError(f"split_focused needs focus 'relation' or 'subject', got {cfg.focus!r}")
+    forget = [f for r in requests for f in r]
+    return Split(forget, rest[: cfg.retain_size], neighbour[: cfg.retain_size],
+                 list(nonmember_pool)[: cfg.nonmember_size], requests)
+
+
+def _focus_relation(pool: Sequence[Fact], cfg: PulseConfig, rng: random.Random):
+    answers = collections.Counter(answer_key(f) for f in pool)
+    by_rel: dict[str, list[Fact]] = {}
+    for f in pool:
+        by_rel.setdefault(f.relation, []).append(f)
+    own: dict[str, list[Fact]] = {}
+    for r, facts in by_rel.items():
+        rng.shuffle(facts)
+        own[r] = [f for f in facts if answers[answer_key(f)] == 1]
+    sizes = [len(c) for c in split_requests(range(cfg.forget_size), cfg.requests)]
+    rels = sorted(by_rel)
+    rng.shuffle(rels)
+    taken = {r: 0 for r in rels}
+    requests: list[list[Fact]] = []
+    for size in sizes:
+        # the least-used relation that can give `size` more facts and still leave 2 of its
+        # facts (a neighbour and a retain fact); ties in the seeded order
+        fits = [r for r in rels if taken[r] + size <= len(own[r])
+                and len(by_rel[r]) - taken[r] - size >= 2]
+        if not fits:
+            raise ValueError(
+                f"no relation has {size} more known facts with an answer of their own (and 2 "
+                f"left to hold out and retain) for request {len(requests) + 1}; lower "
+                "forget_size or requests")
+        r = min(fits, key=lambda x: (taken[x] > 0, rels.index(x)))
+        requests.append(own[r][taken[r]: taken[r] + size])
+        taken[r] += size
+    chosen = {f.id for req in requests for f in req}
+    neighbour, same, other = [], [], []
+    for r in rels:
+        others = [f for f in by_rel[r] if f.id not in chosen]
+        if taken[r]:
+            neighbour += others[0::2]
+            same += others[1::2]
+        else:
+            other += others
+    rng.shuffle(neighbour)
+    rng.shuffle(same)
+    rng.shuffle(other)
+    return requests, neighbour, same + other
+
+
+def _focus_subject(pool: Sequence[Fact], cfg: PulseConfig, rng: random.Random):
+    by_subject: dict[str, list[Fact]] = {}
+    for f in pool:
+        by_subject.setdefault(entity_of(f), []).append(f)
+    answers = collections.Counter(answer_key(f) for f in pool)
+    subjects = sorted(by_subject)
+    rng.shuffle(subjects)
+    # subjects with the most facts first, then those whose answers collide least with others'
+    ranked = sorted((s for s in subjects if len(by_subject[s]) >= 2),
+                    key=lambda s: (-len(by_subject[s]),
+                                   sum(answers[answer_key(f)] > 1 for f in by_subject[s])))
+    if len(ranked) < cfg.requests + 1:
+        raise ValueError(f"only {len(ranked)} subjects have 2 or more known facts; need "
+                         f"requests + 1 = {cfg.requests + 1} (one to forget per request and "
+                         "others to keep)")
+    forgotten = ranked[: cfg.requests]
+    requests = [list(by_subject[s]) for s in forgotten]
+    dropped = {answer_key(f) for req in requests for f in req}
+    relations = {f.relation for req in requests for f in req}
+    neighbour: list[Fact] = []
+    rest: list[Fact] = []
+    hold_out = True            # subjects alternate between held out and retained
+    for s in subjects:
+        if s in forgotten:
+            continue
+        facts = [f for f in by_subject[s] if answer_key(f) not in dropped]
+        related = [f for f in facts if f.relation in relations]
+        if hold_out and related:
+            neighbour += related
+            rest += [f for f in facts if f.relation not in relations]
+        else:
+            rest += facts
+        if related:
+            hold_out = not hold_out
+    rng.shuffle(neighbour)
+    rng.shuffle(rest)
+    return requests, neighbour, rest
+
+
 __all__ = ["Split", "answer_key", "entity_of", "entity_shuffled", "known_facts",
-           "split_finetuned", "split_pretrained", "split_requests"]
+           "split_finetuned", "split_focused", "split_pretrained", "split_requests"]
