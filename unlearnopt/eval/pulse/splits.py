@@ -156,8 +156,8 @@ def split_focused(pool: Sequence[Fact], nonmember_pool: Sequence[Fact], cfg: Pul
     - ``"relation"``: each request forgets facts of ONE relation (its share of ``forget_size``;
       requests take different relations while there are enough). Only facts whose answer no
       other fact of ``pool`` shares are forgotten. Neighbours: half of the other facts of the
-      forgotten relations, held out; the other half goes to the retain set first, so the
-      retain set holds facts of the same relations (never a neighbour).
+      forgotten relations, held out; the other half joins the facts the retain set is drawn
+      from, so it may hold facts of the same relations (never a neighbour).
     - ``"subject"``: each request forgets ALL facts of one subject (``Fact.entity`` or
       ``subject``; ``forget_size`` is not used: ``requests`` subjects are forgotten).
       Neighbours: the facts of the same relations about other subjects, every other subject
@@ -208,31 +208,28 @@ def _focus_relation(pool: Sequence[Fact], cfg: PulseConfig, rng: random.Random):
         requests.append(own[r][taken[r]: taken[r] + size])
         taken[r] += size
     chosen = {f.id for req in requests for f in req}
-    neighbour, same, other = [], [], []
+    neighbour, rest = [], []
     for r in rels:
         others = [f for f in by_rel[r] if f.id not in chosen]
         if taken[r]:
             neighbour += others[0::2]
-            same += others[1::2]
+            rest += others[1::2]
         else:
-            other += others
+            rest += others
     rng.shuffle(neighbour)
-    rng.shuffle(same)
-    rng.shuffle(other)
-    return requests, neighbour, same + other
+    rng.shuffle(rest)
+    return requests, neighbour, rest
 
 
 def _focus_subject(pool: Sequence[Fact], cfg: PulseConfig, rng: random.Random):
     by_subject: dict[str, list[Fact]] = {}
     for f in pool:
         by_subject.setdefault(entity_of(f), []).append(f)
-    answers = collections.Counter(answer_key(f) for f in pool)
     subjects = sorted(by_subject)
     rng.shuffle(subjects)
-    # subjects with the most facts first, then those whose answers collide least with others'
+    # subjects with the most known facts first (in the seeded order among equals)
     ranked = sorted((s for s in subjects if len(by_subject[s]) >= 2),
-                    key=lambda s: (-len(by_subject[s]),
-                                   sum(answers[answer_key(f)] > 1 for f in by_subject[s])))
+                    key=lambda s: -len(by_subject[s]))
     if len(ranked) < cfg.requests + 1:
         raise ValueError(f"only {len(ranked)} subjects have 2 or more known facts; need "
                          f"requests + 1 = {cfg.requests + 1} (one to forget per request and "
