@@ -53,6 +53,25 @@ def model_vocab_size(model) -> int:
     return int(out.weight.shape[0]) if out is not None else int(model.config.vocab_size)
 
 
+def fact_texts(facts: Sequence[Fact]) -> list[str]:
+    """Every prompt, paraphrase and answer of ``facts`` (what training and scoring tokenize)."""
+    return [t for f in facts for t in (f.prompt, *f.paraphrases, " " + f.answer)]
+
+
+def check_vocabulary(model, tokenizer, texts: Sequence[str], what: str) -> None:
+    """Raise ``ValueError`` if the tokenizer maps some text (a prompt, an answer) to a token id
+    outside the model's input embedding (a tokenizer that does not belong to the model);
+    ``what`` names the data in the message."""
+    emb = model.get_input_embeddings()
+    rows = int(emb.weight.shape[0]) if emb is not None else int(model.config.vocab_size)
+    for text in texts:
+        ids = tokenizer(text, add_special_tokens=True)["input_ids"]
+        if ids and max(ids) >= rows:
+            raise ValueError(f"{what}: {text!r} tokenizes to id {max(ids)}, outside the "
+                             f"model's vocabulary of {rows} tokens (does the tokenizer belong "
+                             "to this model?)")
+
+
 class UnlearningRun:
     """One method's unlearning of a model: holds the optimizer and ``MultiObjectiveUnlearner``
     (sequential requests continue their state unless :meth:`restart` is called).
@@ -174,4 +193,5 @@ def finetune(model, tokenizer, facts: Sequence[Fact], *, lr: float = 1e-4, epoch
 
 
 __all__ = ["DEFAULT_LR", "DEFAULT_MAX_GRAD_NORM", "DEFAULT_STEPS", "TUNED_METHOD_OPTIONS",
-           "UnlearningRun", "finetune", "model_vocab_size", "sample", "tuned_settings"]
+           "UnlearningRun", "check_vocabulary", "fact_texts", "finetune", "model_vocab_size", "sample",
+           "tuned_settings"]

@@ -74,7 +74,7 @@ from unlearnopt.eval.pulse.splits import (
     split_focused,
     split_pretrained,
 )
-from unlearnopt.training import UnlearningRun, finetune
+from unlearnopt.training import UnlearningRun, check_vocabulary, fact_texts, finetune
 
 # --------------------------------------------------------------------------- the protocol
 
@@ -174,13 +174,46 @@ def summarize(before: dict[str, float], records: dict[str, list[dict]]) -> list[
     return rows
 
 
+# The quality bar: forget accuracy at most MAX_FORGET_ACC, retain and neighbour accuracy at
+# least KEEP_FRACTION of before, perplexity at most MAX_PPL_RATIO times before.
+MAX_FORGET_ACC = 0.1
+KEEP_FRACTION = 0.9
+MAX_PPL_RATIO = 1.1
+QUALITY_BAR_TEXT = (f"forget accuracy <= {MAX_FORGET_ACC:.2f}, retain and neighbour accuracy "
+                    f">= {KEEP_FRACTION:.0%} of before, perplexity <= before "
+                    f"+{MAX_PPL_RATIO - 1:.0%}")
+
+
+def _bar_checks(before: dict[str, float], row: dict[str, float]):
+    """``(key, passed, words)`` per criterion of the quality bar."""
+    keep_r = KEEP_FRACTION * before["retain_acc"]
+    keep_n = KEEP_FRACTION * before["neighbour_acc"]
+    max_ppl = MAX_PPL_RATIO * before["ppl"]
+    return [
+        ("forgot", row["forget_acc"] <= MAX_FORGET_ACC + 1e-9,
+         f"forget accuracy {row['forget_acc']:.2f} (needs <= {MAX_FORGET_ACC:.2f})"),
+        ("kept_retain", row["retain_acc"] >= keep_r - 1e-9,
+         (f"retain accuracy {row['retain_acc']:.2f} (needs >= {keep_r:.2f}, "
+         f"{KEEP_FRACTION:.0%} of {before['retain_acc']:.2f} before)")),
+        ("kept_neighbours", row["neighbour_acc"] >= keep_n - 1e-9,
+         (f"neighbour accuracy {row['neighbour_acc']:.2f} (needs >= {keep_n:.2f}, "
+         f"{KEEP_FRACTION:.0%} of {before['neighbour_acc']:.2f} before)")),
+        ("fluent", row["ppl"] <= max_ppl,
+         (f"perplexity {row['ppl']:.1f} (needs <= {max_ppl:.1f}, before "
+         f"{before['ppl']:.1f} +{MAX_PPL_RATIO - 1:.0%})")),
+    ]
+
+
 def quality_verdict(before: dict[str, float], row: dict[str, float]) -> dict[str, bool]:
-    """The quality bar: forget accuracy <= 0.1, retain and neighbour accuracy >= 90% of before,
-    perplexity within +10%."""
-    return {"forgot": row["forget_acc"] <= 0.1 + 1e-9,
-            "kept_retain": row["retain_acc"] >= 0.9 * before["retain_acc"] - 1e-9,
-            "kept_neighbours": row["neighbour_acc"] >= 0.9 * before["neighbour_acc"] - 1e-9,
-            "fluent": row["ppl"] <= 1.1 * before["ppl"]}
+    """The quality bar (``QUALITY_BAR_TEXT``), one bool per criterion: ``forgot``,
+    ``kept_retain``, ``kept_neighbours``, ``fluent``."""
+    return {key: bool(ok) for key, ok, _ in _bar_checks(before, row)}
+
+
+def describe_verdict(before: dict[str, float], row: dict[str, float]) -> str:
+    """The verdict in words: "meets the quality bar", or what misses it and by how much."""
+    missed = [words for _, ok, words in _bar_checks(before, row) if not ok]
+    return "meets the quality bar" if not missed else "misses: " + "; ".join(missed)
 
 
 def run_pulse(model, tokenizer, cfg: PulseConfig | None = None, out_dir: str | Path | None = None,
@@ -205,6 +238,9 @@ def run_pulse(model, tokenizer, cfg: PulseConfig | None = None, out_dir: str | P
     fictitious = list(fictitious) if fictitious is not None else load_fictitious_facts()
     neutral = list(neutral) if neutral is not None else load_neutral_texts()
     div_prompts = [" ".join(s.split()[:5]) for s in neutral[: cfg.diversity_prompts]]
+    for what, facts in (("the facts", real_facts), ("the fictitious facts", fictitious)):
+        check_vocabulary(model, tokenizer, fact_texts(facts), what)
+    check_vocabulary(model, tokenizer, neutral, "the neutral sentences")
     model.eval()
     report: dict[str, Any] = {"config": _jsonable(asdict(cfg)), "phases": {}}
     t_start = time.perf_counter()
@@ -332,5 +368,5 @@ def dump_json(report: dict, path: str | Path) -> None:
     Path(path).write_text(json.dumps(report, indent=1))
 
 
-__all__ = ["dump_json", "finetuned_setup", "one_shot_rows", "quality_verdict",
+__all__ = ["QUALITY_BAR_TEXT", "describe_verdict", "dump_json", "finetuned_setup", "one_shot_rows", "quality_verdict",
            "run_method_sequence", "run_pulse", "summarize"]
