@@ -1,4 +1,4 @@
-"""Unlearning metrics (PULSE, METHODS.md): efficacy, generality, retain, neighbours, fluency,
+"""Unlearning metrics (as in PULSE, arXiv 2507.01271): efficacy, generality, retain, neighbours, fluency,
 diversity and membership inference, batched, on any device.
 
 Answers are scored by teacher forcing: the model reads ``prompt + " " + answer`` once and we look
