@@ -1,5 +1,5 @@
-"""Unlearning metrics (as in PULSE, arXiv 2507.01271): efficacy, generality, retain, neighbours, fluency,
-diversity and membership inference, batched, on any device.
+"""Unlearning metrics (as in PULSE, arXiv 2507.01271): efficacy, generality, retain,
+neighbours, fluency, diversity and membership inference, batched, on any device.
 
 Answers are scored by teacher forcing: the model reads ``prompt + " " + answer`` once and we look
 at the answer tokens.
