@@ -246,3 +246,12 @@ def test_pulse_focus_and_one_shot_flags(model_dir, tmp_path, capsys):
     assert report["config"]["focus"] == "relation" and report["config"]["retain_same_relation"]
     requests = report["phases"]["pretrained"]["split"]["forget_requests"]
     assert all(len({i.split("/")[0] for i in r}) == 1 for r in requests)
+
+
+def test_demo_is_sized_for_a_first_look():
+    from unlearnopt.cli import build_parser
+
+    demo = build_parser().parse_args(["demo"])
+    pulse = build_parser().parse_args(["pulse"])
+    assert demo.methods == "ga,mollm" and demo.requests == 1 and demo.forget_size == 4
+    assert pulse.requests == 5 and pulse.forget_size == 10 and pulse.retain_size == 24
