@@ -24,9 +24,9 @@ aim (4) of the constructed batch is the retain signal; a retain batch passed to 
 is ignored.
 
 Defaults: the paper's α = 0.9, β = 0.75. Measured on SmolLM2-135M (the shipped facts,
-docs/real_model_results.md), with the constructed batches of :meth:`SIU.fact_batches` (each forget prompt answered
-with an invented word of its own, 8 retain facts) and AdamW at lr 3e-5
-(``unlearnopt.training.TUNED_METHOD_OPTIONS``):
+docs/real_model_results.md), with the constructed batches of :meth:`SIU.fact_batches`
+(each forget prompt answered with an invented word of its own, 8 retain facts) and AdamW at
+lr 3e-5 (``unlearnopt.training.TUNED_METHOD_OPTIONS``):
 
 - The substitute matters most. One shared answer ("unknown") teaches the relation ("the
   currency of X is the unknown"): forgetting 2 facts took 3 steps at lr 1e-5 and neighbour
