@@ -21,7 +21,7 @@ FOCUS = ("spread", "relation", "subject")
 
 @dataclass
 class PulseConfig:
-    """Settings of a PULSE run (defaults: the demo on SmolLM2-135M, a few minutes on CPU).
+    """Settings of a PULSE run (defaults: five requests of two facts, as measured on SmolLM2-135M).
 
     ``phases``: ``"pretrained"`` (facts the model already knows) and/or ``"finetuned"`` (facts
     about invented people that the model is first fine-tuned on). The forget set
