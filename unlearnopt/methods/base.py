@@ -38,12 +38,14 @@ clipping and the GradScaler, the standard step itself).
 from __future__ import annotations
 
 import copy
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any, ClassVar
 
 from unlearnopt.contract import BATCH_KINDS, UNITS, Objective, ObjectiveContext, StepRecipe
 
 if TYPE_CHECKING:  # pragma: no cover - imports for type checkers only
+    import torch
+
     from unlearnopt.aggregate.aggregator import Aggregator
 
 __all__ = ["BATCH_KINDS", "UNITS", "Method", "Objective", "ObjectiveContext"]
@@ -100,6 +102,22 @@ class Method:
         the standard step. ``forget`` / ``retain``: a batch dict, a list of micro-batch
         dicts, or None (retain only when the method needs none)."""
         return None
+
+    def fact_batches(self, forget: Sequence[Any], retain: Sequence[Any], *,
+                     encode: Callable[[Sequence[str], Sequence[str]], dict[str, torch.Tensor]],
+                     tokenizer: Any, vocab_size: int) -> tuple[dict, dict | None]:
+        """The ``(forget, retain)`` batches of one step on prompt -> answer facts.
+
+        ``forget`` / ``retain``: facts (objects with ``prompt``, ``answer`` and ``id``);
+        ``encode(prompts, answers)`` returns a batch dict (``input_ids``, ``attention_mask``,
+        ``labels`` ``[B, T]`` int64, loss on the answer tokens) on the model's device. By
+        default each side is encoded with its own answers (retain only when the method needs
+        one); a method that trains on constructed targets overrides this.
+        """
+        fb = encode([f.prompt for f in forget], [f.answer for f in forget])
+        rb = (encode([f.prompt for f in retain], [f.answer for f in retain])
+              if retain and self.needs_retain else None)
+        return fb, rb
 
     # -- state --------------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:

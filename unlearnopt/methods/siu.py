@@ -32,7 +32,8 @@ from __future__ import annotations
 
 import itertools
 import math
-from collections.abc import Mapping
+import zlib
+from collections.abc import Mapping, Sequence
 from typing import Any, ClassVar
 
 import torch
@@ -41,9 +42,21 @@ from unlearnopt.aggregate import Aggregator, FixedWeights
 from unlearnopt.contract import Objective, ObjectiveContext, StepRecipe, StepTools
 from unlearnopt.methods.base import Method
 from unlearnopt.methods.registry import register_method
-from unlearnopt.methods.siu_targets import model_inputs
+from unlearnopt.methods.siu_targets import AIM_ALIGN, AIM_PRESERVE, model_inputs
 
 DIRECTIONS = ("forward", "reverse")
+# What SIU answers to a forgotten fact's prompt when it trains on facts (aim 1, "align with an
+# unseen concept"): an invented word per fact, picked by a stable hash of the fact's id. One
+# shared word such as "unknown" teaches the relation ("the currency of X is the unknown") and
+# spreads to the facts of the same relation that were not asked to be forgotten.
+SUBSTITUTES = ("Zorvel", "Mirtan", "Quessa", "Brodan", "Velkin", "Tarsio", "Odrune",
+               "Faxley", "Nimbrel", "Corvath", "Ulvena", "Presk", "Hadrel", "Isomar",
+               "Kettrin", "Wolmar")
+
+
+def substitute_answer(fact) -> str:
+    """The invented answer SIU trains ``fact``'s prompt towards (stable across runs)."""
+    return SUBSTITUTES[zlib.crc32(fact.id.encode()) % len(SUBSTITUTES)]
 
 
 def _masked_kl():
@@ -156,6 +169,28 @@ class SIU(Method):
     def _dmk_count(self, batch: Mapping[str, Any]) -> torch.Tensor:
         token_mask, _ = self._lookup(batch)
         return (token_mask != 0).sum()
+
+    def fact_batches(self, forget: Sequence[Any], retain: Sequence[Any], *, encode, tokenizer,
+                     vocab_size: int) -> tuple[dict, None]:
+        """SIU's constructed batch for prompt -> answer facts, and no retain batch: forget
+        prompts answered with :func:`substitute_answer` (aim 1, ``token_mask`` False), retain
+        facts with their own answers (aim 4, ``token_mask`` True); ``vocab_mask`` ``[V]`` False
+        on the token ids of the forget facts' real answers (with a leading space)."""
+        facts = list(forget) + list(retain)
+        answers = [substitute_answer(f) for f in forget] + [f.answer for f in retain]
+        batch = encode([f.prompt for f in facts], answers)
+        device = batch["labels"].device
+        token_mask = batch["labels"] != -100
+        token_mask[: len(forget)] = False
+        vocab_mask = torch.ones(vocab_size, dtype=torch.bool, device=device)
+        for f in forget:
+            ids = tokenizer(" " + f.answer, add_special_tokens=False)["input_ids"]
+            vocab_mask[torch.tensor(ids, dtype=torch.long, device=device)] = False
+        batch["token_mask"] = token_mask
+        batch["vocab_mask"] = vocab_mask
+        batch["siu_aim"] = torch.tensor([AIM_ALIGN] * len(forget) + [AIM_PRESERVE] * len(retain),
+                                        device=device)
+        return batch, None
 
     # -- the recipe -----------------------------------------------------------------------------
     def objectives(self) -> list[Objective]:
