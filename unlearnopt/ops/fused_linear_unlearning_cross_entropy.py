@@ -17,12 +17,12 @@ import math
 
 import torch
 
-from unlearnopt.ops._backend import resolve_backend
+from unlearnopt.ops._backend import choose_backend, float64_gap, kernel
 from unlearnopt.ops._checks import check_float, check_labels, check_same_device
 from unlearnopt.ops.unlearning_cross_entropy import (
     MODE_ID,
+    OP,
     reduce_rows,
-    rows_function,
     upstream_scale,
     validate_options,
 )
@@ -43,7 +43,7 @@ def _chunked_pass(hidden, weight, bias, labels, cfg, scale, need):
     scale float32 with 1 or N elements | None; ``need`` = (hidden, weight, bias) flags.
     """
     mode, alpha, ignore_index, backend, chunk = cfg
-    rows = rows_function(backend)
+    rows = kernel(OP, backend)
     n = hidden.shape[0]
     loss = torch.empty(n, dtype=torch.float32, device=hidden.device)
     grad_h = torch.empty_like(hidden) if scale is not None and need[0] else None
@@ -159,8 +159,9 @@ def fused_linear_unlearning_cross_entropy(hidden: torch.Tensor, weight: torch.Te
     validate_options(mode, ignore_index, reduction, alpha)
     check_same_device(hidden=hidden, weight=weight, bias=bias, labels=labels)
     check_labels(labels, hidden.shape[:-1], weight.shape[0], ignore_index, "hidden")
-    chosen = resolve_backend(backend, hidden.device)
-    if chosen == "reference" or hidden.dtype == torch.float64:
+    chosen = choose_backend("fused_linear_unlearning_cross_entropy", backend, hidden.device,
+                            float64_gap(hidden, weight, bias))
+    if chosen == "reference":
         return ref.fused_linear_unlearning_cross_entropy(hidden, weight, labels, bias, mode,
                                                           ignore_index, reduction, alpha)
     return FusedLinearUnlearningCrossEntropyFunction.apply(

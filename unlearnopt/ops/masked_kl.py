@@ -8,7 +8,7 @@ original), vocabulary mask u and token mask m, token t's loss is ``m_t * KL_t`` 
              f = log p - log q,  C = KL + sum u p
 
 (the reverse derivation is written next to the kernels' gradient loops). The masks multiply
-the terms, the distributions are not renormalised (METHODS.md). The gradient with respect
+the terms, the distributions are not renormalised (sum_v u_v q_v may be below 1). The gradient with respect
 to the logits carries the 1/T of z = logits / T; the loss is not rescaled by T^2.
 
 Passes over the logits, same deferred design as ``unlearning_cross_entropy``: the forward
@@ -25,7 +25,7 @@ import math
 
 import torch
 
-from unlearnopt.ops._backend import resolve_backend
+from unlearnopt.ops._backend import choose_backend, float64_gap, kernel
 from unlearnopt.ops._checks import check_choice, check_float, check_same_device
 from unlearnopt.ops.unlearning_cross_entropy import reduce_rows, upstream_scale
 from unlearnopt.reference import masked_kl as ref
@@ -37,26 +37,15 @@ MASK_DTYPES = (torch.bool, torch.float32, torch.float16, torch.bfloat16, torch.f
                torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8)
 
 
-def rows_function(backend: str):
-    """The row kernel of ``backend`` (``triton`` or ``native``).
-
-    Contract, shared by both: ``rows(logits [N, V], ref_logits [N, V] (same dtype, unit column
-    stride, row strides free), token_mask [N] f32 | None, vocab_mask [V] f32 | None,
-    direction_id (0 forward, 1 reverse), inv_temperature, stats_in [N, 3] f32 | None,
-    grad_scale f32 (1 or N elements) | None, grad_out [N, V] | None) -> (loss [N] f32,
-    stats [N, 3] f32)``; stats rows are ``(lse_z, lse_r, coef)``. With ``grad_scale`` it also
-    writes ``grad_scale[i] * m_i * dKL_i/dlogits_i`` into ``grad_out`` (may be ``logits``).
-    With ``stats_in`` (backward) the statistics pass is skipped and both outputs are empty.
-    """
-    if backend == "triton":
-        from unlearnopt.kernels.masked_kl import masked_kl_rows
-
-        return masked_kl_rows
-    if backend == "native":
-        from unlearnopt.native import native_ops
-
-        return native_ops().masked_kl_rows
-    raise ValueError(f"no row kernel for backend {backend!r}")
+# Row kernel contract, the same for ``kernel("masked_kl", "triton"|"native")``:
+# ``rows(logits [N, V], ref_logits [N, V] (same dtype, unit column stride, row strides free),
+# token_mask [N] f32 | None, vocab_mask [V] f32 | None, direction_id (0 forward, 1 reverse),
+# inv_temperature, stats_in [N, 3] f32 | None, grad_scale f32 (1 or N elements) | None,
+# grad_out [N, V] | None) -> (loss [N] f32, stats [N, 3] f32)``; stats rows are
+# ``(lse_z, lse_r, coef)``. With ``grad_scale`` it also writes
+# ``grad_scale[i] * m_i * dKL_i/dlogits_i`` into ``grad_out`` (may be ``logits``). With
+# ``stats_in`` (backward) the statistics pass is skipped and both outputs are empty.
+OP = "masked_kl"
 
 
 def token_mask_from_labels(labels: torch.Tensor, ignore_index: int = -100) -> torch.Tensor:
@@ -143,7 +132,7 @@ class MaskedKLFunction(torch.autograd.Function):
                 inplace_backward):
         logits2d = _rows2d(logits)
         ref2d = _rows2d(ref_logits)
-        loss_rows, stats = rows_function(backend)(logits2d, ref2d, tmask, vmask, direction_id,
+        loss_rows, stats = kernel(OP, backend)(logits2d, ref2d, tmask, vmask, direction_id,
                                                   inv_t, None, None, None)
         count = _token_count(tmask, logits2d.shape[0], logits.device)
         ctx.save_for_backward(logits2d, ref2d, tmask, vmask, stats, count)
@@ -157,7 +146,7 @@ class MaskedKLFunction(torch.autograd.Function):
         logits2d, ref2d, tmask, vmask, stats, count = ctx.saved_tensors
         grad = logits2d if inplace_backward else torch.empty_like(logits2d)
         scale = upstream_scale(grad_output, reduction, count)
-        rows_function(backend)(logits2d, ref2d, tmask, vmask, direction_id, inv_t, stats, scale,
+        kernel(OP, backend)(logits2d, ref2d, tmask, vmask, direction_id, inv_t, stats, scale,
                                grad)
         return grad.view(shape), None, None, None, None, None, None, None, None
 
@@ -192,7 +181,8 @@ def masked_kl(logits: torch.Tensor, ref_logits: torch.Tensor,
             memory O(N) instead of O(N·V)). Only when nothing else reads these logits after
             this loss's backward.
         backend: ``"auto"`` / ``"triton"`` / ``"native"`` / ``"reference"``; default from
-            ``UNLEARNOPT_BACKEND``.
+            ``UNLEARNOPT_BACKEND``. float64 inputs run on the reference: ``auto`` takes it
+            (one warning), a named kernel backend raises ``ValueError``.
 
     Returns:
         float32 loss. Plain-PyTorch equivalent (forward direction, T = 1)::
@@ -213,9 +203,9 @@ def masked_kl(logits: torch.Tensor, ref_logits: torch.Tensor,
     """
     validate(logits, ref_logits, token_mask, vocab_mask, direction, reduction, temperature)
     ref_logits = ref_logits.detach()
-    chosen = resolve_backend(backend, logits.device)
+    chosen = choose_backend(OP, backend, logits.device, float64_gap(logits, ref_logits))
     dtype = torch.promote_types(logits.dtype, ref_logits.dtype)
-    if chosen == "reference" or dtype == torch.float64:
+    if chosen == "reference":
         return ref.masked_kl(logits, ref_logits, token_mask, vocab_mask, direction, reduction,
                              float(temperature))
     return MaskedKLFunction.apply(logits.to(dtype), ref_logits.to(dtype), _float_mask(token_mask),
@@ -240,7 +230,7 @@ def _linear_chunks(h2, weight, bias, rh2, ref_weight, ref_bias, tmask, vmask, di
     """
     n = h2.shape[0]
     device = h2.device
-    rows = rows_function(backend)
+    rows = kernel(OP, backend)
     loss_rows = None if stats_in is not None else torch.empty(n, dtype=torch.float32, device=device)
     stats = stats_in if stats_in is not None else torch.empty(n, 3, dtype=torch.float32,
                                                               device=device)
@@ -398,9 +388,9 @@ def fused_linear_masked_kl(hidden: torch.Tensor, weight: torch.Tensor, ref_hidde
                       bias=bias, ref_bias=ref_bias, token_mask=token_mask, vocab_mask=vocab_mask)
     ref_hidden, ref_weight = ref_hidden.detach(), ref_weight.detach()
     ref_bias = None if ref_bias is None else ref_bias.detach()
-    chosen = resolve_backend(backend, hidden.device)
-    if chosen == "reference" or torch.float64 in (hidden.dtype, weight.dtype, ref_hidden.dtype,
-                                                  ref_weight.dtype):
+    chosen = choose_backend("fused_linear_masked_kl", backend, hidden.device,
+                            float64_gap(hidden, weight, bias, ref_hidden, ref_weight, ref_bias))
+    if chosen == "reference":
         return ref.fused_linear_masked_kl(hidden, weight, ref_hidden, ref_weight, bias, ref_bias,
                                           token_mask, vocab_mask, direction, reduction,
                                           float(temperature))
