@@ -96,12 +96,12 @@ def test_all_ignored_gives_zero(backend):
     assert all(torch.equal(g, torch.zeros_like(g)) for g in grads)
 
 
-def test_default_chunk_holds_about_2_to_the_23_logits():
-    assert default_chunk_size(4096, 128256) == 65
-    assert default_chunk_size(2048, 49152) == 170
+def test_default_chunk_holds_about_2_to_the_24_logits():
+    assert default_chunk_size(4096, 128256) == 130
+    assert default_chunk_size(2048, 49152) == 341
+    assert default_chunk_size(4096, 256000) == 128   # at least 128 rows
     assert default_chunk_size(7, 100) == 7
-    assert default_chunk_size(1, 1000) == 1
-    assert default_chunk_size(100, 1 << 24) == 1
+    assert default_chunk_size(0, 100) == 1
 
 
 @pytest.mark.parametrize(

@@ -30,19 +30,26 @@ from typing import NamedTuple
 
 import torch
 
-#: Logits per chunk (2^23: 32 MiB in float32). Large enough that every chunk's matrix
-#: multiplications run at full speed (a few hundred rows at common vocabularies) and that
-#: the float32 weight-gradient accumulator is read and written only a few times; small
-#: next to the ``[N, V]`` logits that the chunking avoids.
-CHUNK_ELEMENTS = 1 << 23
+#: Logits per chunk (2^24: 64 MiB in float32). The chunk's rows set the efficiency: every
+#: chunk runs three matrix multiplications with ``rows`` as one dimension and reads and
+#: writes the float32 weight-gradient accumulator once, so flops per byte of accumulator
+#: traffic grow with the rows, whatever V. A few hundred rows keep the multiplications at
+#: full speed and the accumulator traffic small; 64 MiB stays small next to the ``[N, V]``
+#: logits that the chunking avoids (400 MiB for 2048 tokens at V = 49152).
+CHUNK_ELEMENTS = 1 << 24
+#: Fewest rows per chunk (unless there are fewer tokens), for very large vocabularies.
+MIN_CHUNK_ROWS = 128
 
 
 def default_chunk_size(n_tokens: int, vocab_size: int) -> int:
-    """Tokens per chunk: about ``CHUNK_ELEMENTS`` logits, at least 1, at most ``n_tokens``.
+    """Tokens per chunk: about ``CHUNK_ELEMENTS`` logits, at least ``MIN_CHUNK_ROWS`` tokens,
+    at most ``n_tokens`` (and at least 1).
 
-    Example: 2048 tokens at V = 49152 give chunks of 170 tokens (12 chunks of 32 MiB).
+    Example: 2048 tokens at V = 49152 give 6 chunks of 341 tokens (64 MiB of float32 logits
+    each); at V = 128256, 16 chunks of 130 tokens; at V = 256000, chunks of 128 tokens.
     """
-    return max(1, min(n_tokens, CHUNK_ELEMENTS // max(vocab_size, 1)))
+    rows = max(MIN_CHUNK_ROWS, CHUNK_ELEMENTS // max(vocab_size, 1))
+    return max(1, min(n_tokens, rows))
 
 
 class HeadGrads(NamedTuple):
