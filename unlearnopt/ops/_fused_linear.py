@@ -25,6 +25,7 @@ factors (the row kernels then skip their statistics pass, given the saved statis
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from typing import NamedTuple
 
@@ -102,13 +103,36 @@ def chunk_loop(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | 
             continue
         if grad_h is not None:
             torch.mm(g.to(weight.dtype), weight, out=grad_h[lo:hi])
-        if grad_w is not None or grad_b is not None:
-            g32 = g.float()  # no copy for float32
-            if grad_w is not None:
-                grad_w.addmm_(g32.t(), h.float())
-            if grad_b is not None:
-                grad_b.add_(g32.sum(0))
+        if grad_w is not None:
+            add_product_f32(grad_w, g.t(), h)
+        if grad_b is not None:
+            grad_b.add_(g.sum(0, dtype=torch.float32))
     return HeadGrads(grad_h, grad_w, grad_b)
+
+
+def add_product_f32(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
+    """``acc += a @ b`` for a float32 ``acc``, the product rounded only into float32.
+
+    float32 factors: one ``addmm_``. Lower precision on CUDA: the tensor-core product with
+    a float32 result (``out_dtype``), where this torch build has it. Otherwise the factors
+    are cast to float32 first (CPU has no mixed-precision product).
+    """
+    if a.dtype == torch.float32 and b.dtype == torch.float32:
+        acc.addmm_(a, b)
+    elif a.is_cuda and _cuda_mm_out_dtype():
+        acc.add_(torch.mm(a, b.to(a.dtype), out_dtype=torch.float32))
+    else:
+        acc.addmm_(a.float(), b.float())
+
+
+@functools.cache
+def _cuda_mm_out_dtype() -> bool:
+    """Whether ``torch.mm(bf16, bf16, out_dtype=torch.float32)`` runs on CUDA here."""
+    try:
+        x = torch.ones(2, 2, dtype=torch.bfloat16, device="cuda")
+        return bool(torch.mm(x, x, out_dtype=torch.float32).dtype == torch.float32)
+    except (RuntimeError, TypeError, NotImplementedError):
+        return False
 
 
 def take_scaled(ctx, op: str, grad_output: torch.Tensor, per_token: bool) -> HeadGrads:
