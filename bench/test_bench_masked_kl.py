@@ -30,7 +30,8 @@ DTYPE = torch.bfloat16 if DEVICE.type == "cuda" else torch.float32
 
 
 def eager(logits, ref_logits, token_mask, vocab_mask):
-    """What a user writes without unlearnopt: the reference formula (METHODS.md, DMK)."""
+    """What a user writes without unlearnopt: the reference formula
+    ``sum_t m_t sum_v u_v q_v (log q_v - log p_v) / #(m_t != 0)``."""
     return reference_masked_kl(logits, ref_logits, token_mask, vocab_mask)
 
 

@@ -24,7 +24,7 @@ DTYPE = torch.bfloat16 if DEVICE.type == "cuda" else torch.float32
 
 
 def eager(logits, labels, mode):
-    """What a user writes without unlearnopt (the formulas of METHODS.md)."""
+    """What a user writes without unlearnopt: nll -log p_y, ga +log p_y, uce -log(1 - p_y / 2)."""
     if mode == "nll":
         return F.cross_entropy(logits.float(), labels)
     logp_y = -F.cross_entropy(logits.float(), labels, reduction="none")

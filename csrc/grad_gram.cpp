@@ -272,9 +272,9 @@ at::Tensor grad_gram(const c10::List<std::optional<at::Tensor>>& grads, int64_t 
 }  // namespace
 
 TORCH_LIBRARY_FRAGMENT(unlearnopt_native, m) {
-  m.def("grad_gram(Tensor?[] grads, int num_objectives, int chunk) -> Tensor");
+  m.def("grad_gram_per_tensor(Tensor?[] grads, int num_objectives, int chunk) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(unlearnopt_native, CompositeExplicitAutograd, m) {
-  m.impl("grad_gram", &grad_gram);
+  m.impl("grad_gram_per_tensor", &grad_gram);
 }

@@ -304,9 +304,9 @@ std::tuple<at::Tensor, at::Tensor> min_norm(const at::Tensor& gram, int64_t iter
 }  // namespace unlearnopt
 
 TORCH_LIBRARY_FRAGMENT(unlearnopt_native, m) {
-  m.def("min_norm(Tensor gram, int iters) -> (Tensor, Tensor)");
+  m.def("min_norm_batched(Tensor gram, int iters) -> (Tensor, Tensor)");
 }
 
 TORCH_LIBRARY_IMPL(unlearnopt_native, CPU, m) {
-  m.impl("min_norm", &unlearnopt::min_norm);
+  m.impl("min_norm_batched", &unlearnopt::min_norm);
 }

@@ -8,7 +8,7 @@ import torch
 from tests.conftest import DEVICE, seeded
 from tests.test_unlearning_cross_entropy import assert_close_to_oracle
 from unlearnopt.ops import fused_linear_unlearning_cross_entropy as fused
-from unlearnopt.ops.fused_linear_unlearning_cross_entropy import default_chunk_size
+from unlearnopt.ops._fused_linear import default_chunk_size
 from unlearnopt.reference.unlearning_cross_entropy import (
     fused_linear_unlearning_cross_entropy as reference,
 )
@@ -54,10 +54,14 @@ def test_matches_reference(backend, mode, reduction, dtype):
     for name, got, lo, exact in zip(("hidden", "weight", "bias"), out[1], low[1], oracle[1]):
         # The chunked contraction sums in another order than one big matmul: allow the
         # low-precision reference error relative to the gradient's scale, not per element.
+        # The hidden gradient is formed in the forward (rounded to its dtype) and rounded
+        # once more when the backward scales it by the upstream gradient: half a unit in the
+        # last place at the gradient's scale.
         err = (got.double() - exact).abs().max()
         ref_err = (lo.double() - exact).abs().max()
         scale = exact.abs().max()
-        assert err <= factor * ref_err + 1e-5 * scale + 1e-12, \
+        second_rounding = torch.finfo(dtype).eps / 2 if name == "hidden" else 0.0
+        assert err <= factor * ref_err + (1e-5 + second_rounding) * scale + 1e-12, \
             f"grad {name}: {err:.3e} vs reference {ref_err:.3e}"
         assert got.dtype == dtype
 
@@ -92,10 +96,12 @@ def test_all_ignored_gives_zero(backend):
     assert all(torch.equal(g, torch.zeros_like(g)) for g in grads)
 
 
-def test_default_chunk_keeps_logits_near_hidden_size():
-    assert default_chunk_size(4096, 4096, 128256) == 128
-    assert default_chunk_size(7, 64, 100) == 4
-    assert default_chunk_size(1, 8, 1000) == 1
+def test_default_chunk_holds_about_2_to_the_24_logits():
+    assert default_chunk_size(4096, 128256) == 130
+    assert default_chunk_size(2048, 49152) == 341
+    assert default_chunk_size(4096, 256000) == 128   # at least 128 rows
+    assert default_chunk_size(7, 100) == 7
+    assert default_chunk_size(0, 100) == 1
 
 
 @pytest.mark.parametrize(

@@ -1,14 +1,17 @@
 """Unlearning cross-entropy of ``hidden @ weight.T + bias`` without the whole ``[N, V]`` logits.
 
-The tokens are processed in chunks: for each chunk the logits are computed, turned into
-their gradient *in place* by the row kernel (loss and gradient in one launch), and
-immediately contracted into the gradients of hidden, weight and bias. At most
-``chunk_size × V`` logits exist at once.
+The tokens run through the chunk loop shared with the fused-linear masked KL
+(``unlearnopt.ops._fused_linear``): per chunk, the logits are computed into a reused
+buffer, the row kernel writes the loss and, over the logits, their gradient
+``scale * c * (p - e_y)`` in one launch, and the chunk is contracted at once into the
+gradients of hidden, weight and bias (weight and bias summed in float32). At most
+``chunk_size x V`` logits exist at a time.
 
-For ``mean``/``sum`` the gradients are computed during the forward with the upstream
-gradient taken as 1 and rescaled in the backward (a multiply of ``[N, H]``/``[V, H]``
-tensors, cheap next to the matmuls). ``none`` needs the per-token upstream gradient inside
-``grad_weight = Σ_i g_i ⊗ h_i``, so the chunks are recomputed in the backward instead.
+The gradients are computed in the forward, with upstream gradient 1, and scaled in the
+backward (for ``mean`` by ``1 / #kept tokens`` already in the forward). ``none`` with a
+head that needs a gradient is the exception: the per-token upstream factors sit inside
+``grad_weight = sum_i g_i h_i^T``, so the forward keeps only the per-token log-sum-exp and
+the backward recomputes the chunks with those factors.
 """
 
 from __future__ import annotations
@@ -17,102 +20,84 @@ import math
 
 import torch
 
-from unlearnopt.ops._backend import resolve_backend
+from unlearnopt.ops._backend import choose_backend, float64_gap, kernel
 from unlearnopt.ops._checks import check_float, check_labels, check_same_device
+from unlearnopt.ops._fused_linear import chunk_loop, default_chunk_size, take_scaled
 from unlearnopt.ops.unlearning_cross_entropy import (
     MODE_ID,
+    OP,
     reduce_rows,
-    rows_function,
     upstream_scale,
     validate_options,
 )
 from unlearnopt.reference import unlearning_cross_entropy as ref
 
-
-def default_chunk_size(n_tokens: int, hidden_size: int, vocab_size: int) -> int:
-    """Chunk so that one chunk of logits is about as large as ``hidden`` itself (at least 1)."""
-    ratio = max(1, math.ceil(vocab_size / max(hidden_size, 1)))
-    chunk = max(1, math.ceil(n_tokens / ratio))
-    return min(n_tokens, 1 << (chunk - 1).bit_length()) if n_tokens else 1
+NAME = "fused_linear_unlearning_cross_entropy"
 
 
-def _chunked_pass(hidden, weight, bias, labels, cfg, scale, need):
-    """Loss per token, and (if ``scale`` is given) the gradients scaled by it.
+def _run(h2d, weight, bias, labels1d, cfg, scale, lse_in, want):
+    """One pass of the chunk loop: loss and lse per token, and the gradients when ``scale``
+    (float32, 1 or N elements) is given. ``lse_in``: the forward's lse (the backward pass)."""
+    mode_id, alpha, ignore_index, backend, chunk = cfg
+    rows = kernel(OP, backend)
+    n = h2d.shape[0]
+    loss = torch.empty(n, dtype=torch.float32, device=h2d.device)
+    lse = torch.empty(n, dtype=torch.float32, device=h2d.device)
 
-    hidden ``[N, H]``, weight ``[V, H]``, bias ``[V]`` | None, labels ``[N]`` int64,
-    scale float32 with 1 or N elements | None; ``need`` = (hidden, weight, bias) flags.
-    """
-    mode, alpha, ignore_index, backend, chunk = cfg
-    rows = rows_function(backend)
-    n = hidden.shape[0]
-    loss = torch.empty(n, dtype=torch.float32, device=hidden.device)
-    grad_h = torch.empty_like(hidden) if scale is not None and need[0] else None
-    grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) \
-        if scale is not None and need[1] else None
-    grad_b = torch.zeros(weight.shape[0], dtype=torch.float32, device=weight.device) \
-        if scale is not None and need[2] and bias is not None else None
-    for start in range(0, n, chunk):
-        end = min(n, start + chunk)
-        h = hidden[start:end]
-        logits = torch.nn.functional.linear(h, weight, bias)
+    def step(lo, hi, logits):
+        part_lse = None if lse_in is None else lse_in[lo:hi]
         if scale is None:
-            loss[start:end] = rows(logits, labels[start:end], MODE_ID[mode], alpha, ignore_index,
-                                   None, None, None)[0]
-            continue
-        part = scale if scale.numel() == 1 else scale[start:end]
+            loss[lo:hi], lse[lo:hi] = rows(logits, labels1d[lo:hi], mode_id, alpha, ignore_index,
+                                           part_lse, None, None)
+            return None
+        part = scale if scale.numel() == 1 else scale[lo:hi]
         # The kernel overwrites ``logits`` with d(loss)/d(logits), scaled.
-        loss[start:end] = rows(logits, labels[start:end], MODE_ID[mode], alpha, ignore_index,
-                               None, part, logits)[0]
-        if grad_h is not None:
-            grad_h[start:end] = logits @ weight
-        if grad_w is not None:
-            grad_w.add_(logits.t() @ h)
-        if grad_b is not None:
-            grad_b.add_(logits.float().sum(0))
-    return loss, grad_h, grad_w, grad_b
+        out = rows(logits, labels1d[lo:hi], mode_id, alpha, ignore_index, part_lse, part, logits)
+        if lse_in is None:
+            loss[lo:hi], lse[lo:hi] = out
+        return logits
+
+    grads = chunk_loop(h2d, weight, bias, chunk, step, want if scale is not None else (False,) * 3)
+    return loss, lse, grads
 
 
 class FusedLinearUnlearningCrossEntropyFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden, weight, labels, bias, mode, alpha, ignore_index, reduction, backend,
-                chunk_size):
+                chunk, want):
         h2d = hidden.reshape(-1, hidden.shape[-1])
         labels1d = labels.reshape(-1).long()
         count = (labels1d != ignore_index).sum()
-        chunk = chunk_size or default_chunk_size(h2d.shape[0], h2d.shape[1], weight.shape[0])
-        cfg = (mode, alpha, ignore_index, backend, chunk)
-        need = (ctx.needs_input_grad[0], ctx.needs_input_grad[1],
-                bias is not None and ctx.needs_input_grad[3])
-        if reduction == "none" or not any(need):
-            loss, gh, gw, gb = _chunked_pass(h2d, weight, bias, labels1d, cfg, None, need)
-            ctx.save_for_backward(h2d, weight, bias, labels1d, count)
+        cfg = (MODE_ID[mode], alpha, ignore_index, backend, chunk)
+        head_grad = want[1] or (want[2] and bias is not None)
+        ctx.recompute = reduction == "none" and head_grad
+        ctx.head_grads = None
+        if not any(want) or ctx.recompute:
+            loss, lse, _ = _run(h2d, weight, bias, labels1d, cfg, None, None, want)
+            if ctx.recompute:
+                ctx.save_for_backward(h2d, weight, bias, labels1d, lse)
         else:
-            unit = torch.ones(1, dtype=torch.float32, device=hidden.device)
-            loss, gh, gw, gb = _chunked_pass(h2d, weight, bias, labels1d, cfg,
-                                             upstream_scale(unit, reduction, count), need)
-            ctx.save_for_backward(gh, gw, gb)
-        ctx.config = (cfg, reduction, need, hidden.shape, weight.dtype,
+            unit = torch.ones((), dtype=torch.float32, device=hidden.device)
+            scale = upstream_scale(unit, "sum" if reduction == "none" else reduction, count)
+            loss, _, ctx.head_grads = _run(h2d, weight, bias, labels1d, cfg, scale, None, want)
+        ctx.config = (cfg, reduction, want, hidden.shape, weight.dtype,
                       None if bias is None else bias.dtype)
         out = reduce_rows(loss, reduction, count)
         return out.reshape(labels.shape) if reduction == "none" else out
 
     @staticmethod
     def backward(ctx, grad_output):
-        cfg, reduction, need, hidden_shape, w_dtype, b_dtype = ctx.config
-        if reduction == "none":
-            h2d, weight, bias, labels1d, count = ctx.saved_tensors
-            _, gh, gw, gb = _chunked_pass(h2d, weight, bias, labels1d, cfg,
-                                          upstream_scale(grad_output, reduction, count), need)
+        cfg, reduction, want, hidden_shape, w_dtype, b_dtype = ctx.config
+        if ctx.recompute:
+            h2d, weight, bias, labels1d, lse = ctx.saved_tensors
+            scale = grad_output.float().reshape(-1).contiguous()
+            _, _, (gh, gw, gb) = _run(h2d, weight, bias, labels1d, cfg, scale, lse, want)
         else:
-            gh, gw, gb = ctx.saved_tensors
-            g = grad_output.float()
-            gh = None if gh is None else gh * g.to(gh.dtype)
-            gw = None if gw is None else gw * g
-            gb = None if gb is None else gb * g
+            gh, gw, gb = take_scaled(ctx, NAME, grad_output, per_token=reduction == "none")
         return (None if gh is None else gh.view(hidden_shape),
                 None if gw is None else gw.to(w_dtype),
                 None, None if gb is None else gb.to(b_dtype),
-                None, None, None, None, None, None)
+                None, None, None, None, None, None, None)
 
 
 @torch.compiler.disable
@@ -130,12 +115,17 @@ def fused_linear_unlearning_cross_entropy(hidden: torch.Tensor, weight: torch.Te
         labels: ``[N]`` / ``[B, T]`` integer in ``[0, V)`` or ``ignore_index`` (not shifted).
         bias: optional ``[V]``.
         mode, ignore_index, reduction, alpha: as in :func:`unlearning_cross_entropy`.
-        chunk_size: tokens per chunk (default: chunk logits about the size of ``hidden``).
+        chunk_size: tokens per chunk (default: about 2^23 logits per chunk, 32 MiB in float32,
+            see ``unlearnopt.ops._fused_linear.default_chunk_size``).
+        backend: as in :func:`unlearning_cross_entropy` (float64 runs on the reference).
 
     Returns:
         float32 loss, equal to
         ``unlearning_cross_entropy(F.linear(hidden, weight, bias), labels, mode, ...)``.
-        Gradients flow to ``hidden``, ``weight`` and ``bias``.
+        Gradients flow to ``hidden``, ``weight`` and ``bias``. They are computed in the
+        forward (except for ``reduction="none"`` with a weight or bias that needs a gradient,
+        which the backward recomputes) and handed to autograd once: backpropagating twice
+        through one call (``retain_graph=True``) raises ``RuntimeError``.
 
     Example:
         >>> h = torch.randn(6, 8, requires_grad=True); w = torch.randn(50, 8, requires_grad=True)
@@ -159,10 +149,13 @@ def fused_linear_unlearning_cross_entropy(hidden: torch.Tensor, weight: torch.Te
     validate_options(mode, ignore_index, reduction, alpha)
     check_same_device(hidden=hidden, weight=weight, bias=bias, labels=labels)
     check_labels(labels, hidden.shape[:-1], weight.shape[0], ignore_index, "hidden")
-    chosen = resolve_backend(backend, hidden.device)
-    if chosen == "reference" or hidden.dtype == torch.float64:
+    chosen = choose_backend(NAME, backend, hidden.device, float64_gap(hidden, weight, bias))
+    if chosen == "reference":
         return ref.fused_linear_unlearning_cross_entropy(hidden, weight, labels, bias, mode,
                                                           ignore_index, reduction, alpha)
+    grad_on = torch.is_grad_enabled()
+    want = tuple(grad_on and t is not None and t.requires_grad for t in (hidden, weight, bias))
+    chunk = chunk_size or default_chunk_size(math.prod(hidden.shape[:-1]), weight.shape[0])
     return FusedLinearUnlearningCrossEntropyFunction.apply(
         hidden, weight, labels, bias, mode, float(alpha), ignore_index, reduction, chosen,
-        chunk_size)
+        chunk, want)

@@ -17,7 +17,7 @@ from collections.abc import Sequence
 
 import torch
 
-from unlearnopt.ops._backend import requested_backend, resolve_backend
+from unlearnopt.ops._backend import choose_backend, kernel, requested_backend
 from unlearnopt.reference import grad_gram as ref
 from unlearnopt.reference.grad_gram import GradGram, gram_to_cosine
 
@@ -27,7 +27,7 @@ _DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
 #: Elements per chunk of the native kernel (OpenMP task): 256 KB of float32 per objective.
 NATIVE_CHUNK = 1 << 16
 #: Largest K per kernel (Triton holds a K_pad x K_pad x BLOCK accumulator in registers; the
-#: C++ kernel has fixed-size row tables). Larger K goes to the reference.
+#: C++ kernel has fixed-size row tables). Larger K runs on the reference (see ``backend=``).
 MAX_OBJECTIVES = {"triton": 16, "native": 64}
 
 
@@ -162,14 +162,24 @@ def _flatten(local, k: int, p_count: int) -> list[list[torch.Tensor | None]]:
 
 
 def _per_tensor(flat, backend: str) -> torch.Tensor:
+    entry = kernel("grad_gram", backend)
     if backend == "triton":
-        from unlearnopt.kernels.grad_gram import grad_gram_per_tensor
+        return entry(flat)
+    # The C++ op takes the K x P gradients as one flat list.
+    return entry([g for seq in flat for g in seq], len(flat), NATIVE_CHUNK)
 
-        return grad_gram_per_tensor(flat)
-    from unlearnopt.native import native_ops
 
-    k = len(flat)
-    return native_ops().grad_gram([g for seq in flat for g in seq], k, NATIVE_CHUNK)
+def _kernel_gap(k: int, any_f64: bool, needs_grad: bool):
+    """``unsupported`` for :func:`choose_backend`: what the Gram kernels cannot run."""
+    def gap(backend: str) -> str | None:
+        if any_f64:
+            return "float64 gradients (the kernels accumulate in float32 blocks)"
+        if needs_grad:
+            return "gradients that require grad (the kernels have no autograd graph)"
+        if k > MAX_OBJECTIVES[backend]:
+            return f"more than {MAX_OBJECTIVES[backend]} objectives"
+        return None
+    return gap
 
 
 def _all_reduce(per: torch.Tensor, layout, reduce: bool | None, process_group) -> torch.Tensor:
@@ -225,7 +235,8 @@ def grad_gram(grads: Sequence[Sequence[torch.Tensor | None]], *, reduce: bool | 
         backend: ``"auto"`` / ``"triton"`` / ``"native"`` / ``"reference"``; default from
             ``UNLEARNOPT_BACKEND``. Float64 gradients, gradients that require grad (to
             differentiate through the Gram, e.g. OFMU's autograd HVP) and K above
-            ``MAX_OBJECTIVES`` (16 Triton, 64 native) use the reference.
+            ``MAX_OBJECTIVES`` (16 Triton, 64 native) run on the reference: ``auto`` takes
+            it (one warning per reason), a named kernel backend raises ``ValueError``.
 
     Returns:
         ``GradGram(per_tensor [P, K, K], total [K, K])``, float32 (float64 when any gradient
@@ -255,8 +266,9 @@ def grad_gram(grads: Sequence[Sequence[torch.Tensor | None]], *, reduce: bool | 
         device = torch.device("cpu")
         per = torch.zeros(p_count, k, k, dtype=torch.float64)
     else:
-        chosen = resolve_backend(backend, device)
-        if chosen == "reference" or any_f64 or needs_grad or k > MAX_OBJECTIVES[chosen]:
+        chosen = choose_backend("grad_gram", backend, device,
+                                _kernel_gap(k, any_f64, needs_grad))
+        if chosen == "reference":
             per = ref.grad_gram(local, out_dtype=torch.float64).per_tensor
         else:
             per = _per_tensor(_flatten(local, k, p_count), chosen)

@@ -8,7 +8,7 @@ original), vocabulary mask u and token mask m, token t's loss is ``m_t * KL_t`` 
              f = log p - log q,  C = KL + sum u p
 
 (the reverse derivation is written next to the kernels' gradient loops). The masks multiply
-the terms, the distributions are not renormalised (METHODS.md). The gradient with respect
+the terms, the distributions are not renormalised (sum_v u_v q_v may be below 1). The gradient with respect
 to the logits carries the 1/T of z = logits / T; the loss is not rescaled by T^2.
 
 Passes over the logits, same deferred design as ``unlearning_cross_entropy``: the forward
@@ -25,8 +25,9 @@ import math
 
 import torch
 
-from unlearnopt.ops._backend import resolve_backend
+from unlearnopt.ops._backend import choose_backend, float64_gap, kernel
 from unlearnopt.ops._checks import check_choice, check_float, check_same_device
+from unlearnopt.ops._fused_linear import chunk_loop, default_chunk_size, take_scaled
 from unlearnopt.ops.unlearning_cross_entropy import reduce_rows, upstream_scale
 from unlearnopt.reference import masked_kl as ref
 
@@ -37,26 +38,15 @@ MASK_DTYPES = (torch.bool, torch.float32, torch.float16, torch.bfloat16, torch.f
                torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8)
 
 
-def rows_function(backend: str):
-    """The row kernel of ``backend`` (``triton`` or ``native``).
-
-    Contract, shared by both: ``rows(logits [N, V], ref_logits [N, V] (same dtype, unit column
-    stride, row strides free), token_mask [N] f32 | None, vocab_mask [V] f32 | None,
-    direction_id (0 forward, 1 reverse), inv_temperature, stats_in [N, 3] f32 | None,
-    grad_scale f32 (1 or N elements) | None, grad_out [N, V] | None) -> (loss [N] f32,
-    stats [N, 3] f32)``; stats rows are ``(lse_z, lse_r, coef)``. With ``grad_scale`` it also
-    writes ``grad_scale[i] * m_i * dKL_i/dlogits_i`` into ``grad_out`` (may be ``logits``).
-    With ``stats_in`` (backward) the statistics pass is skipped and both outputs are empty.
-    """
-    if backend == "triton":
-        from unlearnopt.kernels.masked_kl import masked_kl_rows
-
-        return masked_kl_rows
-    if backend == "native":
-        from unlearnopt.native import native_ops
-
-        return native_ops().masked_kl_rows
-    raise ValueError(f"no row kernel for backend {backend!r}")
+# Row kernel contract, the same for ``kernel("masked_kl", "triton"|"native")``:
+# ``rows(logits [N, V], ref_logits [N, V] (same dtype, unit column stride, row strides free),
+# token_mask [N] f32 | None, vocab_mask [V] f32 | None, direction_id (0 forward, 1 reverse),
+# inv_temperature, stats_in [N, 3] f32 | None, grad_scale f32 (1 or N elements) | None,
+# grad_out [N, V] | None) -> (loss [N] f32, stats [N, 3] f32)``; stats rows are
+# ``(lse_z, lse_r, coef)``. With ``grad_scale`` it also writes
+# ``grad_scale[i] * m_i * dKL_i/dlogits_i`` into ``grad_out`` (may be ``logits``). With
+# ``stats_in`` (backward) the statistics pass is skipped and both outputs are empty.
+OP = "masked_kl"
 
 
 def token_mask_from_labels(labels: torch.Tensor, ignore_index: int = -100) -> torch.Tensor:
@@ -143,7 +133,7 @@ class MaskedKLFunction(torch.autograd.Function):
                 inplace_backward):
         logits2d = _rows2d(logits)
         ref2d = _rows2d(ref_logits)
-        loss_rows, stats = rows_function(backend)(logits2d, ref2d, tmask, vmask, direction_id,
+        loss_rows, stats = kernel(OP, backend)(logits2d, ref2d, tmask, vmask, direction_id,
                                                   inv_t, None, None, None)
         count = _token_count(tmask, logits2d.shape[0], logits.device)
         ctx.save_for_backward(logits2d, ref2d, tmask, vmask, stats, count)
@@ -157,7 +147,7 @@ class MaskedKLFunction(torch.autograd.Function):
         logits2d, ref2d, tmask, vmask, stats, count = ctx.saved_tensors
         grad = logits2d if inplace_backward else torch.empty_like(logits2d)
         scale = upstream_scale(grad_output, reduction, count)
-        rows_function(backend)(logits2d, ref2d, tmask, vmask, direction_id, inv_t, stats, scale,
+        kernel(OP, backend)(logits2d, ref2d, tmask, vmask, direction_id, inv_t, stats, scale,
                                grad)
         return grad.view(shape), None, None, None, None, None, None, None, None
 
@@ -192,7 +182,8 @@ def masked_kl(logits: torch.Tensor, ref_logits: torch.Tensor,
             memory O(N) instead of O(N·V)). Only when nothing else reads these logits after
             this loss's backward.
         backend: ``"auto"`` / ``"triton"`` / ``"native"`` / ``"reference"``; default from
-            ``UNLEARNOPT_BACKEND``.
+            ``UNLEARNOPT_BACKEND``. float64 inputs run on the reference: ``auto`` takes it
+            (one warning), a named kernel backend raises ``ValueError``.
 
     Returns:
         float32 loss. Plain-PyTorch equivalent (forward direction, T = 1)::
@@ -213,9 +204,9 @@ def masked_kl(logits: torch.Tensor, ref_logits: torch.Tensor,
     """
     validate(logits, ref_logits, token_mask, vocab_mask, direction, reduction, temperature)
     ref_logits = ref_logits.detach()
-    chosen = resolve_backend(backend, logits.device)
+    chosen = choose_backend(OP, backend, logits.device, float64_gap(logits, ref_logits))
     dtype = torch.promote_types(logits.dtype, ref_logits.dtype)
-    if chosen == "reference" or dtype == torch.float64:
+    if chosen == "reference":
         return ref.masked_kl(logits, ref_logits, token_mask, vocab_mask, direction, reduction,
                              float(temperature))
     return MaskedKLFunction.apply(logits.to(dtype), ref_logits.to(dtype), _float_mask(token_mask),
@@ -224,112 +215,93 @@ def masked_kl(logits: torch.Tensor, ref_logits: torch.Tensor,
 
 
 # ---------------------------------------------------------------------------------------------
-# Fused linear: logits chunk by chunk, never the whole [N, V] of either model.
+# Fused linear: logits chunk by chunk through the shared loop (unlearnopt.ops._fused_linear),
+# never the whole [N, V] of either model. The gradients come from the forward (scaled in the
+# backward), except for ``reduction="none"`` with a head that needs a gradient: the per-token
+# upstream factors sit inside grad_weight = sum_t g_t h_t^T, so the forward keeps the
+# per-token statistics and the backward recomputes the chunks with those factors.
 
-def default_chunk_size(n: int, vocab: int) -> int:
-    """Tokens per chunk: ~4M logits (16 MB fp32) per model, whole batches when they are small."""
-    return max(1, min(n, (1 << 22) // max(vocab, 1)))
+FUSED_NAME = "fused_linear_masked_kl"
 
 
-def _linear_chunks(h2, weight, bias, rh2, ref_weight, ref_bias, tmask, vmask, direction_id,
-                   inv_t, backend, chunk, scale, stats_in, want):
-    """Loop over token chunks; with ``scale`` also the gradients of hidden / weight / bias.
-
-    ``scale``: f32 ``[1]`` or ``[N]`` upstream factor (None: loss only). ``want``: which of
-    (hidden, weight, bias) need a gradient. Returns (loss_rows | None, stats, gh, gw, gb).
-    """
-    n = h2.shape[0]
+def _linear_chunks(h2, weight, bias, rh2, ref_weight, ref_bias, tmask, vmask, cfg, scale,
+                   stats_in, want):
+    """One pass: loss [N] and stats [N, 3] per token and, with ``scale`` (float32, 1 or N
+    elements), the head's gradients. ``stats_in``: the forward's statistics (backward pass)."""
+    direction_id, inv_t, backend, chunk = cfg
+    rows = kernel(OP, backend)
+    n, vocab = h2.shape[0], weight.shape[0]
     device = h2.device
-    rows = rows_function(backend)
-    loss_rows = None if stats_in is not None else torch.empty(n, dtype=torch.float32, device=device)
+    loss = torch.empty(n, dtype=torch.float32, device=device)
     stats = stats_in if stats_in is not None else torch.empty(n, 3, dtype=torch.float32,
                                                               device=device)
-    gh = torch.empty_like(h2) if (scale is not None and want[0]) else None
-    gw = torch.zeros(weight.shape, dtype=torch.float32, device=device) \
-        if (scale is not None and want[1]) else None
-    gb = torch.zeros(bias.shape, dtype=torch.float32, device=device) \
-        if (scale is not None and want[2] and bias is not None) else None
-    for lo in range(0, n, chunk):
-        hi = min(n, lo + chunk)
-        logits = torch.nn.functional.linear(h2[lo:hi], weight, bias)
-        ref_logits = torch.nn.functional.linear(rh2[lo:hi], ref_weight, ref_bias)
-        dtype = torch.promote_types(logits.dtype, ref_logits.dtype)
-        logits, ref_logits = logits.to(dtype), ref_logits.to(dtype)
+    ref_buffer = torch.empty(min(chunk, n), vocab, dtype=rh2.dtype, device=device)
+    ref_weight_t = ref_weight.t()
+    dtype = torch.promote_types(h2.dtype, rh2.dtype)
+
+    def step(lo, hi, logits):
+        ref_logits = ref_buffer[: hi - lo]
+        if ref_bias is None:
+            torch.mm(rh2[lo:hi], ref_weight_t, out=ref_logits)
+        else:
+            torch.addmm(ref_bias, rh2[lo:hi], ref_weight_t, out=ref_logits)
+        z, r = logits.to(dtype), ref_logits.to(dtype)
         tm = None if tmask is None else tmask[lo:hi]
         if scale is None:
-            lr, st = rows(logits, ref_logits, tm, vmask, direction_id, inv_t, None, None, None)
-            loss_rows[lo:hi] = lr
-            stats[lo:hi] = st
-            continue
-        sc = scale if scale.numel() == 1 else scale[lo:hi]
+            loss[lo:hi], stats[lo:hi] = rows(z, r, tm, vmask, direction_id, inv_t, None, None,
+                                             None)
+            return None
+        part = scale if scale.numel() == 1 else scale[lo:hi]
         st_in = None if stats_in is None else stats_in[lo:hi]
         # The gradient overwrites this chunk's logits: they are not needed afterwards.
-        lr, st = rows(logits, ref_logits, tm, vmask, direction_id, inv_t, st_in, sc, logits)
+        out = rows(z, r, tm, vmask, direction_id, inv_t, st_in, part, z)
         if stats_in is None:
-            loss_rows[lo:hi] = lr
-            stats[lo:hi] = st
-        g = logits.to(weight.dtype)
-        if gh is not None:
-            gh[lo:hi] = g @ weight
-        if gw is not None:
-            gw.addmm_(g.t().float(), h2[lo:hi].float())
-        if gb is not None:
-            gb += g.float().sum(0)
-    return loss_rows, stats, gh, gw, gb
+            loss[lo:hi], stats[lo:hi] = out
+        return z
+
+    grads = chunk_loop(h2, weight, bias, chunk, step, want if scale is not None else (False,) * 3)
+    return loss, stats, grads
 
 
 class FusedLinearMaskedKLFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden, weight, bias, ref_hidden, ref_weight, ref_bias, tmask, vmask,
-                direction_id, inv_t, reduction, backend, chunk):
+                direction_id, inv_t, reduction, backend, chunk, want):
         h2 = hidden.reshape(-1, hidden.shape[-1])
         rh2 = ref_hidden.reshape(-1, ref_hidden.shape[-1])
-        n = h2.shape[0]
-        count = _token_count(tmask, n, hidden.device)
-        want = tuple(ctx.needs_input_grad[:3])
-        ctx.dtypes = (weight.dtype, bias.dtype if bias is not None else None)
-        ctx.config = (reduction, hidden.shape, direction_id, inv_t, backend, chunk, want)
-        if reduction == "none" or not any(want):
-            # Per-row upstream factors are unknown yet: keep the inputs, recompute in backward.
-            loss_rows, stats, *_ = _linear_chunks(h2, weight, bias, rh2, ref_weight, ref_bias,
-                                                  tmask, vmask, direction_id, inv_t, backend,
-                                                  chunk, None, None, want)
-            ctx.save_for_backward(h2, weight, bias, rh2, ref_weight, ref_bias, tmask, vmask,
-                                  stats)
-            ctx.deferred = True
+        count = _token_count(tmask, h2.shape[0], hidden.device)
+        cfg = (direction_id, inv_t, backend, chunk)
+        heads = (h2, weight, bias, rh2, ref_weight, ref_bias, tmask, vmask, cfg)
+        ctx.recompute = reduction == "none" and (want[1] or (want[2] and bias is not None))
+        ctx.head_grads = None
+        if not any(want) or ctx.recompute:
+            loss, stats, _ = _linear_chunks(*heads, None, None, want)
+            if ctx.recompute:
+                ctx.save_for_backward(h2, weight, bias, rh2, ref_weight, ref_bias, tmask, vmask,
+                                      stats)
         else:
-            # mean / sum: the scale is known, so loss and gradients come from one pass.
-            scale = (1.0 / count.clamp(min=1) if reduction == "mean"
-                     else torch.ones((), device=hidden.device)).reshape(1).float()
-            loss_rows, _, gh, gw, gb = _linear_chunks(h2, weight, bias, rh2, ref_weight, ref_bias,
-                                                      tmask, vmask, direction_id, inv_t, backend,
-                                                      chunk, scale, None, want)
-            ctx.save_for_backward(gh, gw, gb)
-            ctx.deferred = False
-        out = reduce_rows(loss_rows, reduction, count)
+            unit = torch.ones((), dtype=torch.float32, device=hidden.device)
+            scale = upstream_scale(unit, "sum" if reduction == "none" else reduction, count)
+            loss, _, ctx.head_grads = _linear_chunks(*heads, scale, None, want)
+        ctx.config = (cfg, reduction, want, hidden.shape, weight.dtype,
+                      None if bias is None else bias.dtype)
+        out = reduce_rows(loss, reduction, count)
         return out.reshape(hidden.shape[:-1]) if reduction == "none" else out
 
     @staticmethod
     def backward(ctx, grad_output):
-        reduction, hshape, direction_id, inv_t, backend, chunk, want = ctx.config
-        if ctx.deferred:
+        cfg, reduction, want, hidden_shape, w_dtype, b_dtype = ctx.config
+        if ctx.recompute:
             h2, weight, bias, rh2, ref_weight, ref_bias, tmask, vmask, stats = ctx.saved_tensors
-            count = _token_count(tmask, h2.shape[0], h2.device)
-            scale = upstream_scale(grad_output, reduction, count)
-            _, _, gh, gw, gb = _linear_chunks(h2, weight, bias, rh2, ref_weight, ref_bias, tmask,
-                                              vmask, direction_id, inv_t, backend, chunk, scale,
-                                              stats, want)
+            scale = grad_output.float().reshape(-1).contiguous()
+            _, _, (gh, gw, gb) = _linear_chunks(h2, weight, bias, rh2, ref_weight, ref_bias,
+                                                tmask, vmask, cfg, scale, stats, want)
         else:
-            gh, gw, gb = ctx.saved_tensors
-            g = grad_output.float()
-            gh = None if gh is None else (gh * g).to(gh.dtype)
-            gw = None if gw is None else gw * g
-            gb = None if gb is None else gb * g
-        wdt, bdt = ctx.dtypes
-        gh = None if gh is None else gh.view(hshape)
-        gw = None if gw is None else gw.to(wdt)
-        gb = None if gb is None else gb.to(bdt)
-        return gh, gw, gb, None, None, None, None, None, None, None, None, None, None
+            gh, gw, gb = take_scaled(ctx, FUSED_NAME, grad_output, per_token=reduction == "none")
+        return (None if gh is None else gh.view(hidden_shape),
+                None if gw is None else gw.to(w_dtype),
+                None if gb is None else gb.to(b_dtype),
+                None, None, None, None, None, None, None, None, None, None, None)
 
 
 @torch.compiler.disable
@@ -350,13 +322,18 @@ def fused_linear_masked_kl(hidden: torch.Tensor, weight: torch.Tensor, ref_hidde
         ref_hidden: ``[..., H_ref]`` with the same leading shape as ``hidden``; ref_weight
             ``[V, H_ref]``; ref_bias ``[V]`` or None. Constants: no gradient reaches them.
         token_mask, vocab_mask, direction, reduction, temperature: as in :func:`masked_kl`.
-        chunk_size: tokens per chunk (default ~4M logits per chunk, see
-            ``default_chunk_size``); peak extra memory ~3 chunks of logits.
+        chunk_size: tokens per chunk (default: about 2^23 logits per chunk, 32 MiB in float32,
+            see ``unlearnopt.ops._fused_linear.default_chunk_size``); peak extra memory: one
+            chunk of logits per model and the float32 gradient of ``weight``.
+        backend: as in :func:`masked_kl` (float64 runs on the reference).
 
     Returns:
-        float32 loss; gradients for ``hidden``, ``weight`` and ``bias``. With ``mean``/``sum``
-        they are computed during the forward (one pass, logits chunks overwritten by their
-        gradient); with ``none`` the backward recomputes the chunks. Equivalent:
+        float32 loss; gradients for ``hidden``, ``weight`` and ``bias``, computed during the
+        forward (one pass, logits chunks overwritten by their gradient, the weight gradient
+        summed in float32) and handed to autograd once: backpropagating twice through one
+        call (``retain_graph=True``) raises ``RuntimeError``. With ``reduction="none"`` and
+        a weight or bias that needs a gradient, the backward recomputes the chunks instead.
+        Equivalent:
         ``masked_kl(F.linear(hidden, weight, bias), F.linear(ref_hidden, ref_weight,
         ref_bias).detach(), ...)``.
 
@@ -398,15 +375,17 @@ def fused_linear_masked_kl(hidden: torch.Tensor, weight: torch.Tensor, ref_hidde
                       bias=bias, ref_bias=ref_bias, token_mask=token_mask, vocab_mask=vocab_mask)
     ref_hidden, ref_weight = ref_hidden.detach(), ref_weight.detach()
     ref_bias = None if ref_bias is None else ref_bias.detach()
-    chosen = resolve_backend(backend, hidden.device)
-    if chosen == "reference" or torch.float64 in (hidden.dtype, weight.dtype, ref_hidden.dtype,
-                                                  ref_weight.dtype):
+    chosen = choose_backend(FUSED_NAME, backend, hidden.device,
+                            float64_gap(hidden, weight, bias, ref_hidden, ref_weight, ref_bias))
+    if chosen == "reference":
         return ref.fused_linear_masked_kl(hidden, weight, ref_hidden, ref_weight, bias, ref_bias,
                                           token_mask, vocab_mask, direction, reduction,
                                           float(temperature))
     chunk = chunk_size or default_chunk_size(n, vocab)
+    grad_on = torch.is_grad_enabled()
+    want = tuple(grad_on and t is not None and t.requires_grad for t in (hidden, weight, bias))
     return FusedLinearMaskedKLFunction.apply(hidden, weight, bias, ref_hidden, ref_weight, ref_bias,
                                    _float_mask(token_mask), _float_mask(vocab_mask),
                                    DIRECTION_ID[direction], 1.0 / float(temperature), reduction,
-                                   chosen, chunk)
+                                   chosen, chunk, want)
 

@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import torch
 
-from unlearnopt.ops._backend import resolve_backend
+from unlearnopt.ops._backend import choose_backend, kernel
 from unlearnopt.ops._checks import check_float
 from unlearnopt.reference import min_norm as ref
 from unlearnopt.reference.min_norm import MinNorm
@@ -90,19 +90,13 @@ def min_norm(gram: torch.Tensor, *, iters: int = ref.FISTA_ITERS, check_finite: 
     single = gram.dim() == 2
     g3 = gram.unsqueeze(0) if single else gram
     out_dtype = torch.promote_types(gram.dtype, torch.float32)
-    chosen = resolve_backend(backend, gram.device)
+    chosen = choose_backend("min_norm", backend, gram.device)
     with torch.no_grad():
         g64 = g3.detach().to(torch.float64).contiguous()
-        if chosen == "native":
-            from unlearnopt.native import native_ops
-
-            w, value = native_ops().min_norm(g64, iters)
-        elif chosen == "triton":
-            from unlearnopt.kernels.min_norm import min_norm_batched
-
-            w, value = min_norm_batched(g64, iters)
-        else:
+        if chosen == "reference":
             w, value = ref.min_norm(g64, iters)
+        else:
+            w, value = kernel("min_norm", chosen)(g64, iters)
         w, value = w.to(out_dtype), value.to(out_dtype)
     if single:
         return MinNorm(w[0], value[0])

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import torch
 
-from unlearnopt.ops._backend import resolve_backend
+from unlearnopt.ops._backend import choose_backend, float64_gap, kernel
 from unlearnopt.ops._checks import (
     check_alpha,
     check_choice,
@@ -35,24 +35,13 @@ REDUCTIONS = ref.REDUCTIONS
 MODE_ID = {"nll": 0, "ga": 1, "uce": 2}
 
 
-def rows_function(backend: str):
-    """The row kernel of ``backend`` (``triton`` or ``native``).
-
-    Contract, shared by both: ``rows(logits [N, V] (row stride free, unit column stride),
-    labels [N] int64, mode_id, alpha, ignore_index, lse_in [N] f32 | None,
-    grad_scale f32 (1 or N elements) | None, grad_out [N, V] | None) -> (loss [N] f32,
-    lse [N] f32)``. With ``grad_scale`` it also writes ``grad_scale[i] * c_i * (p_i - e_y)``
-    into ``grad_out`` (which may be ``logits`` itself); ignored rows get zeros.
-    """
-    if backend == "triton":
-        from unlearnopt.kernels.unlearning_cross_entropy import unlearning_cross_entropy_rows
-
-        return unlearning_cross_entropy_rows
-    if backend == "native":
-        from unlearnopt.native import native_ops
-
-        return native_ops().unlearning_cross_entropy_rows
-    raise ValueError(f"no row kernel for backend {backend!r}")
+# Row kernel contract, the same for ``kernel("unlearning_cross_entropy", "triton"|"native")``:
+# ``rows(logits [N, V] (row stride free, unit column stride), labels [N] int64, mode_id, alpha,
+# ignore_index, lse_in [N] f32 | None, grad_scale f32 (1 or N elements) | None,
+# grad_out [N, V] | None) -> (loss [N] f32, lse [N] f32)``. With ``grad_scale`` it also writes
+# ``grad_scale[i] * c_i * (p_i - e_y)`` into ``grad_out`` (which may be ``logits`` itself);
+# ignored rows get zeros.
+OP = "unlearning_cross_entropy"
 
 
 def validate_options(mode, ignore_index, reduction, alpha) -> None:
@@ -97,7 +86,7 @@ class UnlearningCrossEntropyFunction(torch.autograd.Function):
         if logits2d.stride(-1) != 1:
             logits2d = logits2d.contiguous()
         labels1d = labels.reshape(-1).long()
-        rows = rows_function(backend)
+        rows = kernel(OP, backend)
         loss_rows, lse = rows(logits2d, labels1d, MODE_ID[mode], float(alpha), ignore_index,
                               None, None, None)
         count = (labels1d != ignore_index).sum()
@@ -113,7 +102,7 @@ class UnlearningCrossEntropyFunction(torch.autograd.Function):
         logits2d, labels1d, lse, count = ctx.saved_tensors
         grad = logits2d if inplace_backward else torch.empty_like(logits2d)
         scale = upstream_scale(grad_output, reduction, count)
-        rows_function(backend)(logits2d, labels1d, MODE_ID[mode], alpha, ignore_index, lse, scale,
+        kernel(OP, backend)(logits2d, labels1d, MODE_ID[mode], alpha, ignore_index, lse, scale,
                                grad)
         return grad.view(shape), None, None, None, None, None, None, None
 
@@ -139,7 +128,8 @@ def unlearning_cross_entropy(logits: torch.Tensor, labels: torch.Tensor, mode: s
             memory O(N) instead of O(N·V)). Only when nothing else reads these logits after
             this loss's backward.
         backend: ``"auto"`` / ``"triton"`` / ``"native"`` / ``"reference"``; default from
-            ``UNLEARNOPT_BACKEND``.
+            ``UNLEARNOPT_BACKEND``. float64 logits run on the reference: ``auto`` takes it
+            (one warning), a named kernel backend raises ``ValueError``.
 
     Returns:
         float32 loss. Equivalent plain PyTorch for ``mode="nll"``:
@@ -150,8 +140,8 @@ def unlearning_cross_entropy(logits: torch.Tensor, labels: torch.Tensor, mode: s
         >>> unlearning_cross_entropy(logits, torch.tensor([1, 2, -100, 3]), mode="uce").backward()
     """
     validate(logits, labels, mode, ignore_index, reduction, alpha)
-    chosen = resolve_backend(backend, logits.device)
-    if chosen == "reference" or logits.dtype == torch.float64:
+    chosen = choose_backend(OP, backend, logits.device, float64_gap(logits))
+    if chosen == "reference":
         return ref.unlearning_cross_entropy(logits, labels, mode, ignore_index, reduction, alpha)
     return UnlearningCrossEntropyFunction.apply(logits, labels, mode, float(alpha), ignore_index,
                                                 reduction, chosen, inplace_backward)
