@@ -39,10 +39,14 @@ def rows_function(backend: str):
     """The row kernel of ``backend`` (``triton`` or ``native``).
 
     Contract, shared by both: ``rows(logits [N, V] (row stride free, unit column stride),
-    labels [N] int64, mode_id, alpha, ignore_index, lse_in [N] f32 | None,
+    labels [N] int64, mode_id, alpha, ignore_index, stats_in [N, 2] f64 | None,
     grad_scale f32 (1 or N elements) | None, grad_out [N, V] | None) -> (loss [N] f32,
-    lse [N] f32)``. With ``grad_scale`` it also writes ``grad_scale[i] * c_i * (p_i - e_y)``
-    into ``grad_out`` (which may be ``logits`` itself); ignored rows get zeros.
+    stats [N, 2] f64)``; a row's stats are ``(lse, 1 - p_y)``, the second summed over the
+    other classes (no cancellation near p_y = 1); ``stats_in`` (from an earlier call) skips
+    the reduction pass. With ``grad_scale`` it also writes
+    ``grad_scale[i] * c_i * (p_i - e_y)`` into ``grad_out`` (which may be ``logits``
+    itself). Ignored rows get loss 0, stats 0 and zeros, whatever their logits; a NaN/+inf
+    logit in a kept row gives NaN; a label outside [0, V) gives a NaN loss and gradient row.
     """
     if backend == "triton":
         from unlearnopt.kernels.unlearning_cross_entropy import unlearning_cross_entropy_rows
