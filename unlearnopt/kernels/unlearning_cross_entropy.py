@@ -103,8 +103,9 @@ def _unlearning_ce_rows_kernel(
         lse = m_all.to(tl.float64) + _log1p((total - 1.0).to(tl.float32)).to(tl.float64)
         q = others / total
         # tl.maximum drops a NaN z_y; a NaN label logit must still poison the row.
-        lse = tl.where(z_y != z_y, float("nan"), lse)
-        q = tl.where(z_y != z_y, float("nan"), q)
+        label_nan = z_y != z_y  # noqa: PLR0124 (the NaN test, inside a Triton kernel)
+        lse = tl.where(label_nan, float("nan"), lse)
+        q = tl.where(label_nan, float("nan"), q)
     bad = keep & ~valid
     lse = tl.where(bad, float("nan"), tl.where(keep, lse, 0.0))
     q = tl.where(bad, float("nan"), tl.where(keep, q, 0.0))
