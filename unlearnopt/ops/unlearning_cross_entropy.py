@@ -132,10 +132,13 @@ def unlearning_cross_entropy(logits: torch.Tensor, labels: torch.Tensor, mode: s
     Args:
         logits: ``[N, V]`` or ``[B, T, V]``, float32 / bfloat16 / float16 (math is float32).
             Labels are *not* shifted here: position t is scored against ``labels[t]``.
-        labels: ``[N]`` or ``[B, T]`` integer, in ``[0, V)`` or ``ignore_index``.
+        labels: ``[N]`` or ``[B, T]`` int64/int32, in ``[0, V)`` or ``ignore_index``
+            (range read on the host for CPU tensors only; elsewhere a label out of range
+            gives that token a NaN loss, see ``unlearnopt.ops._checks``).
         mode: ``"nll"`` (-log p_y, plain CE), ``"ga"`` (+log p_y, gradient ascent as a loss),
             ``"uce"`` (-log(1 - alpha p_y), MOLLM's bounded unlearning CE).
-        ignore_index: label value that contributes no loss and no gradient.
+        ignore_index: label value that contributes no loss and no gradient (exactly 0,
+            whatever that row's logits hold; a NaN/Inf logit in a kept row gives NaN).
         reduction: ``"mean"`` over non-ignored tokens (0 if there are none), ``"sum"``, or
             ``"none"`` (float32, shape of ``labels``, 0 at ignored tokens).
         alpha: the ``uce`` parameter in (0, 1]; the loss is bounded by -log(1 - alpha).
