@@ -10,7 +10,8 @@
 //   F32 / BF16 / F16       element codecs: load(storage) -> float, store(float) -> storage
 //   dispatch_float(dtype, f)  calls f(Codec{}) for float32 / bfloat16 / float16
 //   parallel_rows(n, work, f) OpenMP static loop over rows, serial for small work
-//   row_log_sum_exp(z, v)  one-pass (online, chunked) log-sum-exp of a row, float32 math
+//   OnlineSumExp           one-pass (online, chunked) sum of exp over columns, float32
+//                          math per element, double across chunks
 #pragma once
 
 #include <torch/types.h>
@@ -226,55 +227,55 @@ inline float chunk_sum_exp(const typename Codec::storage* z, int64_t len, float 
   return s;
 }
 
-// log(sum_j exp(z[j])) of z[0..v), float32 math, reading the row from memory once.
-// Online over chunks, keeping s_run = sum of exp(z - m_run) with m_run the running max.
-// Each chunk takes one fused pass: its max and its sum of exp(z - m_run) together (the exp
-// work overlaps the memory stream; a separate max pass would stall on memory and then
-// compute from L1). If the chunk's max exceeds m_run, s_run is rescaled by
-// exp(m_run - m) once per chunk, not per element. Only before the first finite value (the
-// first chunk, or leading chunks of -inf) and after a jump above kLseMaxJump (rare) does a
-// chunk take a max pass and then a sum pass. s_run is a double (touched once per chunk) so
-// rows of 10^5+ columns lose nothing there. A NaN anywhere makes the result NaN (the max
-// skips NaNs, the sum does not); a row of -inf gives -inf; +inf gives NaN.
-template <typename Codec>
-inline float row_log_sum_exp(const typename Codec::storage* z, int64_t v) {
-  constexpr float kNegInf = -std::numeric_limits<float>::infinity();
-  float m_run = kNegInf;
-  double s_run = 0.0;
-  for (int64_t c0 = 0; c0 < v; c0 += kLseChunk) {
-    const int64_t len = v - c0 < kLseChunk ? v - c0 : kLseChunk;
-    const typename Codec::storage* zc = z + c0;
-    if (m_run > kNegInf) {
-      float m = kNegInf;
-      float s = 0.0f;
-#pragma omp simd reduction(max : m) reduction(+ : s)
-      for (int64_t j = 0; j < len; ++j) {
-        const float x = Codec::load(zc[j]);
-        m = x > m ? x : m;
-        s += fast_exp(x - m_run);
-      }
-      if (m - m_run > kLseMaxJump) {
-        // Terms may have saturated: redo the chunk relative to its own max.
-        s = chunk_sum_exp<Codec>(zc, len, m);
-        s_run = s_run * std::exp(static_cast<double>(m_run) - m) + s;
-        m_run = m;
-      } else {
-        s_run += s;
-        if (m > m_run) {
-          s_run *= std::exp(static_cast<double>(m_run) - m);
-          m_run = m;
+// Online sum of exp over columns, float32 math per element, reading each column once:
+// after add(z, len) calls, s = sum of exp(z_j - m) over the columns added and m is their
+// max. log-sum-exp = m + log(s), formed by the caller in double.
+// Per chunk of kLseChunk columns, one fused pass: the chunk's max and its sum of
+// exp(z - m) together (the exp work overlaps the memory stream; a separate max pass would
+// stall on memory and then compute from L1). Whenever a chunk's max exceeds m, the chunk
+// is summed again relative to its own max (from L1) and s is rescaled by exp(m - max) in
+// double: relative to an old, lower m, z - m is rounded at the magnitude of the gap
+// (2e-6 absolute for a gap of 40), an error every large term would keep. Before the first
+// finite value (m still -inf) a chunk takes a max pass, then a sum pass. s is a double
+// (touched once per chunk) so rows of 10^5+ columns lose nothing there. A NaN among the
+// columns makes s NaN (the max skips NaNs, the sum does not); +inf makes it NaN too
+// (inf - inf); columns of -inf add 0.
+struct OnlineSumExp {
+  float m = -std::numeric_limits<float>::infinity();
+  double s = 0.0;
+
+  template <typename Codec>
+  inline void add(const typename Codec::storage* z, int64_t len) {
+    constexpr float kNegInf = -std::numeric_limits<float>::infinity();
+    for (int64_t c0 = 0; c0 < len; c0 += kLseChunk) {
+      const int64_t n = len - c0 < kLseChunk ? len - c0 : kLseChunk;
+      const typename Codec::storage* zc = z + c0;
+      if (m > kNegInf) {
+        float cm = kNegInf;
+        float cs = 0.0f;
+#pragma omp simd reduction(max : cm) reduction(+ : cs)
+        for (int64_t j = 0; j < n; ++j) {
+          const float x = Codec::load(zc[j]);
+          cm = x > cm ? x : cm;
+          cs += fast_exp(x - m);
         }
+        if (cm > m) {
+          // Redo relative to the new max (the fused terms may also have saturated).
+          cs = chunk_sum_exp<Codec>(zc, n, cm);
+          s = s * std::exp(static_cast<double>(m) - cm) + cs;
+          m = cm;
+        } else {
+          s += cs;
+        }
+      } else {
+        // Nothing finite yet (s is 0, or NaN). An all -inf chunk is summed with shift 0:
+        // its terms are exp(-inf) = 0, and a NaN in it (skipped by the max) still shows.
+        const float cm = chunk_max<Codec>(zc, n);
+        s += chunk_sum_exp<Codec>(zc, n, cm == kNegInf ? 0.0f : cm);
+        m = cm;
       }
-    } else {
-      // Nothing finite yet (s_run is 0, or NaN). An all -inf chunk is summed with shift 0:
-      // its terms are exp(-inf) = 0, and a NaN in it (skipped by the max) still shows.
-      const float m = chunk_max<Codec>(zc, len);
-      s_run += chunk_sum_exp<Codec>(zc, len, m == kNegInf ? 0.0f : m);
-      m_run = m;
     }
   }
-  if (s_run == 0.0) return kNegInf;
-  return static_cast<float>(static_cast<double>(m_run) + std::log(s_run));
-}
+};
 
 }  // namespace unlearnopt

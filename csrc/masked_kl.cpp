@@ -16,7 +16,7 @@
 // where m_i == 0); grad_out may be logits itself.
 //
 // Passes over a row: the statistics take one read of both rows (online log-sum-exp of each,
-// as row_log_sum_exp in common.h, with the masked sums riding along); the gradient takes one
+// as OnlineSumExp in common.h, with the masked sums riding along); the gradient takes one
 // more read of both and one write. exp work, the bound on this kernel: 2 per column in the
 // statistics (e^{z - m_z}, e^{r - m_r}; the KL term needs no log per column, see row_stats),
 // 2 in the forward-direction gradient (p and q), 1 in the reverse one (p).
@@ -142,7 +142,7 @@ struct RowRun {
 };
 
 // One read of both rows: online log-sum-exp of z and r and the masked sums, chunk by chunk
-// as in row_log_sum_exp (common.h). Fast path (both running maxima finite): one fused sweep
+// as in OnlineSumExp (common.h). Fast path (both running maxima finite): one fused sweep
 // relative to the running maxima that also finds the chunk maxima; the sums are rescaled once
 // per chunk if a maximum rose. If a maximum jumped by more than kLseMaxJump (terms may have
 // saturated) or nothing finite was seen yet, the chunk gets a max pass first and a sweep

@@ -1,6 +1,6 @@
 // Batched min-norm (MGDA) QP on CPU: OpenMP over problems, float64 math.
 //
-// min_norm(gram [B, K, K] float64 contiguous, int iters) -> (weights [B, K] f64, value [B] f64)
+// min_norm(gram [B, K, K] float64 contiguous, int max_steps) -> (weights [B, K] f64, value [B] f64)
 //
 // minimise w^T G w over the probability simplex. The recipe, tolerances and their reasons
 // are those of unlearnopt/reference/min_norm.py (the executable specification); in short:
@@ -15,9 +15,8 @@
 //     (a superset of an affinely dependent set is dependent). Feasible faces are clamped
 //     onto the simplex and the one with the smallest KKT residual wins; a face whose
 //     residual is at rounding level ends the search.
-//   * K > kEnumMaxK: FISTA with a sort-based simplex projection for `iters` steps, then
-//     equality solves on the support (plus the most violated index) that are kept when
-//     feasible and better by KKT residual.
+//   * K > kEnumMaxK: Lawson-Hanson NNLS on H = G + 11^T (w = u / sum(u)), exact; at most
+//     `max_steps` active-set steps (each adds or drops one index).
 #include <ATen/ATen.h>
 #include <torch/library.h>
 
@@ -31,9 +30,9 @@ namespace unlearnopt {
 namespace {
 
 constexpr int kEnumMaxK = 8;        // reference ENUM_MAX_K
-constexpr int kPolishRounds = 4;    // reference POLISH_ROUNDS
 constexpr double kPivotTol = 1e-13; // reference PIVOT_TOL
 constexpr double kFeasTol = 1e-10;  // reference FEAS_TOL
+constexpr double kDualTol = 1e-13;  // reference DUAL_TOL
 constexpr double kDoneTol = 1e-14;  // a residual this small is optimal to rounding: stop
 constexpr double kInf = std::numeric_limits<double>::infinity();
 
@@ -128,113 +127,113 @@ struct FaceSearch {
   }
 };
 
-// Cholesky solve of G'_S w = lam 1 on a support mask (any K); false if singular/infeasible.
-bool solve_on_support(const double* g, const std::vector<char>& support, int k,
-                      std::vector<double>& w) {
-  std::vector<int> idx;
+// s_P = H_PP^-1 1_P on the support P (s = 0 off P), H = G + 11^T; false when a Cholesky
+// pivot is below kPivotTol (P affinely dependent). s may have entries <= 0.
+bool equality_solve(const double* g, const std::vector<char>& support, int k,
+                    std::vector<int>& idx, std::vector<double>& L, std::vector<double>& z,
+                    std::vector<double>& s) {
+  idx.clear();
   for (int i = 0; i < k; ++i)
     if (support[i]) idx.push_back(i);
-  const int s = static_cast<int>(idx.size());
-  if (s == 0) return false;
-  std::vector<double> L(static_cast<size_t>(s) * s, 0.0), z(s), u(s);
-  double zz = 0;
-  for (int a = 0; a < s; ++a) {
+  const int n = static_cast<int>(idx.size());
+  std::fill(s.begin(), s.end(), 0.0);
+  for (int a = 0; a < n; ++a) {
     double d = g[idx[a] * k + idx[a]] + 1.0;
     for (int p = 0; p < a; ++p) {
       double acc = g[idx[a] * k + idx[p]] + 1.0;
-      for (int q = 0; q < p; ++q) acc -= L[a * s + q] * L[p * s + q];
-      L[a * s + p] = acc / L[p * s + p];
-      d -= L[a * s + p] * L[a * s + p];
+      for (int q = 0; q < p; ++q) acc -= L[a * k + q] * L[p * k + q];
+      L[a * k + p] = acc / L[p * k + p];
+      d -= L[a * k + p] * L[a * k + p];
     }
     if (!(d > kPivotTol)) return false;
-    L[a * s + a] = std::sqrt(d);
+    L[a * k + a] = std::sqrt(d);
     double acc = 1.0;
-    for (int q = 0; q < a; ++q) acc -= L[a * s + q] * z[q];
-    z[a] = acc / L[a * s + a];
-    zz += z[a] * z[a];
+    for (int q = 0; q < a; ++q) acc -= L[a * k + q] * z[q];
+    z[a] = acc / L[a * k + a];
   }
-  for (int i = s - 1; i >= 0; --i) {
+  for (int i = n - 1; i >= 0; --i) {
     double acc = z[i];
-    for (int p = i + 1; p < s; ++p) acc -= L[p * s + i] * u[p];
-    u[i] = acc / L[i * s + i];
+    for (int p = i + 1; p < n; ++p) acc -= L[p * k + i] * s[idx[p]];
+    s[idx[i]] = acc / L[i * k + i];
   }
-  std::fill(w.begin(), w.end(), 0.0);
-  for (int i = 0; i < s; ++i) {
-    const double wi = u[i] / zz;
-    if (!(wi >= -kFeasTol)) return false;
-    w[idx[i]] = wi;
-  }
-  clamp_renormalize(w.data(), k);
   return true;
 }
 
-void project_simplex(const double* x, double* out, int k, std::vector<double>& sorted) {
-  sorted.assign(x, x + k);
-  std::sort(sorted.begin(), sorted.end(), std::greater<double>());
-  double css = 0, tau = 0;
-  for (int j = 0; j < k; ++j) {
-    css += sorted[j];
-    const double t = (css - 1.0) / (j + 1);
-    if (sorted[j] - t > 0) tau = t;
-  }
-  for (int i = 0; i < k; ++i) out[i] = std::max(x[i] - tau, 0.0);
-}
-
-void solve_fista(const double* g, int k, int iters, double* w_out) {
-  double trace = 0, rows = 0;
-  for (int i = 0; i < k; ++i) {
-    trace += g[i * k + i];
-    double r = 0;
-    for (int j = 0; j < k; ++j) r += std::abs(g[i * k + j]);
-    rows = std::max(rows, r);
-  }
-  const double step = 1.0 / std::max(2.0 * std::min(trace, rows),
-                                     std::numeric_limits<double>::min());
-  std::vector<double> w(k, 1.0 / k), y(w), wn(k), tmp(k), sorted;
-  double t = 1.0;
-  for (int it = 0; it < iters; ++it) {
-    for (int i = 0; i < k; ++i) {
-      double acc = 0;
-      for (int j = 0; j < k; ++j) acc += g[i * k + j] * y[j];
-      tmp[i] = y[i] - step * 2.0 * acc;
+// Lawson-Hanson NNLS on H = G + 11^T: min_{u >= 0} u^T H u - 2 1^T u, w = u / sum(u).
+// The state machine of the reference's _solve_active_set, one problem at a time and
+// stopping as soon as it is done (see there for why each step is what it is).
+void solve_active_set(const double* g, int k, int max_steps, double* w_out) {
+  std::vector<char> support(k, 0);
+  std::vector<double> u(k, 0.0), s(k), L(static_cast<size_t>(k) * k), z(k);
+  std::vector<int> idx;
+  idx.reserve(k);
+  int first = 0;
+  for (int i = 1; i < k; ++i)
+    if (g[i * k + i] < g[first * k + first]) first = i;
+  support[first] = 1;
+  int last = first;
+  bool just_added = false;
+  for (int step = 0; step < max_steps; ++step) {
+    const bool ok = equality_solve(g, support, k, idx, L, z, s);
+    if (!ok || (just_added && !(s[last] > 0))) {
+      // Added on a rounding-level dual: undo; u is optimal on the support without it.
+      if (just_added) support[last] = 0;
+      break;
     }
-    project_simplex(tmp.data(), wn.data(), k, sorted);
-    const double tn = (1.0 + std::sqrt(1.0 + 4.0 * t * t)) / 2.0;
-    const double mom = (t - 1.0) / tn;
-    for (int i = 0; i < k; ++i) {
-      y[i] = wn[i] + mom * (wn[i] - w[i]);
-      w[i] = wn[i];
-    }
-    t = tn;
-  }
-  double best_r = kkt_residual(g, w.data(), k);
-  std::vector<char> support(k);
-  for (int i = 0; i < k; ++i) support[i] = w[i] > 0;
-  std::vector<double> cand(k);
-  for (int round = 0; round < kPolishRounds; ++round) {
-    int worst = 0;
-    double worst_gw = kInf;
-    for (int i = 0; i < k; ++i) {
-      double acc = 0;
-      for (int j = 0; j < k; ++j) acc += g[i * k + j] * w[j];
-      if (acc < worst_gw) {
-        worst_gw = acc;
-        worst = i;
+    bool feasible = true;
+    for (int i = 0; i < k; ++i)
+      if (support[i] && !(s[i] > 0)) feasible = false;
+    if (feasible) {
+      u = s;
+      double r_best = -kInf;
+      int j_best = -1;
+      for (int j = 0; j < k; ++j) {
+        if (support[j]) continue;
+        double hs = 0;
+        for (int i = 0; i < k; ++i) hs += (g[j * k + i] + 1.0) * s[i];
+        const double r = 1.0 - hs;
+        if (r > r_best) {
+          r_best = r;
+          j_best = j;
+        }
       }
+      if (!(r_best > kDualTol)) break;  // KKT point
+      support[j_best] = 1;
+      last = j_best;
+      just_added = true;
+    } else {
+      // Move towards s until the first coordinate reaches 0, and drop it.
+      double alpha = kInf;
+      int i_drop = -1;
+      for (int i = 0; i < k; ++i) {
+        if (!support[i] || s[i] > 0) continue;
+        const double ratio = u[i] / std::max(u[i] - s[i], std::numeric_limits<double>::min());
+        if (ratio < alpha) {
+          alpha = ratio;
+          i_drop = i;
+        }
+      }
+      for (int i = 0; i < k; ++i) {
+        if (!support[i]) continue;
+        const double moved = u[i] + alpha * (s[i] - u[i]);
+        const bool keep = moved > 0 && i != i_drop;
+        u[i] = keep ? moved : 0.0;
+        support[i] = keep;
+      }
+      just_added = false;
     }
-    support[worst] = 1;
-    if (!solve_on_support(g, support, k, cand)) continue;
-    const double r = kkt_residual(g, cand.data(), k);
-    if (r < best_r) {
-      best_r = r;
-      w = cand;
-    }
-    for (int i = 0; i < k; ++i) support[i] = cand[i] > 0;
   }
-  std::copy(w.begin(), w.end(), w_out);
+  double total = 0;
+  for (int i = 0; i < k; ++i) total += u[i];
+  if (!(total > 0)) {
+    std::fill(u.begin(), u.end(), 0.0);
+    u[first] = 1.0;
+  }
+  clamp_renormalize(u.data(), k);
+  std::copy(u.begin(), u.end(), w_out);
 }
 
-void solve_one(const double* gram, int k, int iters, double* w, double* value,
+void solve_one(const double* gram, int k, int max_steps, double* w, double* value,
                std::vector<double>& g) {
   // Symmetrise and scale by the largest diagonal entry.
   double m = 0;
@@ -262,7 +261,7 @@ void solve_one(const double* gram, int k, int iters, double* w, double* value,
       search.visit(0, 0, 0.0);
       std::copy(search.best_w, search.best_w + k, w);  // singletons always qualify
     } else {
-      solve_fista(g.data(), k, iters, w);
+      solve_active_set(g.data(), k, max_steps, w);
     }
   }
   // value = w^T G w with the symmetrised, unscaled G.
@@ -275,7 +274,7 @@ void solve_one(const double* gram, int k, int iters, double* w, double* value,
   *value = v;
 }
 
-std::tuple<at::Tensor, at::Tensor> min_norm(const at::Tensor& gram, int64_t iters) {
+std::tuple<at::Tensor, at::Tensor> min_norm(const at::Tensor& gram, int64_t max_steps) {
   TORCH_CHECK(gram.dim() == 3 && gram.size(1) == gram.size(2),
               "min_norm: gram must be [B, K, K], got ", gram.sizes());
   TORCH_CHECK(gram.scalar_type() == at::kDouble && gram.is_contiguous() && gram.is_cpu(),
@@ -288,13 +287,13 @@ std::tuple<at::Tensor, at::Tensor> min_norm(const at::Tensor& gram, int64_t iter
   const double* gp = gram.data_ptr<double>();
   double* wp = weights.data_ptr<double>();
   double* vp = value.data_ptr<double>();
-  const int it = static_cast<int>(iters);
+  const int steps = static_cast<int>(std::min<int64_t>(max_steps, 1 << 30));
 #pragma omp parallel if (b >= 512)
   {
     std::vector<double> scratch(static_cast<size_t>(k) * k);
 #pragma omp for schedule(dynamic, 256)
     for (int64_t p = 0; p < b; ++p) {
-      solve_one(gp + p * k * k, k, it, wp + p * k, vp + p, scratch);
+      solve_one(gp + p * k * k, k, steps, wp + p * k, vp + p, scratch);
     }
   }
   return {weights, value};
@@ -304,7 +303,7 @@ std::tuple<at::Tensor, at::Tensor> min_norm(const at::Tensor& gram, int64_t iter
 }  // namespace unlearnopt
 
 TORCH_LIBRARY_FRAGMENT(unlearnopt_native, m) {
-  m.def("min_norm_batched(Tensor gram, int iters) -> (Tensor, Tensor)");
+  m.def("min_norm_batched(Tensor gram, int max_steps) -> (Tensor, Tensor)");
 }
 
 TORCH_LIBRARY_IMPL(unlearnopt_native, CPU, m) {

@@ -98,5 +98,5 @@ def nnls_min_norm(gram) -> np.ndarray:
     a = np.vstack([r, np.ones((1, k))])
     b = np.zeros(k + 1)
     b[-1] = 1
-    u, _ = nnls(a, b)
+    u, _ = nnls(a, b, maxiter=50 * k)
     return u / u.sum()

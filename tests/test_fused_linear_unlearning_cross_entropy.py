@@ -96,6 +96,19 @@ def test_all_ignored_gives_zero(backend):
     assert all(torch.equal(g, torch.zeros_like(g)) for g in grads)
 
 
+@pytest.mark.parametrize("mode", ["nll", "ga", "uce"])
+def test_nan_hidden_state_gives_non_finite_loss(backend, mode):
+    """A NaN hidden state of a kept token: the loss (and its gradients) are not finite on
+    every backend (native uce used to return a finite loss)."""
+    h, w, b, labels, up = make(6, 8, 50, torch.float32, bias=False)
+    labels[1] = 3
+    h[1, 0] = float("nan")
+    for reduction in ("mean", "none"):
+        loss, grads = run(fused, h, w, b, labels, up, reduction, mode=mode, backend=backend)
+        assert not torch.isfinite(loss).all()
+        assert not torch.isfinite(grads[0]).all() and not torch.isfinite(grads[1]).all()
+
+
 def test_default_chunk_holds_about_2_to_the_24_logits():
     assert default_chunk_size(4096, 128256) == 130
     assert default_chunk_size(2048, 49152) == 341

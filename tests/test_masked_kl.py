@@ -271,3 +271,24 @@ def test_errors(device):
         fused_linear_masked_kl(h[:, :2], w, h, w)
     with pytest.raises(ValueError, match="chunk_size"):
         fused_linear_masked_kl(h, w, h, w, chunk_size=0)
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")], ids=["nan", "inf"])
+def test_non_finite_logits(backend, device, bad):
+    """A kept token with a NaN/+inf logit: non-finite loss and gradient; a masked-out token
+    holding the same: exactly 0 loss and 0 gradient on every backend (the reference used to
+    give a NaN gradient there)."""
+    x = torch.randn(3, 20, generator=torch.Generator().manual_seed(0))
+    ref_logits = torch.randn(3, 20, generator=torch.Generator().manual_seed(1))
+    x[0, 3] = bad
+    x[2, 4] = bad
+    x = x.to(device).requires_grad_(True)
+    token_mask = torch.tensor([1.0, 1.0, 0.0], device=device)
+    for direction in ("forward", "reverse"):
+        x.grad = None
+        loss = masked_kl(x, ref_logits.to(device), token_mask=token_mask, direction=direction,
+                         reduction="none", backend=backend)
+        loss.sum().backward()
+        assert not torch.isfinite(loss[0]) and torch.isfinite(loss[1]) and loss[2] == 0
+        assert not torch.isfinite(x.grad[0]).all() and torch.isfinite(x.grad[1]).all()
+        assert torch.equal(x.grad[2], torch.zeros_like(x.grad[2]))

@@ -2,13 +2,16 @@
 
 The public op (autograd, reductions, every backend) is tested in
 ``test_unlearning_cross_entropy.py``; this file pins the row contract of the native kernel
-(see ``unlearnopt.ops.unlearning_cross_entropy.rows_function``): loss, lse, gradient with
-per-row or broadcast scale, in place, strided rows, ignored rows, extreme rows.
+(see ``unlearnopt.ops.unlearning_cross_entropy.rows_function``): loss, stats (lse and
+1 - p_y, float64), gradient with per-row or broadcast scale, in place, strided rows,
+ignored rows, extreme rows, non-finite rows.
 
 Tolerances are derived, not tuned (eps = float32 machine epsilon, 2^-23 ~ 1.2e-7):
 - lse: each of the 8 SIMD lanes sums <= 256 terms of a 2048-column chunk in float32 (random
   rounding: ~sqrt(256) eps = 16 eps relative), fast_exp adds ~1 eps, the chunk combination
-  is in double; 32 eps is twice that, plus 2 eps |lse| for the final rounding.
+  and the lse are in double; 32 eps is twice that, plus 2 eps |lse| (kept from the float32
+  lse of earlier versions; the float64 lse is far better). 1 - p_y is the same kind of sum
+  (over the other classes): 32 eps relative.
 - loss: d loss / d lse = -c (the row coefficient: 1, -1, or a p_y / (1 - a p_y) for uce),
   so |err| <= |c| (tol_lse + 4 eps) + 2 eps |loss|: 4 eps for the float32 p_y (uce: the
   loss moves by |c| times the relative error of a p_y), 2 eps for the final log / rounding.
@@ -68,10 +71,12 @@ def exact(logits, labels, mode, alpha):
         loss = -torch.log1p(-alpha * p_y)
         c = -(alpha * p_y) / (1 - alpha * p_y)
     p = (z - lse[:, None]).exp()
+    q = (torch.logsumexp(z.scatter(1, y[:, None], float("-inf")), -1) - lse).exp()
     # p - e_y, with the label column as expm1(d) (no cancellation near p_y = 1).
     p_minus = p.scatter(1, y[:, None], torch.expm1(d)[:, None])
     zero = torch.zeros((), dtype=torch.float64)
-    return {"loss": torch.where(keep, loss, zero), "lse": torch.where(keep, lse, zero), "c": c,
+    return {"loss": torch.where(keep, loss, zero), "lse": torch.where(keep, lse, zero),
+            "q": torch.where(keep, q, zero), "c": c,
             "p_y": p_y, "p": p, "p_minus": torch.where(keep[:, None], p_minus, zero), "y": y,
             "keep": keep}
 
@@ -87,20 +92,24 @@ def assert_within(name, got, want, tol):
                              f"tol {tol[idx].item():.3g}; worst err/tol {ratio:.3g}")
 
 
-def check_rows(rows, logits, labels, mode, alpha, *, scale, grad=None, lse_in=None, ref=None):
-    """Run the kernel (with a gradient when scale is given) and check it all."""
+def check_rows(rows, logits, labels, mode, alpha, *, scale, grad=None, stats_in=None, ref=None):
+    """Run the kernel (with a gradient when scale is given) and check it all; ``stats_in`` is
+    the stats tensor of an earlier call."""
     # The float64 view is taken before the call: grad may be logits itself.
     r = ref if ref is not None else exact(logits, labels, mode, alpha)
-    loss, lse = rows(logits, labels, MODES[mode], alpha, IGNORE, lse_in, scale, grad)
+    loss, stats = rows(logits, labels, MODES[mode], alpha, IGNORE, stats_in, scale, grad)
+    assert stats.dtype == torch.float64 and stats.shape == (len(labels), 2)
+    lse, q = stats[:, 0], stats[:, 1]
     keep, c, p_y = r["keep"], r["c"], r["p_y"]
     tol_lse = 32 * EPS32 + 2 * EPS32 * r["lse"].abs()
-    if lse_in is None:
+    if stats_in is None:
         assert_within("lse", torch.where(keep, lse, torch.zeros_like(lse)), r["lse"], tol_lse)
+        assert_within("1 - p_y", q, r["q"], 32 * EPS32 * r["q"])
     tol_loss = c.abs() * (tol_lse + 4 * EPS32) + 2 * EPS32 * r["loss"].abs()
     assert_within("loss", loss, r["loss"], tol_loss)
-    assert torch.isfinite(lse).all(), "lse must be finite (0 at ignored rows)"
+    assert torch.isfinite(stats).all(), "stats must be finite (0 at ignored rows)"
     if grad is None:
-        return loss, lse
+        return loss, stats
     coef = scale.double().expand(len(labels)) * c
     ref_grad = coef[:, None] * r["p_minus"]
     amp = 1 / (1 - alpha * p_y) if mode == "uce" else torch.ones_like(p_y)
@@ -116,7 +125,7 @@ def check_rows(rows, logits, labels, mode, alpha, *, scale, grad=None, lse_in=No
         err_ref = (ref_grad.to(grad.dtype).double() - ref_grad).abs()
         tol = 2 * err_ref + 3 * delta
     assert_within("grad", grad, ref_grad, tol)
-    return loss, lse
+    return loss, stats
 
 
 def make(n, v, dtype, seed, ignore="some"):
@@ -149,10 +158,10 @@ def test_rows_against_float64(rows, mode, dt, n, v):
     logits, labels = make(n, v, DTYPES[dt], seed=n * 7 + v)
     ref = exact(logits, labels, mode, alpha)
     per_row = torch.rand(n, generator=torch.Generator().manual_seed(1)) * 4 - 2
-    # Forward only, then the backward of the autograd op: lse_in + per-row scale, new buffer.
-    _, lse = check_rows(rows, logits, labels, mode, alpha, scale=None, ref=ref)
+    # Forward only, then the backward of the autograd op: stats_in + per-row scale, new buffer.
+    _, stats = check_rows(rows, logits, labels, mode, alpha, scale=None, ref=ref)
     check_rows(rows, logits, labels, mode, alpha, scale=per_row, grad=torch.empty_like(logits),
-               lse_in=lse, ref=ref)
+               stats_in=stats, ref=ref)
     # One call doing both (the fused-linear path), in place, broadcast scale.
     buf = logits.clone()
     check_rows(rows, buf, labels, mode, alpha, scale=torch.tensor([0.37]), grad=buf, ref=ref)
@@ -193,9 +202,9 @@ def test_strided_rows(rows, inplace):
 
 def test_float16(rows):
     logits, labels = make(7, 5003, torch.float16, seed=11)
-    _, lse = check_rows(rows, logits, labels, "nll", 0.5, scale=None)
+    _, stats = check_rows(rows, logits, labels, "nll", 0.5, scale=None)
     check_rows(rows, logits, labels, "nll", 0.5, scale=torch.rand(7), grad=torch.empty_like(logits),
-               lse_in=lse)
+               stats_in=stats)
 
 
 def test_extreme_rows(rows):
@@ -224,16 +233,42 @@ def test_uce_alpha_one_confident(rows):
 def test_nan_propagates(rows):
     logits = torch.randn(2, 5000)
     logits[0, 4000] = float("nan")
-    loss, lse = rows(logits, torch.tensor([1, 2]), 0, 0.5, IGNORE, None, None, None)
-    assert torch.isnan(lse[0]) and torch.isnan(loss[0])
-    assert torch.isfinite(lse[1]) and torch.isfinite(loss[1])
+    loss, stats = rows(logits, torch.tensor([1, 2]), 0, 0.5, IGNORE, None, None, None)
+    assert torch.isnan(stats[0]).all() and torch.isnan(loss[0])
+    assert torch.isfinite(stats[1]).all() and torch.isfinite(loss[1])
+
+
+@pytest.mark.parametrize("mode", list(MODES))
+@pytest.mark.parametrize("where", ["label", "other", "late_chunk"])
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")], ids=["nan", "inf"])
+def test_non_finite_rows_give_non_finite_loss_and_gradient(rows, mode, where, bad):
+    """A kept row holding NaN/+inf: NaN loss, stats and gradient (uce used to return its
+    bound, -log(1 - alpha)); the same logits in an ignored row: exactly 0 everywhere."""
+    v = 5000
+    logits = torch.randn(2, v, generator=torch.Generator().manual_seed(4))
+    col = {"label": 3, "other": 10, "late_chunk": 4500}[where]
+    logits[:, col] = bad
+    labels = torch.tensor([3, IGNORE])
+    grad = torch.zeros_like(logits)
+    loss, stats = rows(logits, labels, MODES[mode], 0.5, IGNORE, None, torch.ones(1), grad)
+    assert torch.isnan(loss[0]) and torch.isnan(stats[0]).all() and torch.isnan(grad[0]).all()
+    assert loss[1] == 0 and (stats[1] == 0).all() and (grad[1] == 0).all()
+
+
+def test_out_of_range_label_gives_nan_row(rows):
+    """Never read; NaN loss, stats and gradient (the ops raise before, see _checks)."""
+    logits = torch.randn(3, 10)
+    grad = torch.zeros_like(logits)
+    loss, stats = rows(logits, torch.tensor([1, 10, -5]), 0, 0.5, IGNORE, None, torch.ones(1),
+                       grad)
+    assert torch.isfinite(loss[0]) and torch.isnan(loss[1:]).all()
+    assert torch.isnan(stats[1:]).all() and torch.isnan(grad[1:]).all()
+    assert torch.isfinite(grad[0]).all()
 
 
 def test_rejects_bad_input(rows):
     logits, labels = torch.randn(4, 10), torch.tensor([1, 2, 3, 4])
     one = torch.ones(1)
-    with pytest.raises(RuntimeError, match="labels"):
-        rows(logits, torch.tensor([1, 2, 3, 10]), 0, 0.5, IGNORE, None, None, None)
     with pytest.raises(RuntimeError, match="labels"):
         rows(logits, labels.int(), 0, 0.5, IGNORE, None, None, None)
     with pytest.raises(RuntimeError, match="logits"):
@@ -244,8 +279,10 @@ def test_rejects_bad_input(rows):
         rows(logits, labels, 3, 0.5, IGNORE, None, None, None)
     with pytest.raises(RuntimeError, match="alpha"):
         rows(logits, labels, 2, 1.5, IGNORE, None, None, None)
-    with pytest.raises(RuntimeError, match="lse_in"):
-        rows(logits, labels, 0, 0.5, IGNORE, torch.zeros(3), None, None)
+    with pytest.raises(RuntimeError, match="stats_in"):
+        rows(logits, labels, 0, 0.5, IGNORE, torch.zeros(4, 2), None, None)  # not float64
+    with pytest.raises(RuntimeError, match="stats_in"):
+        rows(logits, labels, 0, 0.5, IGNORE, torch.zeros(4, dtype=torch.float64), None, None)
     with pytest.raises(RuntimeError, match="grad_scale"):
         rows(logits, labels, 0, 0.5, IGNORE, None, torch.ones(3), torch.empty_like(logits))
     with pytest.raises(RuntimeError, match="grad_scale and grad_out"):

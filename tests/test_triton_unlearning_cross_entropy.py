@@ -99,15 +99,30 @@ def assert_within(name: str, actual: torch.Tensor, expected: torch.Tensor,
                              f"{expected[idx].item()!r}, tol {tol[idx].item():.3g}")
 
 
-def check_loss_lse(loss, lse, logits, labels, mode, ref_loss, ref_lse):
-    assert loss.dtype == torch.float32 and lse.dtype == torch.float32
-    assert loss.shape == labels.shape and lse.shape == labels.shape
-    # fp32 math on exactly-representable inputs: log p_y = z_y - lse is off by a few fp32
-    # ulps of the terms; the loss moves by |dloss/dlog p_y| times that.
+def one_minus_p_y(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """float64 ``1 - p_y`` per row, summed over the other classes (0 at ignored rows)."""
+    z = logits.double()
+    keep = labels != IGNORE
+    safe = torch.where(keep, labels, 0)
+    others = z.scatter(1, safe[:, None], float("-inf"))
+    q = (torch.logsumexp(others, -1) - torch.logsumexp(z, -1)).exp()
+    return torch.where(keep, q, torch.zeros_like(q))
+
+
+def check_loss_lse(loss, stats, logits, labels, mode, ref_loss, ref_lse):
+    assert loss.dtype == torch.float32 and stats.dtype == torch.float64
+    assert loss.shape == labels.shape and stats.shape == (*labels.shape, 2)
+    # log p_y = z_y - lse is off by a few fp32 ulps of the terms; the loss moves by
+    # |dloss/dlog p_y| times that.
     keep = labels != IGNORE
     z_y = logits.double().gather(1, torch.where(keep, labels, 0)[:, None]).squeeze(1)
     logp_err = LOGP_ERR * (1 + ref_lse.abs() + z_y.abs())
+    lse = torch.where(keep, stats[:, 0], ref_lse)
     assert_within("lse", lse.cpu(), ref_lse.cpu(), (LOGP_ERR * (1 + ref_lse.abs())).cpu())
+    # 1 - p_y: a sum of positive float32 terms, relative accuracy (no cancellation).
+    q = one_minus_p_y(logits, labels).to(stats.device)
+    assert_within("1 - p_y", stats[:, 1].cpu(), q.cpu(), (1e-6 * q + 1e-300).cpu())
+    assert (stats[~keep] == 0).all()
     if mode == 2:  # d loss / d log p_y = a p_y / (1 - a p_y)
         p_y = (z_y - ref_lse).exp()
         dlogp = ALPHA * p_y / (1 - ALPHA * p_y)
@@ -159,16 +174,16 @@ def test_rows_match_float64(n, vocab, ignore, mode, dtype, device):
     scale = (torch.rand(n if per_row else 1, generator=seeded(n)) * 4 - 2).to(device)
     ref_loss, ref_lse, ref_grad, slack = oracle(logits, labels, mode, ALPHA, scale)
 
-    # Forward only: lse pass.
+    # Forward only: stats pass.
     loss, lse = rows(logits, labels, mode, ALPHA, IGNORE)
     check_loss_lse(loss, lse, logits, labels, mode, ref_loss, ref_lse)
 
-    # Backward: saved lse, gradient pass only.
+    # Backward: saved stats, gradient pass only.
     grad = torch.empty_like(logits)
     loss_b, lse_b = rows(logits, labels, mode, ALPHA, IGNORE, lse, scale, grad)
     assert lse_b is lse
     tol = grad_tolerance(ref_grad, slack, dtype)
-    assert_within("grad (lse_in)", grad.cpu(), ref_grad.cpu(), tol.cpu())
+    assert_within("grad (stats_in)", grad.cpu(), ref_grad.cpu(), tol.cpu())
     check_loss_lse(loss_b, lse, logits, labels, mode, ref_loss, ref_lse)
 
     # Fused: loss and gradient from one launch, written in place over the logits.
@@ -244,7 +259,7 @@ def test_float16_and_empty(device):
     check_loss_lse(loss, lse, logits, labels, 1, ref_loss, ref_lse)
     empty = torch.empty(0, 10, device=device)
     loss, lse = rows(empty, torch.empty(0, dtype=torch.long, device=device), 0, ALPHA, IGNORE)
-    assert loss.shape == (0,) and lse.shape == (0,)
+    assert loss.shape == (0,) and lse.shape == (0, 2)
 
 
 def test_launcher_rejects_bad_layouts(device):
@@ -260,6 +275,27 @@ def test_launcher_rejects_bad_layouts(device):
         rows(logits, labels, 0, ALPHA, IGNORE, None, torch.ones(2, device=device), logits)
     with pytest.raises(ValueError, match="grad_out is required"):
         rows(logits, labels, 0, ALPHA, IGNORE, None, torch.ones(1, device=device), None)
+    with pytest.raises(ValueError, match="stats_in must be a \\[4, 2\\] float64"):
+        rows(logits, labels, 0, ALPHA, IGNORE, torch.zeros(4, device=device))
+
+
+def test_non_finite_and_out_of_range_rows(device):
+    """NaN/+inf in a kept row: NaN loss, stats and gradient; in an ignored row: exactly 0;
+    a label outside [0, V): NaN, never read."""
+    logits = torch.randn(5, 40, generator=seeded(1))
+    logits[0, 3] = float("nan")
+    logits[1, 7] = float("inf")
+    logits[2, 5] = float("nan")   # ignored row
+    logits[3, 9] = float("nan")   # ignored row, in place below
+    labels = torch.tensor([1, 2, IGNORE, IGNORE, 40])
+    logits, labels = logits.to(device), labels.to(device)
+    for mode in (0, 1, 2):
+        buf = logits.clone()
+        loss, stats = rows(buf, labels, mode, ALPHA, IGNORE, None,
+                           torch.ones(1, device=device), buf)
+        assert torch.isnan(loss[[0, 1, 4]]).all() and torch.isnan(stats[[0, 1, 4]]).all()
+        assert torch.isnan(buf[[0, 1, 4]]).all()
+        assert (loss[2:4] == 0).all() and (stats[2:4] == 0).all() and (buf[2:4] == 0).all()
 
 
 BIG_N, BIG_VOCAB, BIG_STRIDE = 3, 40, 2**30 + 64  # the stride fits int32; 2 * stride does not
@@ -273,9 +309,9 @@ def check_big_row_stride(base: torch.Tensor) -> None:
     x.copy_(vals)
     labels = torch.tensor([1, 5, 39], device=base.device)
     scale = torch.ones(1, device=base.device)
-    _, lse = rows(x, labels, 0, ALPHA, IGNORE, None, scale, x)  # gradient in place, too
+    _, stats = rows(x, labels, 0, ALPHA, IGNORE, None, scale, x)  # gradient in place, too
     _, ref_lse, ref_grad, slack = oracle(vals, labels.cpu(), 0, ALPHA, scale.cpu())
-    assert_within("lse (big stride)", lse.cpu(), ref_lse, LOGP_ERR * (1 + ref_lse.abs()))
+    assert_within("lse (big stride)", stats[:, 0].cpu(), ref_lse, LOGP_ERR * (1 + ref_lse.abs()))
     assert_within("grad (big stride)", x.cpu(), ref_grad,
                   grad_tolerance(ref_grad, slack, torch.bfloat16))
 

@@ -80,7 +80,7 @@ def default_solver(gram: torch.Tensor) -> torch.Tensor:
     together with the losses."""
     from unlearnopt.ops.min_norm import min_norm
 
-    return min_norm(gram, check_finite=False).weights
+    return min_norm(gram, check=False).weights
 
 
 class MinNormWeights(Weighting):

@@ -13,7 +13,8 @@ at the float32 vector rate).
   Gauss-Jordan elimination without pivoting (G'_S is positive definite on affinely
   independent faces; a pivot below PIVOT_TOL rejects the face), ``w = u / sum(u)``,
   and the feasible face with the smallest KKT residual is kept, all with lane masks.
-* K > 8: the reference FISTA path as batched torch ops on the same device.
+* K > 8: the reference active set (Lawson-Hanson) as batched torch ops on the same
+  device, a fixed number of masked steps (no host synchronisation).
 
 No host synchronisation; the launch is CUDA-graph capturable.
 """
@@ -114,12 +115,13 @@ def _min_norm_kernel(g_ptr, w_ptr, v_ptr, B, K: tl.constexpr, KP: tl.constexpr,
     tl.store(v_ptr + rows, value, mask=row_ok)
 
 
-def min_norm_batched(gram: torch.Tensor, iters: int = ref.FISTA_ITERS):
-    """Weights ``[B, K]`` and values ``[B]`` (float64) for contiguous float64 ``gram``."""
+def min_norm_batched(gram: torch.Tensor, max_steps: int | None = None):
+    """Weights ``[B, K]`` and values ``[B]`` (float64) for contiguous float64 ``gram``;
+    ``max_steps`` caps the active-set steps for K > 8."""
     assert gram.dtype == torch.float64 and gram.is_contiguous() and gram.dim() == 3
     b, k, _ = gram.shape
     if k > ref.ENUM_MAX_K:
-        return ref.min_norm(gram, iters)
+        return ref.min_norm(gram, max_steps)
     w = torch.empty(b, k, dtype=torch.float64, device=gram.device)
     v = torch.empty(b, dtype=torch.float64, device=gram.device)
     if b == 0:

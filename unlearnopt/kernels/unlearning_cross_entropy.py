@@ -1,12 +1,23 @@
 """Triton row kernel of the fused unlearning cross-entropy (``nll`` / ``ga`` / ``uce``).
 
-One program per row. Pass 1 streams the row in ``BLOCK_V`` chunks with an online
-log-sum-exp (running max ``m`` and a sum ``s`` rescaled by ``exp(m_old - m_new)`` whenever
-the max grows), all in float32, and keeps only ``lse`` per row. Pass 2 (when a gradient
-scale is given) streams the row again and writes the gradient. The forward of the op runs
-pass 1; its backward runs pass 2 with the saved ``lse``; a caller that knows the upstream
-scale up front (fused linear CE) gets loss and gradient from ONE launch (pass 1 then pass 2
-over the same row; for short rows the second read can come from L2).
+One program per row. Pass 1 streams the row in ``BLOCK_V`` chunks with an online sum of
+exp over every column but the label's (running max ``m``, sum ``s`` rescaled by
+``exp(m_old - m_new)`` whenever the max grows), in float32, then forms per row, in
+float64, ``lse = m + log(s + exp(z_y - m))`` and ``q = 1 - p_y = s / (s + exp(z_y - m))``:
+the sum over the other classes keeps 1 - p_y free of cancellation near p_y = 1, and with
+it the nll loss ``-log1p(-q)``, the uce coefficient and the label's gradient entry. The
+row's stats ``(lse, q)`` are stored as float64. Only additions, products and quotients
+run in float64; exp and log stay float32 (float64 transcendentals are not lowered on
+every GPU), which costs nothing here: each is of a small, well-scaled argument. Pass 2 (when a gradient scale is given)
+streams the row again and writes the gradient, ``p_j = exp((z_j - hi) - lo)`` with the
+lse split into two floats (a float32 lse near 40 is off by up to 2e-6, an error every
+p_j would inherit). The forward of the op runs pass 1; its backward runs pass 2 with the
+saved stats; a caller that knows the upstream scale up front (fused linear CE) gets loss
+and gradient from ONE launch.
+
+Non-finite input: a NaN or +inf logit in a kept row gives NaN loss, stats and gradient;
+ignored rows get 0 loss, 0 stats and a zero gradient whatever they hold; a label outside
+[0, V) (not ignore_index) is never read and gives a NaN loss, stats and gradient row.
 
 Imported lazily (``import triton`` happens here only), see ``unlearnopt.kernels``.
 """
@@ -22,26 +33,35 @@ from unlearnopt.kernels._launch import check_gradient_args, device_guard, row_la
 MODE_NLL, MODE_GA, MODE_UCE = 0, 1, 2
 
 
+@triton.jit
+def _log1p(x):
+    """log(1 + x) to full relative precision without libdevice: with u = 1 + x rounded,
+    log(u) * x / (u - 1) cancels the rounding of u (Goldberg)."""
+    u = 1.0 + x
+    den = tl.where(u == 1.0, 1.0, u - 1.0)
+    return tl.where(u == 1.0, x, tl.log(u) * (x / den))
+
+
 @triton.heuristics({
     # Every chunk is full: loads and stores drop their masks.
     "EVEN_V": lambda args: args["V"] % args["BLOCK_V"] == 0,
-    # Backward / fused call: lse comes from the forward, skip pass 1.
-    "HAS_LSE_IN": lambda args: args["lse_in_ptr"] is not None,
+    # Backward / fused call: the stats come from the forward, skip pass 1.
+    "HAS_STATS_IN": lambda args: args["stats_in_ptr"] is not None,
     "HAS_GRAD": lambda args: args["scale_ptr"] is not None,
 })
 @triton.jit
 def _unlearning_ce_rows_kernel(
     logits_ptr, logits_row_stride,
     labels_ptr,
-    loss_ptr, lse_ptr,
-    lse_in_ptr,
+    loss_ptr, stats_ptr,
+    stats_in_ptr,
     scale_ptr, scale_stride,
     grad_ptr, grad_row_stride,
     V, alpha, ignore_index,
     MODE: tl.constexpr,
     BLOCK_V: tl.constexpr,
     EVEN_V: tl.constexpr,
-    HAS_LSE_IN: tl.constexpr,
+    HAS_STATS_IN: tl.constexpr,
     HAS_GRAD: tl.constexpr,
 ):
     # int64 before multiplying by the stride: row * stride passes 2^31 on big batches.
@@ -49,12 +69,14 @@ def _unlearning_ce_rows_kernel(
     z_row = logits_ptr + row * logits_row_stride
     y = tl.load(labels_ptr + row)
     keep = y != ignore_index
-    y_safe = tl.where(keep, y, 0)
+    valid = (y >= 0) & (y < V)
+    y_safe = tl.where(keep & valid, y, 0)
     # Read before pass 2: with grad_ptr == logits_ptr the row is overwritten there.
     z_y = tl.load(z_row + y_safe).to(tl.float32)
 
-    if HAS_LSE_IN:
-        lse = tl.load(lse_in_ptr + row)
+    if HAS_STATS_IN:
+        lse = tl.load(stats_in_ptr + 2 * row)
+        q = tl.load(stats_in_ptr + 2 * row + 1)
     else:
         m = tl.full((), float("-inf"), tl.float32)
         s = tl.zeros((), tl.float32)
@@ -64,38 +86,61 @@ def _unlearning_ce_rows_kernel(
                 z = tl.load(z_row + cols).to(tl.float32)
             else:
                 z = tl.load(z_row + cols, mask=cols < V, other=float("-inf")).to(tl.float32)
+            z = tl.where(cols == y_safe, float("-inf"), z)  # the label's column: not summed
             m_new = tl.maximum(m, tl.max(z, axis=0))
-            s = s * tl.exp(m - m_new) + tl.sum(tl.exp(z - m_new), axis=0)
+            # exp(-inf - -inf) would be NaN while nothing finite has been seen.
+            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+            s = s * tl.exp(m - m_safe) + tl.sum(tl.exp(z - m_safe), axis=0)
             m = m_new
-        lse = m + tl.log(s)
-        tl.store(lse_ptr + row, lse)
+        # z_y into the max. Transcendentals stay float32 (no float64 exp/log on every GPU);
+        # the sums and the lse are formed in float64.
+        m_all = tl.maximum(m, z_y)
+        m_all = tl.where(m_all == float("-inf"), 0.0, m_all)
+        others = tl.where(s == 0.0, 0.0, s.to(tl.float64) * tl.exp(m - m_all).to(tl.float64))
+        e_y = tl.exp(z_y - m_all).to(tl.float64)
+        total = others + e_y
+        # total is 1 + rest (the max term is 1): log1p keeps a small rest's digits.
+        lse = m_all.to(tl.float64) + _log1p((total - 1.0).to(tl.float32)).to(tl.float64)
+        q = others / total
+        # tl.maximum drops a NaN z_y; a NaN label logit must still poison the row.
+        label_nan = z_y != z_y  # noqa: PLR0124 (the NaN test, inside a Triton kernel)
+        lse = tl.where(label_nan, float("nan"), lse)
+        q = tl.where(label_nan, float("nan"), q)
+    bad = keep & ~valid
+    lse = tl.where(bad, float("nan"), tl.where(keep, lse, 0.0))
+    q = tl.where(bad, float("nan"), tl.where(keep, q, 0.0))
+    if not HAS_STATS_IN:
+        tl.store(stats_ptr + 2 * row, lse)
+        tl.store(stats_ptr + 2 * row + 1, q)
 
-    log_p_y = z_y - lse
-    p_y = tl.exp(log_p_y)
+    # Loss and row coefficient c (d loss / d z = c (p - e_y)):
+    # nll = -log1p(-q) while p_y > 1/2, else lse - z_y; uce's 1 - a p_y as (1 - a) + a q
+    # once a p_y >= 1/2 (no cancellation even for a = 1).
+    hi = lse.to(tl.float32)
+    lo = (lse - hi.to(tl.float64)).to(tl.float32)
+    p_y = tl.exp((z_y - hi) - lo)
+    q32 = q.to(tl.float32)
+    nll = tl.where(q32 < 0.5, -_log1p(-tl.where(q32 < 0.5, q32, 0.0)),
+                   (lse - z_y.to(tl.float64)).to(tl.float32))
     if MODE == 0:
-        loss = -log_p_y
+        loss = nll
+        c = 1.0
     elif MODE == 1:
-        loss = log_p_y
+        loss = -nll
+        c = -1.0
     else:
-        # -log1p(-a p_y) without libdevice: with u = 1 - a p_y rounded, log(u) * x / (u - 1)
-        # (x = -a p_y) cancels the rounding of u (Goldberg), so small a p_y keep full precision.
-        x = -alpha * p_y
-        u = 1.0 + x
-        safe_den = tl.where(u == 1.0, 1.0, u - 1.0)
-        loss = -tl.where(u == 1.0, x, tl.log(u) * (x / safe_den))
-    tl.store(loss_ptr + row, tl.where(keep, loss, 0.0))
+        ap = alpha * p_y
+        small = ap < 0.5
+        one_minus = tl.where(small, 1.0 - ap, ((1.0 - alpha) + alpha * q).to(tl.float32))
+        loss = tl.where(small, -_log1p(-tl.where(small, ap, 0.0)), -tl.log(one_minus))
+        c = -ap / one_minus
+    loss = tl.where(bad, float("nan"), tl.where(keep, loss, 0.0))
+    tl.store(loss_ptr + row, loss)
 
     if HAS_GRAD:
-        # d loss / d z_j = c (p_j - [j == y]) with c = 1 (nll), -1 (ga),
-        # -(a p_y) / (1 - a p_y) (uce: d/dz_j of -log(1 - a p_y) = -a p_y (e_y - p)_j / (1 - a p_y)).
-        if MODE == 0:
-            c = 1.0
-        elif MODE == 1:
-            c = -1.0
-        else:
-            c = -(alpha * p_y) / (1.0 - alpha * p_y)
         scale = tl.load(scale_ptr + row * scale_stride)
         coef = tl.where(keep, scale * c, 0.0)
+        label_term = -coef * q32  # coef * (p_y - 1)
         g_row = grad_ptr + row * grad_row_stride
         for start in range(0, V, BLOCK_V):
             cols = start + tl.arange(0, BLOCK_V)
@@ -103,10 +148,10 @@ def _unlearning_ce_rows_kernel(
                 z = tl.load(z_row + cols).to(tl.float32)
             else:
                 z = tl.load(z_row + cols, mask=cols < V, other=0.0).to(tl.float32)
-            p = tl.exp(z - lse)
-            # The true-class term p_y - 1 is formed in fp32 and stored once: correcting a
-            # bf16-rounded p_y afterwards would lose most of its digits near p_y = 1.
-            g = (coef * tl.where(cols == y, p - 1.0, p)).to(grad_ptr.dtype.element_ty)
+            p = tl.exp((z - hi) - lo)
+            g = tl.where(cols == y_safe, label_term, coef * p)
+            # Ignored rows: exactly 0 (0 * p would be NaN for a NaN logit).
+            g = tl.where(keep, g, 0.0).to(grad_ptr.dtype.element_ty)
             if EVEN_V:
                 tl.store(g_row + cols, g)
             else:
@@ -126,21 +171,21 @@ def unlearning_cross_entropy_rows(
     mode: int,
     alpha: float,
     ignore_index: int,
-    lse_in: torch.Tensor | None = None,
+    stats_in: torch.Tensor | None = None,
     grad_scale: torch.Tensor | None = None,
     grad_out: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-row loss and log-sum-exp, and optionally the gradient, in one launch.
+    """Per-row loss and stats ``(lse, 1 - p_y)``, and optionally the gradient, in one launch.
 
     Args:
         logits: ``[N, V]`` float32 / bfloat16 / float16, unit column stride, any row stride.
-        labels: ``[N]`` int64, in ``[0, V)`` or ``ignore_index`` (not range-checked here).
-        mode: 0 = nll (``lse - z_y``), 1 = ga (``z_y - lse``), 2 = uce
-            (``-log1p(-alpha * exp(z_y - lse))``).
+        labels: ``[N]`` int64, in ``[0, V)`` or ``ignore_index`` (others give NaN rows).
+        mode: 0 = nll (``-log p_y``), 1 = ga (``log p_y``), 2 = uce
+            (``-log(1 - alpha p_y)``).
         alpha: the uce parameter (unused by the other modes).
         ignore_index: rows with this label get loss 0 and gradient 0.
-        lse_in: ``[N]`` float32 log-sum-exp from an earlier call; skips the reduction pass and
-            is returned as ``lse``.
+        stats_in: ``[N, 2]`` float64 stats from an earlier call; skips the reduction pass
+            and is returned as ``stats``.
         grad_scale: float32 with 1 (broadcast) or N elements. When given, writes
             ``grad_out[i] = grad_scale[i] * c_i * (softmax(logits[i]) - onehot(y_i))``, with
             ``c = 1, -1, -alpha p_y / (1 - alpha p_y)`` for nll, ga, uce.
@@ -148,7 +193,8 @@ def unlearning_cross_entropy_rows(
             ``logits`` itself: the gradient then overwrites the logits in place.
 
     Returns:
-        ``(loss [N] float32, lse [N] float32)``; loss is 0 at ignored rows.
+        ``(loss [N] float32, stats [N, 2] float64)``; rows ``(lse, 1 - p_y)``, both 0
+        (and the loss 0) at ignored rows.
     """
     if logits.dim() != 2 or logits.stride(1) != 1:
         raise ValueError(f"logits must be [N, V] with unit column stride, got shape "
@@ -161,23 +207,27 @@ def unlearning_cross_entropy_rows(
     device = logits.device
     _check_rows("labels", labels, n, torch.int64, device)
     labels = labels.contiguous()
-    if lse_in is not None:
-        _check_rows("lse_in", lse_in, n, torch.float32, device)
-        lse_in = lse_in.contiguous()
+    if stats_in is not None:
+        if stats_in.dtype != torch.float64 or tuple(stats_in.shape) != (n, 2) \
+                or stats_in.device != device:
+            raise ValueError(f"stats_in must be a [{n}, 2] float64 tensor on {device}, got "
+                             f"{tuple(stats_in.shape)} {stats_in.dtype} on {stats_in.device}")
+        stats_in = stats_in.contiguous()
     grad_scale, scale_stride = check_gradient_args(logits, grad_scale, grad_out)
 
     loss = torch.empty(n, dtype=torch.float32, device=device)
-    lse = lse_in if lse_in is not None else torch.empty(n, dtype=torch.float32, device=device)
+    stats = stats_in if stats_in is not None else torch.empty(n, 2, dtype=torch.float64,
+                                                              device=device)
     if n == 0:
-        return loss, lse
+        return loss, stats
 
     block_v, num_warps = row_launch_settings(vocab, logits.dtype, rows_per_chunk=1)
     with device_guard(device):
         _unlearning_ce_rows_kernel[(n,)](
             logits, logits.stride(0),
             labels,
-            loss, lse,
-            lse_in,
+            loss, stats,
+            stats_in,
             grad_scale, scale_stride,
             grad_out, grad_out.stride(0) if grad_out is not None else 0,
             vocab, float(alpha), int(ignore_index),
@@ -185,4 +235,4 @@ def unlearning_cross_entropy_rows(
             BLOCK_V=block_v,
             num_warps=num_warps,
         )
-    return loss, lse
+    return loss, stats

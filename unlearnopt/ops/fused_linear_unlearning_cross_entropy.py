@@ -35,30 +35,31 @@ from unlearnopt.reference import unlearning_cross_entropy as ref
 NAME = "fused_linear_unlearning_cross_entropy"
 
 
-def _run(h2d, weight, bias, labels1d, cfg, scale, lse_in, want):
-    """One pass of the chunk loop: loss and lse per token, and the gradients when ``scale``
-    (float32, 1 or N elements) is given. ``lse_in``: the forward's lse (the backward pass)."""
+def _run(h2d, weight, bias, labels1d, cfg, scale, stats_in, want):
+    """One pass of the chunk loop: loss and row statistics per token (``[N, 2]`` float64:
+    log-sum-exp and 1 - p_y), and the gradients when ``scale`` (float32, 1 or N elements) is
+    given. ``stats_in``: the forward's statistics (the backward pass)."""
     mode_id, alpha, ignore_index, backend, chunk = cfg
     rows = kernel(OP, backend)
     n = h2d.shape[0]
     loss = torch.empty(n, dtype=torch.float32, device=h2d.device)
-    lse = torch.empty(n, dtype=torch.float32, device=h2d.device)
+    stats = torch.empty(n, 2, dtype=torch.float64, device=h2d.device)
 
     def step(lo, hi, logits):
-        part_lse = None if lse_in is None else lse_in[lo:hi]
+        part_stats = None if stats_in is None else stats_in[lo:hi]
         if scale is None:
-            loss[lo:hi], lse[lo:hi] = rows(logits, labels1d[lo:hi], mode_id, alpha, ignore_index,
-                                           part_lse, None, None)
+            loss[lo:hi], stats[lo:hi] = rows(logits, labels1d[lo:hi], mode_id, alpha,
+                                             ignore_index, part_stats, None, None)
             return None
         part = scale if scale.numel() == 1 else scale[lo:hi]
         # The kernel overwrites ``logits`` with d(loss)/d(logits), scaled.
-        out = rows(logits, labels1d[lo:hi], mode_id, alpha, ignore_index, part_lse, part, logits)
-        if lse_in is None:
-            loss[lo:hi], lse[lo:hi] = out
+        out = rows(logits, labels1d[lo:hi], mode_id, alpha, ignore_index, part_stats, part, logits)
+        if stats_in is None:
+            loss[lo:hi], stats[lo:hi] = out
         return logits
 
     grads = chunk_loop(h2d, weight, bias, chunk, step, want if scale is not None else (False,) * 3)
-    return loss, lse, grads
+    return loss, stats, grads
 
 
 class FusedLinearUnlearningCrossEntropyFunction(torch.autograd.Function):
@@ -73,9 +74,9 @@ class FusedLinearUnlearningCrossEntropyFunction(torch.autograd.Function):
         ctx.recompute = reduction == "none" and head_grad
         ctx.head_grads = None
         if not any(want) or ctx.recompute:
-            loss, lse, _ = _run(h2d, weight, bias, labels1d, cfg, None, None, want)
+            loss, stats, _ = _run(h2d, weight, bias, labels1d, cfg, None, None, want)
             if ctx.recompute:
-                ctx.save_for_backward(h2d, weight, bias, labels1d, lse)
+                ctx.save_for_backward(h2d, weight, bias, labels1d, stats)
         else:
             unit = torch.ones((), dtype=torch.float32, device=hidden.device)
             scale = upstream_scale(unit, "sum" if reduction == "none" else reduction, count)
@@ -89,9 +90,9 @@ class FusedLinearUnlearningCrossEntropyFunction(torch.autograd.Function):
     def backward(ctx, grad_output):
         cfg, reduction, want, hidden_shape, w_dtype, b_dtype = ctx.config
         if ctx.recompute:
-            h2d, weight, bias, labels1d, lse = ctx.saved_tensors
+            h2d, weight, bias, labels1d, stats = ctx.saved_tensors
             scale = grad_output.float().reshape(-1).contiguous()
-            _, _, (gh, gw, gb) = _run(h2d, weight, bias, labels1d, cfg, scale, lse, want)
+            _, _, (gh, gw, gb) = _run(h2d, weight, bias, labels1d, cfg, scale, stats, want)
         else:
             gh, gw, gb = take_scaled(ctx, NAME, grad_output, per_token=reduction == "none")
         return (None if gh is None else gh.view(hidden_shape),

@@ -8,18 +8,17 @@ the weights of the minimum-norm point ``d = sum_i w_i g_i`` of the convex hull o
 g_i. Then ``<d, g_i> >= |d|^2`` for every i (the KKT conditions): d is a common descent
 direction (MGDA). :func:`kkt_residual` measures how far weights are from satisfying them.
 
-Exactness: K = 1 trivially, K = 2 in closed form, 3 <= K <= 8 exactly by enumerating the
-faces of the simplex (KKT residual at float64 rounding, ~1e-16), K > 8 by FISTA with a
-fixed iteration budget plus equality-solve polishing (usually exact; not guaranteed:
-check :func:`kkt_residual`). The algorithm, its tolerances and why enumeration was chosen
-up to K = 8 are documented in ``unlearnopt/reference/min_norm.py``; every backend follows
-it in float64.
+Exactness: K = 1 trivially, K = 2 in closed form, 3 <= K <= 8 by enumerating the faces of
+the simplex, K > 8 by an active-set method (Lawson-Hanson NNLS on ``G + 11^T``); all reach
+KKT residuals at float64 rounding (~1e-15). The algorithm and its tolerances are
+documented in ``unlearnopt/reference/min_norm.py``; every backend follows it in float64.
 
 Backends: ``native`` (C++, OpenMP over problems; faces depth first with incremental
-Cholesky), ``triton`` (one program per block of problems, each lane one problem, float64
-registers; K > 8 runs the reference FISTA as batched torch ops on the same device),
+Cholesky; the active set one problem at a time, stopping when optimal), ``triton`` (one
+program per block of problems, each lane one problem, float64 registers; K > 8 runs the
+reference active set as batched torch ops on the same device, a fixed number of steps),
 ``reference`` (batched torch ops). None of them synchronises with the host; only the
-optional finiteness check at this boundary does.
+optional input check at this boundary does (``check=True``, one sync).
 """
 
 from __future__ import annotations
@@ -27,7 +26,7 @@ from __future__ import annotations
 import torch
 
 from unlearnopt.ops._backend import choose_backend, kernel
-from unlearnopt.ops._checks import check_float
+from unlearnopt.ops._checks import check_float, check_gram_values
 from unlearnopt.reference import min_norm as ref
 from unlearnopt.reference.min_norm import MinNorm
 
@@ -41,17 +40,8 @@ def _validate_gram(gram) -> None:
                          f"{tuple(gram.shape)}")
 
 
-def _check_finite(gram: torch.Tensor) -> None:
-    # One host sync; callers that capture CUDA graphs pass check_finite=False.
-    if gram.is_cuda and torch.cuda.is_current_stream_capturing():
-        return
-    if gram.numel() and not bool(torch.isfinite(gram).all()):
-        raise ValueError("gram contains NaN or Inf; min_norm needs finite Gram matrices "
-                         "(pass check_finite=False to skip this check)")
-
-
 @torch.compiler.disable
-def min_norm(gram: torch.Tensor, *, iters: int = ref.FISTA_ITERS, check_finite: bool = True,
+def min_norm(gram: torch.Tensor, *, iters: int | None = None, check: bool = True,
              backend: str | None = None) -> MinNorm:
     """Min-norm point of the convex hull of K vectors, given their Gram matrix, batched.
 
@@ -59,9 +49,15 @@ def min_norm(gram: torch.Tensor, *, iters: int = ref.FISTA_ITERS, check_finite: 
         gram: ``[B, K, K]`` or ``[K, K]`` Gram matrices (float32 / bfloat16 / float16 /
             float64). Symmetrised as ``(G + G^T) / 2``; tiny negative eigenvalues from
             rounding are harmless. All math is float64.
-        iters: FISTA iterations for K > 8 (ignored for K <= 8, which is exact).
-        check_finite: raise ``ValueError`` on NaN/Inf (one host sync). Turn off for CUDA
-            graph capture; non-finite input then gives unspecified weights.
+        iters: cap on the active-set steps for K > 8 (each adds or drops one index;
+            default ``4 K + 16``, about twice what the method needs); ignored for K <= 8.
+        check: raise ``ValueError`` when ``gram`` holds NaN/Inf or is clearly not a Gram
+            matrix (a diagonal entry below 0, asymmetry, or ``|G_ij| > sqrt(G_ii G_jj)``,
+            each beyond rounding): one host sync, so a caller that already validates its
+            Gram (the unlearner) or captures CUDA graphs passes ``check=False``; such
+            input then gives unspecified (finite or not) weights. Indefinite matrices
+            that pass these tests (e.g. three vectors with pairwise-consistent but
+            impossible angles) are not detected.
         backend: ``"auto"`` / ``"triton"`` / ``"native"`` / ``"reference"``; default from
             ``UNLEARNOPT_BACKEND``.
 
@@ -83,20 +79,22 @@ def min_norm(gram: torch.Tensor, *, iters: int = ref.FISTA_ITERS, check_finite: 
         tensor([0.5000, 0.5000])
     """
     _validate_gram(gram)
-    if not isinstance(iters, int) or iters < 0:
-        raise ValueError(f"iters must be a non-negative int, got {iters!r}")
-    if check_finite:
-        _check_finite(gram)
+    if iters is not None and (not isinstance(iters, int) or isinstance(iters, bool)
+                              or iters < 0):
+        raise ValueError(f"iters must be None or a non-negative int, got {iters!r}")
+    if check:
+        check_gram_values("gram", gram)
     single = gram.dim() == 2
     g3 = gram.unsqueeze(0) if single else gram
     out_dtype = torch.promote_types(gram.dtype, torch.float32)
     chosen = choose_backend("min_norm", backend, gram.device)
     with torch.no_grad():
         g64 = g3.detach().to(torch.float64).contiguous()
+        steps = ref.default_max_steps(g64.shape[-1]) if iters is None else iters
         if chosen == "reference":
-            w, value = ref.min_norm(g64, iters)
+            w, value = ref.min_norm(g64, steps)
         else:
-            w, value = kernel("min_norm", chosen)(g64, iters)
+            w, value = kernel("min_norm", chosen)(g64, steps)
         w, value = w.to(out_dtype), value.to(out_dtype)
     if single:
         return MinNorm(w[0], value[0])

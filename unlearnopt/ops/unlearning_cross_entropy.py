@@ -37,10 +37,14 @@ MODE_ID = {"nll": 0, "ga": 1, "uce": 2}
 
 # Row kernel contract, the same for ``kernel("unlearning_cross_entropy", "triton"|"native")``:
 # ``rows(logits [N, V] (row stride free, unit column stride), labels [N] int64, mode_id, alpha,
-# ignore_index, lse_in [N] f32 | None, grad_scale f32 (1 or N elements) | None,
-# grad_out [N, V] | None) -> (loss [N] f32, lse [N] f32)``. With ``grad_scale`` it also writes
-# ``grad_scale[i] * c_i * (p_i - e_y)`` into ``grad_out`` (which may be ``logits`` itself);
-# ignored rows get zeros.
+# ignore_index, stats_in [N, 2] f64 | None, grad_scale f32 (1 or N elements) | None,
+# grad_out [N, V] | None) -> (loss [N] f32, stats [N, 2] f64)``. A row's stats are
+# ``(lse, 1 - p_y)``, the second summed over the other classes (no cancellation near
+# p_y = 1); ``stats_in`` (from an earlier call) skips the reduction pass. With ``grad_scale``
+# it also writes ``grad_scale[i] * c_i * (p_i - e_y)`` into ``grad_out`` (which may be
+# ``logits`` itself). Ignored rows get loss 0, stats 0 and zeros, whatever their logits; a
+# NaN/+inf logit in a kept row gives NaN; a label outside [0, V) gives a NaN loss and
+# gradient row.
 OP = "unlearning_cross_entropy"
 
 
@@ -87,10 +91,10 @@ class UnlearningCrossEntropyFunction(torch.autograd.Function):
             logits2d = logits2d.contiguous()
         labels1d = labels.reshape(-1).long()
         rows = kernel(OP, backend)
-        loss_rows, lse = rows(logits2d, labels1d, MODE_ID[mode], float(alpha), ignore_index,
+        loss_rows, stats = rows(logits2d, labels1d, MODE_ID[mode], float(alpha), ignore_index,
                               None, None, None)
         count = (labels1d != ignore_index).sum()
-        ctx.save_for_backward(logits2d, labels1d, lse, count)
+        ctx.save_for_backward(logits2d, labels1d, stats, count)
         ctx.config = (mode, float(alpha), ignore_index, reduction, backend, inplace_backward,
                       logits.shape)
         out = reduce_rows(loss_rows, reduction, count)
@@ -99,10 +103,10 @@ class UnlearningCrossEntropyFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_output):
         mode, alpha, ignore_index, reduction, backend, inplace_backward, shape = ctx.config
-        logits2d, labels1d, lse, count = ctx.saved_tensors
+        logits2d, labels1d, stats, count = ctx.saved_tensors
         grad = logits2d if inplace_backward else torch.empty_like(logits2d)
         scale = upstream_scale(grad_output, reduction, count)
-        kernel(OP, backend)(logits2d, labels1d, MODE_ID[mode], alpha, ignore_index, lse, scale,
+        kernel(OP, backend)(logits2d, labels1d, MODE_ID[mode], alpha, ignore_index, stats, scale,
                                grad)
         return grad.view(shape), None, None, None, None, None, None, None
 
@@ -117,10 +121,13 @@ def unlearning_cross_entropy(logits: torch.Tensor, labels: torch.Tensor, mode: s
     Args:
         logits: ``[N, V]`` or ``[B, T, V]``, float32 / bfloat16 / float16 (math is float32).
             Labels are *not* shifted here: position t is scored against ``labels[t]``.
-        labels: ``[N]`` or ``[B, T]`` integer, in ``[0, V)`` or ``ignore_index``.
+        labels: ``[N]`` or ``[B, T]`` int64/int32, in ``[0, V)`` or ``ignore_index``
+            (range read on the host for CPU tensors only; elsewhere a label out of range
+            gives that token a NaN loss, see ``unlearnopt.ops._checks``).
         mode: ``"nll"`` (-log p_y, plain CE), ``"ga"`` (+log p_y, gradient ascent as a loss),
             ``"uce"`` (-log(1 - alpha p_y), MOLLM's bounded unlearning CE).
-        ignore_index: label value that contributes no loss and no gradient.
+        ignore_index: label value that contributes no loss and no gradient (exactly 0,
+            whatever that row's logits hold; a NaN/Inf logit in a kept row gives NaN).
         reduction: ``"mean"`` over non-ignored tokens (0 if there are none), ``"sum"``, or
             ``"none"`` (float32, shape of ``labels``, 0 at ignored tokens).
         alpha: the ``uce`` parameter in (0, 1]; the loss is bounded by -log(1 - alpha).

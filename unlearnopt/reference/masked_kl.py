@@ -1,13 +1,15 @@
 """Reference masked KL divergence to the original model: plain PyTorch, autograd does the gradient.
 
 Per token t, with p = softmax(logits_t / T) (the model), q = softmax(ref_logits_t / T) (the
-frozen original), vocabulary mask u and token mask m (METHODS.md, SIU's DMK):
+frozen original), vocabulary mask u and token mask m (SIU's dual masked KL):
 
     forward: KL_t = sum_v u_v q_v (log q_v - log p_v)     = KL(q || p) when u = 1
     reverse: KL_t = sum_v u_v p_v (log p_v - log q_v)     = KL(p || q) when u = 1
 
 The masks multiply the terms; the distributions are NOT renormalised after masking.
-Token losses are ``m_t * KL_t`` (exactly 0 where ``m_t == 0``). ``mean`` divides the sum by
+Token losses are ``m_t * KL_t`` (exactly 0, with exactly 0 gradient, where ``m_t == 0``,
+whatever the logits hold there, NaN included; a non-finite logit of a kept token makes
+its loss non-finite). ``mean`` divides the sum by
 the number of tokens with ``m_t != 0`` (for a float mask: ``sum_t m_t KL_t / #(m_t != 0)``),
 giving 0 when every token is masked. ``ref_logits`` is detached: no gradient reaches it.
 float64 inputs are computed in float64, everything else in float32.
@@ -64,8 +66,14 @@ def masked_kl(logits: torch.Tensor, ref_logits: torch.Tensor,
     ``reduction="none"`` returns ``m_t * KL_t`` with the shape of ``logits.shape[:-1]``.
     """
     vocab = logits.shape[-1]
-    kl = token_kl(logits.reshape(-1, vocab), ref_logits.reshape(-1, vocab), vocab_mask, direction,
-                  temperature)
+    flat, ref_flat = logits.reshape(-1, vocab), ref_logits.reshape(-1, vocab)
+    if token_mask is not None:
+        # Masked tokens see zero logits: their gradient is exactly 0 even for NaN logits
+        # (0 * NaN through the softmax backward would be NaN), as in the fused kernels.
+        off = token_mask.reshape(-1, 1) == 0
+        flat = torch.where(off, torch.zeros_like(flat), flat)
+        ref_flat = torch.where(off, torch.zeros_like(ref_flat), ref_flat)
+    kl = token_kl(flat, ref_flat, vocab_mask, direction, temperature)
     mask = None
     if token_mask is not None:
         mask = token_mask.reshape(-1).to(kl.dtype)

@@ -27,14 +27,19 @@ How it is solved (all backends follow the same recipe, see ``unlearnopt/ops/min_
   every other face a positive one. (Picking by smallest value instead can, in low
   precision, prefer a neighbouring face whose value differs only below rounding but
   whose KKT residual is large.)
-* ``K > ENUM_MAX_K``: FISTA (accelerated projected gradient, sort-based simplex
-  projection, step ``1/L`` with ``L = 2 min(trace, max absolute row sum) >= 2 lambda_max``)
-  for a fixed number of iterations, then a few "polish" rounds that solve the equality
-  problem on the current support (plus the most violated index) and keep the result when
-  it is feasible and has a smaller KKT residual. Not exact in general: report
-  :func:`kkt_residual`.
+* ``K > ENUM_MAX_K``: exact, by an active-set method: Lawson-Hanson non-negative least
+  squares on the Gram. Writing ``u = t w`` with ``t = sum(u) >= 0``,
+  ``min_{u >= 0} u^T (G + 11^T) u - 2 1^T u = min_{t, w} t^2 q + (t - 1)^2 - 1`` with
+  ``q = w^T G w``; the minimum over t is ``-1 / (1 + q)``, increasing in q, so the NNLS
+  solution u gives ``w* = u / sum(u)``. The method grows a support P one index at a time
+  (the one whose dual ``1 - (Hu)_j`` is largest), solves the equality problem on P by
+  Cholesky, and steps back (dropping an index) when that solution leaves the orthant; it
+  ends when no dual exceeds ``DUAL_TOL``, i.e. at a KKT point, exact to rounding. Steps
+  are capped at ``max_steps`` (default :func:`default_max_steps`), far above what
+  Lawson-Hanson needs in practice (about K adds plus a few drops).
 
-No host synchronisation: every branch on values is a ``torch.where``.
+No host synchronisation on accelerators: every branch on values is a ``torch.where``
+(the active-set loop stops early only for CPU tensors, where reading a flag is free).
 """
 
 from __future__ import annotations
@@ -46,10 +51,9 @@ from typing import NamedTuple
 import torch
 
 ENUM_MAX_K = 8          # exact face enumeration up to here (2^8 - 1 = 255 faces)
-FISTA_ITERS = 500       # fixed iteration budget of the K > ENUM_MAX_K path
-POLISH_ROUNDS = 4       # equality solves on the support after FISTA
 PIVOT_TOL = 1e-13       # smallest accepted Cholesky pivot of G'_S (G scaled to max diag 1)
 FEAS_TOL = 1e-10        # a face's weights may dip this far below 0 and still count
+DUAL_TOL = 1e-13        # active set: an index off the support enters when its dual exceeds this
 CHUNK_FACE_ENTRIES = 1 << 22  # problems x faces x K per enumeration batch (bounds memory)
 
 
@@ -85,23 +89,6 @@ def kkt_residual(gram: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
     comp = torch.where(w > 0, (gw - v).abs(), torch.zeros_like(gw))
     scale = max_diag(g).clamp(min=torch.finfo(torch.float64).tiny)
     return torch.maximum(dual, comp).amax(-1) / scale
-
-
-def project_simplex(x: torch.Tensor) -> torch.Tensor:
-    """Euclidean projection of each row of ``x`` ``[B, K]`` onto the probability simplex.
-
-    Sort-based: with u sorted descending and ``rho`` the last j with
-    ``u_j > (sum_{i<=j} u_i - 1) / j``, the projection is ``max(x - tau, 0)`` where
-    ``tau = (sum_{i<=rho} u_i - 1) / rho``.
-    """
-    k = x.shape[-1]
-    u = x.sort(dim=-1, descending=True).values
-    css = u.cumsum(-1) - 1
-    j = torch.arange(1, k + 1, device=x.device, dtype=x.dtype)
-    positive = u - css / j > 0  # true on a prefix
-    rho = (positive * j).amax(-1, keepdim=True).clamp(min=1)
-    tau = css.gather(-1, rho.long() - 1) / rho
-    return (x - tau).clamp(min=0)
 
 
 def _renormalize(w: torch.Tensor) -> torch.Tensor:
@@ -156,53 +143,96 @@ def _solve_enumerate(gn: torch.Tensor) -> torch.Tensor:
     return best_w
 
 
-def _solve_on_support(gn: torch.Tensor, support: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Affine minimiser on each row's ``support`` ``[B, K]`` bool; returns (w, feasible)."""
-    k = gn.shape[-1]
-    eye = torch.eye(k, dtype=gn.dtype, device=gn.device)
+def _solve_on_support(h: torch.Tensor, support: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``s`` ``[B, K]`` solving ``H_PP s_P = 1_P`` (0 off the support P), and whether the
+    Cholesky pivots of ``H_PP`` all exceed ``PIVOT_TOL`` (P affinely independent)."""
+    k = h.shape[-1]
+    eye = torch.eye(k, dtype=h.dtype, device=h.device)
     both = support.unsqueeze(-1) & support.unsqueeze(-2)
-    a = torch.where(both, gn + 1.0, eye)  # identity off the support keeps it SPD
+    a = torch.where(both, h, eye)  # identity off the support keeps it SPD
     chol, info = torch.linalg.cholesky_ex(a)
     pivots = chol.diagonal(dim1=-2, dim2=-1).square()
-    u = torch.cholesky_solve(support.to(gn.dtype).unsqueeze(-1), chol).squeeze(-1)
-    w = u / u.sum(-1, keepdim=True)
     ok = (info == 0) & (pivots.amin(-1) > PIVOT_TOL)
-    ok = ok & torch.isfinite(w).all(-1) & (w >= -FEAS_TOL).all(-1)
-    w = _renormalize(torch.where(ok.unsqueeze(-1), w, torch.ones_like(w)))
-    return w, ok
+    chol = torch.where(ok[:, None, None], chol, eye)  # keep failed rows finite
+    s = torch.cholesky_solve(support.to(h.dtype).unsqueeze(-1), chol).squeeze(-1)
+    return torch.where(support, s, torch.zeros_like(s)), ok
 
 
-def _solve_fista(gn: torch.Tensor, iters: int) -> torch.Tensor:
-    """FISTA on ``w^T G w`` over the simplex, then equality-solve polishing (K > ENUM_MAX_K)."""
+def default_max_steps(k: int) -> int:
+    """Cap on the active-set steps for K objectives (each step adds or drops one index)."""
+    return 4 * k + 16
+
+
+def _solve_active_set(gn: torch.Tensor, max_steps: int) -> torch.Tensor:
+    """Exact min-norm weights ``[B, K]`` by Lawson-Hanson NNLS on the scaled Gram ``gn``.
+
+    With ``H = G + 11^T``, ``min_{u >= 0} u^T H u - 2 1^T u`` is the NNLS problem
+    ``min_{u >= 0} |[R; 1^T] u - [0; 1]|^2`` (``R^T R = G``); its solution is ``u = t w*``
+    with ``t = 1 / (1 + w*^T G w*)``, so ``w* = u / sum(u)`` (see the module docstring).
+    The dual ``r = 1 - H u`` is ``t ((Gw)_i - v)`` off the support: the KKT residual of w
+    up to the factor ``t`` in [1/2, 1].
+
+    Every problem runs the same state machine, masked, ``max_steps`` times (CPU tensors
+    stop as soon as every problem is done; on accelerators the loop is fixed so nothing
+    synchronises with the host):
+
+    * solve ``H_PP s_P = 1_P`` on the support P;
+    * ``s_P > 0``: accept ``u = s``; if no index off P has ``r_j > DUAL_TOL`` it is
+      optimal, else add the ``j`` with the largest ``r_j``;
+    * some ``s_i <= 0``: move from u towards s until the first coordinate reaches 0
+      (``alpha = min u_i / (u_i - s_i)``) and drop it;
+    * an index that was just added on a rounding-level ``r_j`` can make ``H_PP`` singular
+      (g_j affinely dependent on P: then r_j = 0 exactly) or come back with ``s_j <= 0``
+      (impossible in exact arithmetic): the add is undone and u, optimal on P, is final.
+
+    It starts from the vertex with the smallest norm. Each solve is a Cholesky of the
+    masked ``H`` (identity off P).
+    """
     b, k, _ = gn.shape
-    trace = gn.diagonal(dim1=-2, dim2=-1).sum(-1)
-    rows = gn.abs().sum(-1).amax(-1)
-    lip = (2 * torch.minimum(trace, rows)).clamp(min=torch.finfo(gn.dtype).tiny)
-    step = (1 / lip)[:, None]
-    w = torch.full((b, k), 1.0 / k, dtype=gn.dtype, device=gn.device)
-    y = w
-    t = 1.0
-    for _ in range(iters):
-        grad = 2 * (gn @ y.unsqueeze(-1)).squeeze(-1)
-        w_next = project_simplex(y - step * grad)
-        t_next = (1 + math.sqrt(1 + 4 * t * t)) / 2
-        y = w_next + ((t - 1) / t_next) * (w_next - w)
-        w, t = w_next, t_next
-    best_r = kkt_residual(gn, w)
-    support = w > 0
-    for _ in range(POLISH_ROUNDS):
-        gw = (gn @ w.unsqueeze(-1)).squeeze(-1)
-        support = support | (gw == gw.min(-1, keepdim=True).values)  # add most violated
-        cand, ok = _solve_on_support(gn, support)
-        r = torch.where(ok, kkt_residual(gn, cand), torch.full_like(best_r, math.inf))
-        better = r < best_r
-        w = torch.where(better.unsqueeze(-1), cand, w)
-        best_r = torch.where(better, r, best_r)
-        support = torch.where(ok.unsqueeze(-1), cand > 0, support)
-    return w
+    h = gn + 1.0
+    cols = torch.arange(k, device=gn.device)
+    first = gn.diagonal(dim1=-2, dim2=-1).argmin(-1)
+    support = cols == first[:, None]
+    u = torch.zeros(b, k, dtype=gn.dtype, device=gn.device)
+    last = first.clone()
+    just_added = torch.zeros(b, dtype=torch.bool, device=gn.device)
+    done = torch.zeros(b, dtype=torch.bool, device=gn.device)
+    check_done = gn.device.type == "cpu"  # reading a CPU flag costs no device sync
+    for _ in range(max_steps):
+        if check_done and bool(done.all()):
+            break
+        s, ok = _solve_on_support(h, support)
+        s_last = s.gather(-1, last[:, None]).squeeze(-1)
+        noise = ~ok | (just_added & ~(s_last > 0))
+        undo = ~done & noise
+        feasible = ((s > 0) | ~support).all(-1)
+        r = 1.0 - (h @ s.unsqueeze(-1)).squeeze(-1)
+        r_best, j = torch.where(support, torch.full_like(r, -math.inf), r).max(-1)
+        accept = ~done & ~noise & feasible
+        optimal = accept & ~(r_best > DUAL_TOL)
+        add = accept & ~optimal
+        drop = ~done & ~noise & ~feasible
+        # Drop step: alpha = min over P with s_i <= 0 of u_i / (u_i - s_i), in [0, 1).
+        step = (u - s).clamp(min=torch.finfo(u.dtype).tiny)  # u_i > 0 >= s_i on P, or 0 / tiny
+        ratio = torch.where(support & ~(s > 0), u / step, torch.full_like(u, math.inf))
+        alpha, i_drop = ratio.min(-1)
+        alpha = torch.where(drop, alpha, torch.zeros_like(alpha))
+        moved = u + alpha[:, None] * (s - u)
+        keep = support & (moved > 0) & (cols != i_drop[:, None])
+        u = torch.where(accept[:, None], s,
+                        torch.where(drop[:, None], torch.where(keep, moved, 0.0), u))
+        support = torch.where(undo[:, None] & just_added[:, None], support & (cols != last[:, None]),
+                              torch.where(drop[:, None], keep,
+                                          support | (add[:, None] & (cols == j[:, None]))))
+        last = torch.where(add, j, last)
+        just_added = add
+        done = done | undo | optimal
+    # u is 0 only if rounding emptied the support: the smallest vertex then.
+    u = torch.where(u.sum(-1, keepdim=True) > 0, u, (cols == first[:, None]).to(u.dtype))
+    return _renormalize(u)
 
 
-def solve_scaled(gn: torch.Tensor, iters: int = FISTA_ITERS) -> torch.Tensor:
+def solve_scaled(gn: torch.Tensor, max_steps: int | None = None) -> torch.Tensor:
     """Weights ``[B, K]`` for symmetrised Gram matrices scaled to max diagonal 1 (or all 0)."""
     b, k, _ = gn.shape
     if k == 1:
@@ -213,14 +243,15 @@ def solve_scaled(gn: torch.Tensor, iters: int = FISTA_ITERS) -> torch.Tensor:
         chunk = max(1, CHUNK_FACE_ENTRIES // ((1 << k) * k))
         return torch.cat([_solve_enumerate(part) for part in gn.split(chunk)]) if b else \
             gn.new_zeros(0, k)
-    return _solve_fista(gn, iters)
+    return _solve_active_set(gn, default_max_steps(k) if max_steps is None else max_steps)
 
 
-def min_norm(gram: torch.Tensor, iters: int = FISTA_ITERS) -> MinNorm:
+def min_norm(gram: torch.Tensor, max_steps: int | None = None) -> MinNorm:
     """Min-norm simplex weights of ``gram`` ``[B, K, K]``; float64 math.
 
-    Returns ``MinNorm(weights [B, K], value [B])`` in ``gram``'s dtype promoted to at
-    least float32, without autograd history.
+    ``max_steps`` caps the active-set steps for K > ``ENUM_MAX_K`` (default
+    :func:`default_max_steps`). Returns ``MinNorm(weights [B, K], value [B])`` in
+    ``gram``'s dtype promoted to at least float32, without autograd history.
     """
     out_dtype = torch.promote_types(gram.dtype, torch.float32)
     with torch.no_grad():
@@ -228,7 +259,7 @@ def min_norm(gram: torch.Tensor, iters: int = FISTA_ITERS) -> MinNorm:
         m = max_diag(g)
         zero = ~(m > 0)
         gn = g / torch.where(zero, torch.ones_like(m), m)[:, None, None]
-        w = solve_scaled(gn, iters)
+        w = solve_scaled(gn, max_steps)
         k = g.shape[-1]
         w = torch.where(zero.unsqueeze(-1), torch.full_like(w, 1.0 / k), w)
         value = (w * (g @ w.unsqueeze(-1)).squeeze(-1)).sum(-1)

@@ -1,9 +1,23 @@
 """Reference unlearning cross-entropy: plain PyTorch, autograd does the gradient.
 
-Per token t with label y (METHODS.md):
-    nll: -log p(y)            ga: +log p(y)            uce: -log(1 - alpha * p(y))
-Ignored tokens (label == ignore_index) contribute 0; ``mean`` divides by the number of
-non-ignored tokens (0 tokens -> loss 0, not NaN).
+Per token t with label y and p = softmax(z):
+    nll: -log p_y            ga: +log p_y            uce: -log(1 - alpha * p_y)
+Ignored tokens (label == ignore_index) contribute 0 loss and exactly 0 gradient, whatever
+their logits hold (NaN included); ``mean`` divides by the number of non-ignored tokens
+(0 tokens -> loss 0, not NaN). A non-finite logit in a kept row makes that row's loss and
+gradient non-finite. A label outside [0, V) that is not ignore_index (reachable only when
+the eager label check is off, see ``unlearnopt.ops._checks``) gives a NaN loss and a NaN
+gradient row: it is never read.
+
+Accuracy near p_y = 1 (a confident model, the usual case on a forget set): every quantity
+is written through the label's log-odds ``t = log p_y - log(1 - p_y)``, where
+``log(1 - p_y) = logsumexp_{v != y} log p_v`` is summed over the other classes, so
+``1 - p_y = sigmoid(-t)`` never comes from ``1 - p_y`` in floating point:
+    nll = softplus(-t) = logaddexp(0, -t),  ga = -nll,
+    uce = -log1p(-alpha sigmoid(t))          while alpha p_y < 1/2,
+          -log((1 - alpha) + alpha sigmoid(-t))  above (a sum of non-negative terms).
+The gradient autograd derives from these is ``c (p - e_y)`` with the label entry formed as
+``-sigmoid(-t)`` times a factor, free of cancellation.
 """
 
 from __future__ import annotations
@@ -12,6 +26,29 @@ import torch
 
 MODES = ("nll", "ga", "uce")
 REDUCTIONS = ("mean", "sum", "none")
+# The label's own slot in the "other classes" logsumexp: log p_y - this, whose exp is 0 in
+# every float format, keeps the logsumexp's gradient finite when every other logit is -inf.
+_LABEL_SLOT_OFFSET = 1e4
+
+
+def label_log_odds(logits: torch.Tensor, labels: torch.Tensor,
+                   ignore_index: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(t [N], keep [N])``: ``t = log p_y - log(1 - p_y)`` per row of ``logits [N, V]``.
+
+    Ignored rows see zero logits (so they get exactly zero gradient); rows whose label is
+    out of range see NaN logits.
+    """
+    vocab = logits.shape[-1]
+    keep = labels != ignore_index
+    valid = (labels >= 0) & (labels < vocab)
+    safe = torch.where(keep & valid, labels, torch.zeros_like(labels)).long()
+    poison = torch.where(keep & ~valid, float("nan"), 0.0).to(logits.dtype)
+    z = torch.where(keep[:, None], logits + poison[:, None], torch.zeros_like(logits))
+    logp = torch.log_softmax(z, dim=-1)
+    logp_y = logp.gather(-1, safe[:, None]).squeeze(-1)
+    is_label = torch.arange(vocab, device=logits.device) == safe[:, None]
+    others = torch.where(is_label, logp_y[:, None] - _LABEL_SLOT_OFFSET, logp)
+    return logp_y - torch.logsumexp(others, dim=-1), keep
 
 
 def token_losses(logits: torch.Tensor, labels: torch.Tensor, mode: str, alpha: float,
@@ -21,18 +58,22 @@ def token_losses(logits: torch.Tensor, labels: torch.Tensor, mode: str, alpha: f
     Math in float32 for 16-bit logits, float64 for float64 logits (the oracle of the tests
     and the double-backward path of OFMU).
     """
-    logp = torch.log_softmax(logits.to(torch.promote_types(logits.dtype, torch.float32)), dim=-1)
-    keep = labels != ignore_index
-    safe = torch.where(keep, labels, torch.zeros_like(labels))
-    logp_y = logp.gather(-1, safe.unsqueeze(-1)).squeeze(-1)
-    if mode == "nll":
-        loss = -logp_y
-    elif mode == "ga":
-        loss = logp_y
-    elif mode == "uce":
-        loss = -torch.log1p(-alpha * logp_y.exp())
-    else:
+    if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+    z = logits.to(torch.promote_types(logits.dtype, torch.float32))
+    t, keep = label_log_odds(z, labels, ignore_index)
+    if mode in ("nll", "ga"):
+        nll = torch.logaddexp(torch.zeros_like(t), -t)
+        loss = nll if mode == "nll" else -nll
+    else:
+        ap = alpha * torch.sigmoid(t)
+        small = ap < 0.5
+        # Both branches stay finite where they are not selected (their gradients would
+        # otherwise turn 0 * inf into NaN).
+        low = -torch.log1p(-torch.where(small, ap, torch.zeros_like(ap)))
+        one_minus = (1 - alpha) + alpha * torch.sigmoid(-t)
+        high = -torch.log(torch.where(small, torch.ones_like(one_minus), one_minus))
+        loss = torch.where(small, low, high)
     return torch.where(keep, loss, torch.zeros_like(loss))
 
 
@@ -49,8 +90,8 @@ def reduce_tokens(loss: torch.Tensor, keep: torch.Tensor, reduction: str) -> tor
 def unlearning_cross_entropy(logits: torch.Tensor, labels: torch.Tensor, mode: str = "nll",
                              ignore_index: int = -100, reduction: str = "mean",
                              alpha: float = 0.5) -> torch.Tensor:
-    """logits ``[..., V]`` (any float dtype), labels ``[...]`` int64 -> loss (float32, or
-    float64 for float64 logits).
+    """logits ``[..., V]`` (any float dtype), labels ``[...]`` int64/int32 -> loss (float32,
+    or float64 for float64 logits).
 
     ``reduction="none"`` returns the shape of ``labels``.
     """
