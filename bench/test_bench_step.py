@@ -31,7 +31,10 @@ from bench.conftest import DEVICE, QUICK, peak_extra_bytes, record, synchronize
 from unlearnopt.contract import ObjectiveContext
 from unlearnopt.unlearner import MultiObjectiveUnlearner
 
-METHODS = ["ga", "grad_diff", "ga_kl", "npo", "mollm", "mollm_per_tensor"]
+METHODS = ["ga", "grad_diff", "ga_kl", "npo", "mollm", "mollm_per_tensor", "ofmu", "ofmu_exact"]
+# Variants of a method: (registered name, options).
+VARIANTS = {"mollm_per_tensor": ("mollm", {"granularity": "per_tensor"}),
+            "ofmu_exact": ("ofmu", {"hvp": "finite_difference", "inner_steps": 5})}
 HIDDEN, VOCAB, SEQ = (64, 512, 32) if QUICK else (128, 2048, 64)
 
 
@@ -62,8 +65,7 @@ def make(method: str):
         for p in model.parameters():
             p.add_(1e-2 * torch.randn_like(p))
     opt = torch.optim.SGD(model.parameters(), lr=1e-4)
-    opts = {"granularity": "per_tensor"} if method == "mollm_per_tensor" else {}
-    name = "mollm" if method == "mollm_per_tensor" else method
+    name, opts = VARIANTS.get(method, (method, {}))
     unlearner = MultiObjectiveUnlearner(model, opt, name, ref_model=ref, **opts)
     return unlearner, batch(1), batch(2)
 

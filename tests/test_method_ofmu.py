@@ -1,5 +1,6 @@
 """OFMU: Hessian-vector products, the cosine-gradient formula, one step against a
-hand-written float64 step, and the two HVP modes against each other."""
+hand-written float64 step, the two exact HVP modes against each other, and the first-order
+default against the exact method (equal where the Hessians are the identity)."""
 
 from __future__ import annotations
 
@@ -10,8 +11,10 @@ import torch
 import torch.nn.functional as F
 
 from tests.tiny_models import VOCAB, make_batch, make_model
+from unlearnopt.aggregate.combine import combine_gradients
 from unlearnopt.methods.hvp import gradients, hvp_autograd, hvp_finite_difference
-from unlearnopt.methods.ofmu import OFMU, OFMUEngine, cosine_directions
+from unlearnopt.methods.ofmu import OFMU, FirstOrderWeights, OFMUEngine, cosine_directions
+from unlearnopt.ops.grad_gram import grad_gram
 
 
 @pytest.fixture(autouse=True)
@@ -211,11 +214,28 @@ def test_hugging_face_models_float32(kind, monkeypatch):
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
     # rho > 0 and the inner steps tied to the optimizer's lr: the paths the defaults skip
     unlearner = MultiObjectiveUnlearner(model, opt, method="ofmu", inner_steps=1, rho=0.01,
-                                        inner_lr=None)
+                                        inner_lr=None, hvp="finite_difference")
     stats = unlearner.step(forget=forget, retain=retain)
     assert all(torch.isfinite(torch.tensor(v)) for v in stats.values())
     assert stats["loss/forget_nll"] > stats["loss/forget_nll_before_inner"]
     assert stats["ofmu/rho"] == pytest.approx(0.01 * 1.05)
+    assert any(not torch.equal(p.detach(), s) for p, s in zip(model.parameters(), start))
+
+
+@pytest.mark.parametrize("kind", ["llama", "llava"])
+def test_first_order_on_hugging_face_models_float32(kind, monkeypatch):
+    """The default (first order, fused losses) on tiny HF models: finite, and it moves."""
+    from unlearnopt.unlearner import MultiObjectiveUnlearner
+
+    monkeypatch.delenv("UNLEARNOPT_BACKEND")
+    model = make_model(kind)
+    forget = make_batch(kind, batch=2, seq=10, seed=1)
+    retain = make_batch(kind, batch=2, seq=10, seed=2)
+    start = [p.detach().clone() for p in model.parameters()]
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    stats = MultiObjectiveUnlearner(model, opt, method="ofmu").step(forget, retain)
+    assert all(torch.isfinite(torch.tensor(v)) for v in stats.values())
+    assert stats["grad_norm/phi"] > 0 and -1 <= stats["ofmu/cos"] <= 1
     assert any(not torch.equal(p.detach(), s) for p, s in zip(model.parameters(), start))
 
 
@@ -227,7 +247,7 @@ def test_failed_step_restores_parameters():
     start = [p.detach().clone() for p in model.parameters()]
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     unlearner = MultiObjectiveUnlearner(model, opt, method="ofmu", inner_steps=1, beta=0.0,
-                                        rho=1e308, gamma=1.0)
+                                        rho=1e308, gamma=1.0, hvp="finite_difference")
     with pytest.raises(UnlearningStepError, match="non-finite"):
         unlearner.step(forget=forget, retain=retain)
     assert all(torch.equal(p.detach(), s) for p, s in zip(model.parameters(), start))
@@ -243,3 +263,126 @@ def test_options_validated():
         OFMU(inner_steps=-1)
     with pytest.raises(TypeError, match="unknown option"):
         OFMU(alpha=1.0)
+    with pytest.raises(ValueError, match="rho=0.1 needs hvp='finite_difference'"):
+        OFMU(rho=0.1)
+    assert OFMU().config["hvp"] == "first_order"
+
+
+# -- first order (the default) ----------------------------------------------------------------
+
+def quadratic_losses(seed: int):
+    """L_f = ½‖θ − c_f‖², L_r = ½‖θ − c_r‖² over two tensors: both Hessians are the identity."""
+    g = torch.Generator().manual_seed(seed)
+    params = [torch.randn(4, 3, dtype=torch.float64, generator=g).requires_grad_(),
+              torch.randn(5, dtype=torch.float64, generator=g).requires_grad_()]
+    c_f = [torch.randn(p.shape, dtype=torch.float64, generator=g) for p in params]
+    c_r = [torch.randn(p.shape, dtype=torch.float64, generator=g) for p in params]
+
+    def half_sq(centres):
+        return lambda: sum(0.5 * ((p - c) ** 2).sum() for p, c in zip(params, centres))
+
+    return params, half_sq(c_f), half_sq(c_r)
+
+
+@pytest.mark.parametrize("granularity", ["global", "per_tensor"])
+def test_first_order_is_exact_when_the_hessians_are_the_identity(granularity):
+    """On quadratics with H_f = H_r = I the first-order ∇Φ equals the exact one (double
+    backward), and the reused outer direction equals ∇L_r at θ' = θ + η∇Φ."""
+    params, forget, retain = quadratic_losses(seed=4)
+    beta, eta = 0.7, 0.3
+    exact = OFMUEngine(params, forget, retain, beta=beta, granularity=granularity,
+                       hvp="autograd", fd_eps=1e-4)
+    dphi, _, _ = exact.phi_gradient()
+    grads = [gradients(forget(), params), gradients(retain(), params)]
+    gram = grad_gram(grads)
+    problems = gram.total.unsqueeze(0) if granularity == "global" else gram.per_tensor
+    weights = FirstOrderWeights(beta, [eta])
+    ascent, _ = weights.ascent(problems)
+    for got, want in zip(combine_gradients(grads, ascent), dphi):
+        torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+    outer = combine_gradients(grads, weights(problems).coefficients)
+    with torch.no_grad():
+        for p, d in zip(params, dphi):
+            p.add_(eta * d)
+    for got, want in zip(outer, gradients(retain(), params)):
+        torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+
+
+def hand_written_first_order_update(model, forget, retain, *, beta, inner_lr, lr):
+    """θ' = θ + η(g_f − β(a + b)), then SGD along g_r + η(g_f − β(a + b)), float64."""
+    params = list(model.parameters())
+    gf = torch.autograd.grad(nll(model, forget), params)
+    gr = torch.autograd.grad(nll(model, retain), params)
+    f, r = torch.cat([t.reshape(-1) for t in gf]), torch.cat([t.reshape(-1) for t in gr])
+    nf, nr = f.norm(), r.norm()
+    cos = (f @ r) / (nf * nr)
+    a_plus_b = r / (nf * nr) - cos * f / nf ** 2 + f / (nf * nr) - cos * r / nr ** 2
+    dphi = f - beta * a_plus_b
+    flat = torch.cat([p.detach().reshape(-1) for p in params])
+    new = flat + inner_lr * dphi - lr * (r + inner_lr * dphi)
+    return list(torch.split(new, [p.numel() for p in params]))
+
+
+def test_first_order_step_equals_hand_written_float64():
+    from unlearnopt.unlearner import MultiObjectiveUnlearner
+
+    model = tiny()
+    forget, retain = batches()
+    expected = hand_written_first_order_update(copy.deepcopy(model), forget, retain, beta=0.5,
+                                               inner_lr=0.05, lr=0.1)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    unlearner = MultiObjectiveUnlearner(model, opt, method="ofmu", beta=0.5, inner_lr=0.05)
+    stats = unlearner.step(forget=forget, retain=retain)
+    for p, e in zip(model.parameters(), expected):
+        torch.testing.assert_close(p.detach().reshape(-1), e, rtol=1e-10, atol=1e-12)
+    assert stats["skipped"] == 0.0 and unlearner.method.outer_steps == 1
+    assert stats["ofmu/phi"] == pytest.approx(stats["loss/forget_nll"] - 0.5 * stats["ofmu/cos"])
+
+
+def objective_changes(model, forget, retain, **options):
+    from unlearnopt.unlearner import MultiObjectiveUnlearner
+
+    with torch.no_grad():
+        before = nll(model, forget).item(), nll(model, retain).item()
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    MultiObjectiveUnlearner(model, opt, method="ofmu", **options).step(forget, retain)
+    with torch.no_grad():
+        after = nll(model, forget).item(), nll(model, retain).item()
+    return after[0] - before[0], after[1] - before[1]
+
+
+@pytest.mark.parametrize("granularity", ["global", "per_tensor"])
+def test_first_order_progresses_like_the_exact_step(granularity):
+    """On a tiny float64 model both raise the forget loss and lower the retain loss."""
+    forget, retain = batches()
+    opts = {"beta": 0.5, "inner_lr": 0.5, "inner_steps": 1, "granularity": granularity}
+    first = objective_changes(tiny(seed=1), forget, retain, **opts)
+    exact = objective_changes(tiny(seed=1), forget, retain, hvp="autograd", **opts)
+    assert first[0] > 0 and exact[0] > 0, (first, exact)
+    assert first[1] < 0 and exact[1] < 0, (first, exact)
+
+
+def test_first_order_failure_restores_parameters():
+    """A non-finite loss after an inner step (a huge inner_lr): nothing moves."""
+    from unlearnopt.unlearner import MultiObjectiveUnlearner, UnlearningStepError
+
+    model = tiny()
+    forget, retain = batches()
+    start = [p.detach().clone() for p in model.parameters()]
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    unlearner = MultiObjectiveUnlearner(model, opt, method="ofmu", inner_steps=2,
+                                        inner_lr=1e300)
+    with pytest.raises(UnlearningStepError, match="non-finite"):
+        unlearner.step(forget=forget, retain=retain)
+    assert all(torch.equal(p.detach(), s) for p, s in zip(model.parameters(), start))
+    assert unlearner.steps == 0 and not opt.state
+
+
+@pytest.mark.parametrize("hvp", ["finite_difference", "autograd"])
+def test_exact_variants_refuse_several_ranks(hvp):
+    from types import SimpleNamespace
+
+    tools = SimpleNamespace(world_size=2, scaler=None)
+    recipe = OFMU(hvp=hvp).step_recipe()
+    with pytest.raises(NotImplementedError, match="single process.*hvp='first_order'"):
+        recipe(tools, {}, {})

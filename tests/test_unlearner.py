@@ -113,7 +113,8 @@ def started(llama32, method="grad_diff", **kw):
 
 @pytest.mark.parametrize("case", ["nan_loss", "inf_loss", "inf_gradient", "no_labels",
                                   "bad_labels_shape", "float_labels", "not_a_dict",
-                                  "missing_retain", "label_out_of_vocab"])
+                                  "missing_retain", "label_out_of_vocab",
+                                  "forget_all_ignored", "retain_all_ignored"])
 def test_failed_step_changes_nothing(llama32, case):
     opts = {"nan_loss": {"factor": float("nan")}, "inf_loss": {"factor": float("inf")},
             "inf_gradient": {"logits_scale": 1e30}}.get(case)
@@ -132,6 +133,12 @@ def test_failed_step_changes_nothing(llama32, case):
         retain = None
     elif case == "label_out_of_vocab":
         retain = dict(retain, labels=retain["labels"].clone().fill_(10_000))
+    elif case == "forget_all_ignored":       # only the first position labelled: shifted away
+        labels = torch.full_like(forget["labels"], -100)
+        labels[:, 0] = forget["input_ids"][:, 0]
+        forget = dict(forget, labels=labels)
+    elif case == "retain_all_ignored":
+        retain = dict(retain, labels=torch.full_like(retain["labels"], -100))
     expected = {"nan_loss": (UnlearningStepError, "non-finite loss.*retain_big"),
                 "inf_loss": (UnlearningStepError, "non-finite loss"),
                 "inf_gradient": (UnlearningStepError, "non-finite gradient"),
@@ -140,10 +147,40 @@ def test_failed_step_changes_nothing(llama32, case):
                 "float_labels": (ValueError, "integer"),
                 "not_a_dict": (TypeError, "dict"),
                 "missing_retain": (ValueError, "needs a retain batch"),
-                "label_out_of_vocab": (ValueError, "labels must lie")}[case]
+                "label_out_of_vocab": (ValueError, "labels must lie"),
+                "forget_all_ignored": (ValueError, "forget batch has no labelled token"),
+                "retain_all_ignored": (ValueError, "retain batch has no labelled token")}[case]
     with pytest.raises(expected[0], match=expected[1]):
         unlearner.step(forget=forget, retain=retain)
     assert_same(before, snapshot(model, opt))
+
+
+@pytest.mark.parametrize("method", ["npo", "mollm", "ga_kl"])
+def test_reference_with_another_vocabulary_fails_at_construction(llama32, method):
+    model, ref = fresh(llama32)
+    ref.resize_token_embeddings(ref.config.vocab_size * 2)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    with pytest.raises(ValueError, match="vocabulary of 256 tokens but model has 128"):
+        MultiObjectiveUnlearner(model, opt, method, ref_model=ref)
+
+
+@pytest.mark.parametrize("method", ["npo", "mollm"])
+def test_non_finite_forget_loss_is_named(llama32, method, monkeypatch):
+    """A NaN parameter makes every loss NaN; the error names the forget objective too."""
+    monkeypatch.setenv("UNLEARNOPT_BACKEND", "reference")
+    model, ref = fresh(llama32)
+    with torch.no_grad():
+        model.model.layers[0].mlp.up_proj.weight[0, 0] = float("nan")
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    before = [p.detach().clone() for p in model.parameters()]
+    forget_name = {"npo": "forget_npo", "mollm": "forget_uce"}[method]
+    options = {"retain_weight": 1.0} if method == "npo" else {}
+    unlearner = MultiObjectiveUnlearner(model, opt, method, ref_model=ref, **options)
+    with pytest.raises(UnlearningStepError, match=f"non-finite loss.*{forget_name}"):
+        unlearner.step(*batches())
+    for p, b in zip(model.parameters(), before):
+        torch.testing.assert_close(p.detach(), b, rtol=0, atol=0, equal_nan=True)
+        assert p.grad is None
 
 
 def test_model_without_logits_raises_and_changes_nothing(llama32):
@@ -340,7 +377,7 @@ def test_frozen_parameters_get_no_gradient(llama32):
 
 @pytest.mark.distributed
 def test_ddp_matches_single_process(tmp_path):
-    methods = ["mollm", "grad_diff", "npo"]
+    methods = ["mollm", "grad_diff", "npo", "ofmu"]
     out = tmp_path / "result.pt"
     run_two_processes("unlearner_worker.py", str(out), ",".join(methods))
     res = torch.load(out, weights_only=False)

@@ -15,7 +15,7 @@ def test_fsdp2_matches_single_process(tmp_path):
     """Two steps with the model sharded over 2 ranks (uneven batches per rank) give the
     parameters and stats of one process stepping on the concatenated batches."""
     pytest.importorskip("torch.distributed.fsdp", reason="torch built without distributed")
-    methods = ["mollm", "grad_diff"]
+    methods = ["mollm", "grad_diff", "ofmu"]
     out = tmp_path / "result.pt"
     run_two_processes("unlearner_fsdp_worker.py", str(out), ",".join(methods))
     res = torch.load(out, weights_only=False)

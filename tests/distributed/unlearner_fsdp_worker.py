@@ -21,7 +21,7 @@ import torch.distributed as dist
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 
-from tests.distributed.unlearner_worker import compare_with_one_process
+from tests.distributed.unlearner_worker import OPTIONS, compare_with_one_process
 from unlearnopt.unlearner import MultiObjectiveUnlearner
 
 
@@ -35,7 +35,7 @@ def run(model, ref, method, forget, retain, fsdp=False):
             fully_shard(layer, mesh=mesh)
         fully_shard(model, mesh=mesh)
     opt = torch.optim.SGD(model.parameters(), lr=0.5, momentum=0.9)
-    u = MultiObjectiveUnlearner(model, opt, method, ref_model=ref)
+    u = MultiObjectiveUnlearner(model, opt, method, ref_model=ref, **OPTIONS.get(method, {}))
     stats = [u.step(forget, retain) for _ in range(2)]
     params = [p.detach() for p in model.parameters()]
     if fsdp:

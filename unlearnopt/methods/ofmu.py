@@ -1,7 +1,7 @@
 """OFMU: bi-level unlearning with a similarity-aware inner objective (arXiv 2509.22483).
 
-With L_f = ``nll`` on the forget batch and L_r = ``nll`` on the retain
-batch (both means over the labelled, shifted tokens), g_f = ∇L_f, g_r = ∇L_r:
+With L_f = ``nll`` on the forget batch and L_r = ``nll`` on the retain batch (both means over
+the labelled, shifted tokens; ``unlearnopt.objectives.token_loss``), g_f = ∇L_f, g_r = ∇L_r:
 
     inner (maximised):  Φ(θ) = L_f(θ) − β·cos(g_f(θ), g_r(θ))
     outer (minimised):  L_r(θ) + ρ·‖∇Φ(θ)‖²
@@ -13,285 +13,154 @@ gradient (it still counts in the mean's P).
 
 One ``step()``, all on the same forget/retain batches:
 
-1. T inner ascent steps (``inner_steps``, default 5), applied to the trainable parameters
-   *directly*, not through the wrapped optimizer (its state, e.g. Adam's moments, only
-   sees outer steps)::
-
-       θ ← θ + η_in ∇Φ(θ)          η_in = inner_lr (default 3e-5), or each parameter group's
-                                   current ``lr`` of the wrapped optimizer when inner_lr is
-                                   None, so LR schedulers scale the inner steps too.
-
-2. one outer step through the wrapped optimizer (clipping etc. by the unlearner), at the θ
-   reached by the inner loop, along
-
-       d = ∇L_r + 2ρ·H_Φ ∇Φ          (= ∇ of the outer objective)
-
+1. T inner ascent steps (``inner_steps``), applied to the trainable parameters *directly*,
+   not through the wrapped optimizer (its state, e.g. Adam's moments, only sees outer
+   steps): θ ← θ + η ∇Φ(θ), η = ``inner_lr``, or each parameter group's current ``lr`` of
+   the wrapped optimizer when inner_lr is None (so LR schedulers scale the inner steps too);
+2. one outer step through the wrapped optimizer (clipping, GradScaler checks), at the θ'
+   reached by the inner loop, along the outer gradient d = ∇L_r(θ') + 2ρ·H_Φ ∇Φ(θ');
 3. ρ ← γ·ρ (the paper's schedule ρ_{k+1} = γ ρ_k); ρ is the method's state (``state_dict``).
 
 If the step fails (a non-finite loss, cosine or direction raises ``UnlearningStepError``;
-a GradScaler-style skip), the parameters are restored to their values before the inner loop,
-the optimizer has not stepped and ρ is unchanged.
+a GradScaler-style skip), the unlearner's atomic update restores the parameters to their
+values before the inner loop, the optimizer has not stepped and ρ is unchanged.
 
-The gradient of the cosine (global case; per-tensor: the same per tensor, divided by P):
+**First order (``hvp="first_order"``, the default).** Chaining cos through the gradients,
 
-    ∇cos = H_f a + H_r b,   a = g_r/(‖g_f‖‖g_r‖) − cos·g_f/‖g_f‖²,
-                            b = g_f/(‖g_f‖‖g_r‖) − cos·g_r/‖g_r‖²
+    ∇cos = H_f a + H_r b,   a = ∂cos/∂g_f = g_r/(‖g_f‖‖g_r‖) − cos·g_f/‖g_f‖²,
+                            b = ∂cos/∂g_r = g_f/(‖g_f‖‖g_r‖) − cos·g_r/‖g_r‖²
 
-so ∇Φ = g_f − β(H_f a + H_r b). Two ways to get the Hessian products (``hvp``):
+(per tensor: the same on each tensor's gradients, divided by P). The first-order method
+replaces every Hessian by the identity, which keeps the direction in which the cosine moves
+the two gradients themselves (a + b, a vector in parameter space) and needs no Hessian
+product:
 
-- ``"finite_difference"`` (default): H v ≈ (∇L(θ+hv) − ∇L(θ−hv))/2h with ‖hv‖ = ``fd_eps``,
-  first-order gradients only, so the fused loss kernels are used. ∇Φ costs 6 gradient
-  evaluations (g_f, g_r, 2 per product); H_Φ ∇Φ is a central difference of ∇Φ itself along
-  ∇Φ (12 more: the nested differences are exact to O(h²) plus rounding).
-- ``"autograd"``: exact, by double backward: Φ is built with ``create_graph`` and
-  differentiated (∇Φ), and the outer product H_Φ ∇Φ = ∇⟨∇Φ, v⟩ with v = ∇Φ detached is a
-  third-order derivative of the losses. The losses then run on the pure-PyTorch reference
-  path (``backend="reference"``: the fused kernels have no double backward) and every model
-  op must be differentiable three times (Hugging Face: ``attn_implementation="eager"``).
-  For small models and tests.
+    ∇Φ ≈ g_f − β(a + b) = c_f g_f + c_r g_r,
+        c_f = 1 − β(1/(‖g_f‖‖g_r‖) − cos/‖g_f‖²),   c_r = −β(1/(‖g_f‖‖g_r‖) − cos/‖g_r‖²),
 
-Cost per ``step()`` in gradient evaluations (forward + backward of one batch),
-``finite_difference``: 6·T + 6 with β > 0 (T = 5: 36), plus 12 when ρ > 0 (the product
-H_Φ ∇Φ; skipped at ρ = 0); 2·T + 6 with β = 0. GA is 1. Measured on the tiny test Llama
-(B = 4, T = 32, CPU, one thread) with ρ > 0: 40× a GA step, T = 1: 16×, β = 0: 10×,
-``autograd``: 35×. The ≤ 2.5× goal is not met by the exact method.
+a combination of the two gradients whose coefficients come from their 2×2 Gram matrix
+(``FirstOrderWeights``). The outer gradient at θ' = θ + η∇Φ reuses the retain gradient of
+the inner step: to first order in η, ∇L_r(θ') = g_r + η H_r ∇Φ + O(η²), and with H_r
+replaced by the identity as above
 
-Defaults: T = 5, β = 1 (the cosine is in [−1, 1], commensurate with a token-mean loss),
-γ = 1.05, ``inner_lr = 3e-5`` and ``rho = 0``, the last two measured on SmolLM2-135M
-(docs/method_measurements.md): the inner steps do the forgetting, and any ρ > 0 let the
-penalty's term dominate the outer direction and cost retain accuracy.
+    d ≈ g_r + η ∇Φ = η c_f g_f + (1 + η c_r) g_r.
 
-Single process only: the Hessian products run their own ``autograd.grad`` calls, which
-DDP's reducer does not average; under ``torch.distributed`` with more than one rank this
-method raises.
+So one step with T = 1 costs two gradient evaluations (g_f and g_r, one forward and backward
+each, like ``grad_diff``), one Gram, and two combinations; each further inner step costs two
+more evaluations. What is approximated: H_f a + H_r b by a + b in the inner step, and
+∇L_r(θ') by g_r + η∇Φ; both are exact when H_f = H_r = I (e.g. L = ½‖θ − c‖²), and the
+second is exact to O(η·‖H_r − I‖·‖∇Φ‖) otherwise. The penalty ρ‖∇Φ‖² has no first-order
+counterpart (its gradient 2ρ·H_Φ∇Φ is a Hessian product): first order requires ρ = 0. The
+per-objective gradients are those of the unlearner (reduced across ranks), so this variant
+runs under DDP and FSDP2 like every other method.
+
+**Exact (``hvp="finite_difference"`` or ``"autograd"``)**: ``unlearnopt.methods.ofmu_exact``
+computes H_f a, H_r b (and H_Φ∇Φ when ρ > 0) by central differences of gradients or by
+double backward; single process only. Cost per ``step()`` in gradient evaluations (forward +
+backward of one batch), ``finite_difference``: 6·T + 6 with β > 0 (T = 5: 36), plus 12 when
+ρ > 0; 2·T + 6 with β = 0. GA is 1. Measured per ``step()`` against a GA step (CPU time,
+one thread, the step benchmark's 2-layer Llama with 1.0 M parameters, 2 × 64 tokens per
+batch, median of interleaved rounds): ``finite_difference`` with T = 5, ρ = 0: 39×; T = 1:
+13×; earlier on the tiny test Llama (B = 4, T = 32) with ρ > 0: 40×, ``autograd``: 35×. First
+order with T = 1 in the same run: 2.2× (``grad_diff`` 1.7×, ``mollm`` 2.2×); see
+docs/method_measurements.md.
+
+Defaults: ``hvp="first_order"``, T = 1, β = 1 (the cosine is in [−1, 1], commensurate with a
+token-mean loss), γ = 1.05, ``inner_lr = 3e-5`` and ``rho = 0`` (the last two measured on
+SmolLM2-135M with the exact method, docs/method_measurements.md: the inner steps do the
+forgetting, and any ρ > 0 let the penalty's term dominate the outer direction and cost
+retain accuracy).
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any, ClassVar
 
 import torch
 
-from unlearnopt.contract import Batch, Objective, ObjectiveContext, StepRecipe, StepTools
+from unlearnopt.aggregate import Aggregator
+from unlearnopt.aggregate.combine import combine_gradients
+from unlearnopt.aggregate.weighting import Weighting, WeightingResult
+from unlearnopt.contract import Objective, ObjectiveContext, StepRecipe, StepTools
 from unlearnopt.methods.base import Method
-from unlearnopt.methods.hvp import (
-    HVP_MODES,
-    directional_derivative,
-    global_norm,
-    gradients,
-    hvp_finite_difference,
-)
+from unlearnopt.methods.hvp import HVP_MODES, global_norm
+from unlearnopt.methods.ofmu_exact import OFMUEngine, batch_loss, cosine, cosine_directions
 from unlearnopt.methods.registry import register_method
 from unlearnopt.objectives import token_loss
 
+__all__ = ["OFMU", "FirstOrderWeights", "OFMUEngine", "cosine", "cosine_directions"]
+
 GRANULARITIES = ("global", "per_tensor")
-LossFn = Callable[[], torch.Tensor]
+HVP_CHOICES = ("first_order", *HVP_MODES)
 
 
-def _gram(grads: Sequence[Sequence[torch.Tensor]]):
-    from unlearnopt.ops.grad_gram import grad_gram
+class FirstOrderWeights(Weighting):
+    """The Gram ``[B, 2, 2]`` of (g_f, g_r) -> first-order OFMU's coefficients.
 
-    return grad_gram(grads, reduce=False)
-
-
-def cosine(gf: Sequence[torch.Tensor], gr: Sequence[torch.Tensor],
-           granularity: str) -> torch.Tensor:
-    """cos(g_f, g_r) as a 0-dim tensor, global or mean of per-tensor; differentiable when the
-    gradients carry a graph (``grad_gram`` then takes its reference path)."""
-    gram = _gram([list(gf), list(gr)])
-    g = gram.total.unsqueeze(0) if granularity == "global" else gram.per_tensor
-    nf2, nr2, fr = g[:, 0, 0], g[:, 1, 1], g[:, 0, 1]
-    ok = (nf2 > 0) & (nr2 > 0)
-    # where() on both sides: no NaN gradient flows from the masked-out branch.
-    denom = torch.where(ok, (nf2 * nr2).clamp(min=torch.finfo(g.dtype).tiny).sqrt(),
-                        torch.ones_like(nf2))
-    cos = torch.where(ok, fr / denom, torch.zeros_like(fr))
-    return cos.mean()
-
-
-def cosine_directions(gf: Sequence[torch.Tensor], gr: Sequence[torch.Tensor], granularity: str):
-    """``(cos, a, b)`` with ∇cos = H_f a + H_r b (module docstring); no graph."""
-    gram = _gram([[t.detach() for t in gf], [t.detach() for t in gr]])
-    if granularity == "global":
-        g = gram.total.unsqueeze(0).expand(len(gf), 2, 2)
-        scale = 1.0
-    else:
-        g = gram.per_tensor
-        scale = 1.0 / len(gf)
-    nf2, nr2, fr = g[:, 0, 0], g[:, 1, 1], g[:, 0, 1]
-    ok = (nf2 > 0) & (nr2 > 0)
-    one = torch.ones_like(nf2)
-    nf2s, nr2s = torch.where(ok, nf2, one), torch.where(ok, nr2, one)
-    inv = torch.where(ok, (nf2s * nr2s).rsqrt(), torch.zeros_like(nf2))  # 1/(‖g_f‖‖g_r‖)
-    cos_p = fr * inv
-    # Per tensor p: a_p = c_r[p] g_r + c_f[p] g_f, b_p = c_f'[p] g_f + c_r'[p] g_r.
-    a_r, a_f = inv * scale, torch.where(ok, -cos_p / nf2s, torch.zeros_like(nf2)) * scale
-    b_f, b_r = inv * scale, torch.where(ok, -cos_p / nr2s, torch.zeros_like(nf2)) * scale
-    a, b = [], []
-    for i, (f, r) in enumerate(zip(gf, gr)):
-        f, r = f.detach(), r.detach()
-        a.append(r * a_r[i].to(r.dtype) + f * a_f[i].to(f.dtype))
-        b.append(f * b_f[i].to(f.dtype) + r * b_r[i].to(r.dtype))
-    cos = cos_p[0] if granularity == "global" else cos_p.mean()
-    return cos, a, b
-
-
-class OFMUEngine:
-    """The OFMU computations on a list of parameters and two loss closures.
+    B = 1 (global cosine) or P (per-tensor cosines, each of whose gradients is divided by P).
+    :meth:`ascent` gives (c_f, c_r) of ∇Φ ≈ c_f g_f + c_r g_r (module docstring); calling the
+    weighting gives the outer direction's (η c_f, 1 + η c_r).
 
     Args:
-        params: the trainable parameters (updated in place by :meth:`inner_step`).
-        forget_loss, retain_loss: closures computing L_f, L_r (0-dim) at the current θ
-            with a graph to ``params``. For ``hvp="autograd"`` they must be twice (thrice for
-            :meth:`outer_direction`) differentiable.
-        beta, granularity, hvp, fd_eps: see :class:`OFMU`.
+        beta: β ≥ 0.
+        inner_lrs: η, one value for every tensor or one per trainable tensor (P values);
+            0 when no inner step is taken (the outer direction is then g_r).
     """
 
-    def __init__(self, params: Sequence[torch.Tensor], forget_loss: LossFn, retain_loss: LossFn,
-                 *, beta: float, granularity: str, hvp: str, fd_eps: float):
-        self.params = list(params)
-        self.forget_loss, self.retain_loss = forget_loss, retain_loss
-        self.beta, self.granularity, self.hvp, self.fd_eps = beta, granularity, hvp, fd_eps
+    def __init__(self, beta: float, inner_lrs: Sequence[float]):
+        self.beta = float(beta)
+        self.inner_lrs = [float(x) for x in inner_lrs]
 
-    def _grad(self, loss_fn: LossFn) -> list[torch.Tensor]:
-        return [g.detach() for g in gradients(loss_fn(), self.params)]
+    def ascent(self, gram: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(c [B, 2], cos 0-dim)``: ∇Φ ≈ c[:, 0] g_f + c[:, 1] g_r per problem, and the
+        cosine (global, or the mean of the per-tensor ones)."""
+        ff, rr, fr = gram[:, 0, 0], gram[:, 1, 1], gram[:, 0, 1]
+        ok = (ff > 0) & (rr > 0)
+        one = torch.ones_like(ff)
+        ff_s, rr_s = torch.where(ok, ff, one), torch.where(ok, rr, one)
+        inv = torch.where(ok, (ff_s * rr_s).rsqrt(), torch.zeros_like(ff))   # 1/(‖g_f‖‖g_r‖)
+        cos = fr * inv
+        scale = self.beta / gram.shape[0]
+        c_f = 1.0 - scale * (inv - cos / ff_s)
+        c_r = -scale * (inv - cos / rr_s)
+        return torch.stack([c_f, c_r], dim=-1), cos.mean()
 
-    def phi_gradient(self, *, create_graph: bool = False):
-        """``(∇Φ, g_r, info)`` at the current θ; info holds 0-dim tensors
-        ``loss_forget``, ``loss_retain``, ``cos``, ``phi``. With ``create_graph``
-        (autograd mode only) ∇Φ keeps its graph for a further derivative."""
-        if self.hvp == "autograd":
-            return self._phi_gradient_autograd(create_graph)
-        if create_graph:
-            raise ValueError("create_graph needs hvp='autograd'")
-        return self._phi_gradient_fd()
-
-    def _phi_gradient_autograd(self, create_graph: bool):
-        try:
-            return self._phi_gradient_autograd_impl(create_graph)
-        except RuntimeError as e:
-            if "derivative for" in str(e) and "not implemented" in str(e):
-                raise RuntimeError(
-                    "ofmu hvp='autograd' differentiates the model two or three times and an op "
-                    f"has no higher derivative ({e}); for Hugging Face models load them with "
-                    "attn_implementation='eager' (or call model.set_attn_implementation('eager')),"
-                    " or use hvp='finite_difference'") from e
-            raise
-
-    def _phi_gradient_autograd_impl(self, create_graph: bool):
-        lf, lr = self.forget_loss(), self.retain_loss()
-        if self.beta == 0.0:
-            dphi = gradients(lf, self.params, create_graph=create_graph)
-            gr = gradients(lr, self.params)
-            cos = torch.zeros((), dtype=lf.dtype, device=lf.device)
-            return dphi, gr, {"loss_forget": lf.detach(), "loss_retain": lr.detach(),
-                              "cos": cos, "phi": lf.detach()}
-        gf = gradients(lf, self.params, create_graph=True)
-        gr = gradients(lr, self.params, create_graph=True)
-        cos = cosine(gf, gr, self.granularity)
-        phi = lf - self.beta * cos
-        dphi = gradients(phi, self.params, create_graph=create_graph)
-        info = {"loss_forget": lf.detach(), "loss_retain": lr.detach(), "cos": cos.detach(),
-                "phi": phi.detach()}
-        return dphi, [g.detach() for g in gr], info
-
-    def _phi_gradient_fd(self):
-        with torch.enable_grad():
-            lf = self.forget_loss()
-            gf = [g.detach() for g in gradients(lf, self.params)]
-            lr = self.retain_loss()
-            gr = [g.detach() for g in gradients(lr, self.params)]
-        if self.beta == 0.0:
-            cos = torch.zeros((), dtype=lf.dtype, device=lf.device)
-            return gf, gr, {"loss_forget": lf.detach(), "loss_retain": lr.detach(), "cos": cos,
-                            "phi": lf.detach()}
-        cos, a, b = cosine_directions(gf, gr, self.granularity)
-        hf_a = hvp_finite_difference(lambda: self._grad(self.forget_loss), self.params, a,
-                                     self.fd_eps)
-        hr_b = hvp_finite_difference(lambda: self._grad(self.retain_loss), self.params, b,
-                                     self.fd_eps)
-        dphi = [f - self.beta * (x + y) for f, x, y in zip(gf, hf_a, hr_b)]
-        info = {"loss_forget": lf.detach(), "loss_retain": lr.detach(), "cos": cos,
-                "phi": lf.detach() - self.beta * cos}
-        return dphi, gr, info
-
-    def ascent_direction(self) -> tuple[list[torch.Tensor], dict[str, torch.Tensor]]:
-        """``(∇Φ(θ), info)``: the inner ascent step is θ ← θ + lr ∇Φ(θ); info at θ."""
-        dphi, _, info = self.phi_gradient()
-        info["grad_norm_phi"] = global_norm(dphi)
-        return dphi, info
-
-    def outer_direction(self, rho: float):
-        """``(d, info)``: d = ∇L_r + 2ρ·H_Φ ∇Φ at the current θ (list like ``params``)."""
-        if rho == 0:   # the penalty is off: skip the Hessian product H_Φ ∇Φ (12 gradient
-            # evaluations with finite differences, a third-order backward with autograd)
-            dphi, gr, info = self.phi_gradient()
-            v, h_phi_v = dphi, None
-        elif self.hvp == "autograd":
-            dphi, gr, info = self.phi_gradient(create_graph=True)
-            v = [t.detach() for t in dphi]
-            pairs = [(t, x) for t, x in zip(dphi, v) if t.requires_grad]
-            if pairs:
-                inner = sum((t * x).sum() for t, x in pairs)
-                h_phi_v = [g.detach() for g in gradients(inner, self.params)]
-            else:  # Φ's gradient does not depend on θ (e.g. linear losses)
-                h_phi_v = [torch.zeros_like(p) for p in self.params]
-        else:
-            dphi, gr, info = self.phi_gradient()
-            v = dphi
-            h_phi_v = directional_derivative(lambda: self.phi_gradient()[0], self.params, v,
-                                             self.fd_eps)
-        direction = list(gr) if h_phi_v is None else [
-            g + (2.0 * rho) * h.to(g.dtype) for g, h in zip(gr, h_phi_v)]
-        info["grad_norm_phi"] = global_norm(v)
-        info["grad_norm_retain"] = global_norm(gr)
-        return direction, info
-
-
-def _batch_loss(tools: StepTools, objective: Objective, batches: list[Batch]) -> LossFn:
-    """A closure computing ``objective``'s mean over all of ``batches`` at the current θ,
-    with a graph to the parameters: each micro-batch weighted by its share of the units."""
-    counts = [objective.units(b) for b in batches]
-    total = sum(counts[1:], counts[0]).clamp(min=1)
-
-    def loss() -> torch.Tensor:
-        out = None
-        for b, n in zip(batches, counts):
-            share = (n / total).to(torch.float64)
-            term = objective.loss(ObjectiveContext(b, objective.batch, tools.forward,
-                                                   tools.ref_forward))
-            term = term * share.to(term.dtype)
-            out = term if out is None else out + term
-        return out
-
-    return loss
+    def __call__(self, gram: torch.Tensor) -> WeightingResult:
+        c, _ = self.ascent(gram)
+        eta = torch.tensor(self.inner_lrs, dtype=c.dtype, device=c.device).unsqueeze(-1)
+        keep_retain = torch.tensor([0.0, 1.0], dtype=c.dtype, device=c.device)
+        outer = eta * c + keep_retain                  # [B, 2], or [P, 2] for P values of η
+        return WeightingResult(outer, outer, torch.ones_like(outer, dtype=torch.bool))
 
 
 class OFMU(Method):
-    """OFMU (arXiv 2509.22483), see the module docstring for the exact step.
+    """OFMU (arXiv 2509.22483), see the module docstring for the step.
 
     Options:
         beta: weight of the cosine penalty in Φ (≥ 0; 0 skips every Hessian product of the
-            inner steps). Default 1.0.
-        rho: initial penalty ρ_0 of the outer objective (≥ 0). Default 0 (measured, see the
-            module docstring): the outer step is then a plain step on the retain loss.
+            exact variants' inner steps). Default 1.0.
+        rho: initial penalty ρ_0 of the outer objective (≥ 0; must be 0 with
+            ``hvp="first_order"``). Default 0: the outer step is a plain step on the retain
+            loss.
         gamma: growth factor, ρ ← γρ after every outer step (≥ 1). Default 1.05.
-        inner_steps: T ≥ 0 inner ascent steps per ``step()``. Default 5.
+        inner_steps: T ≥ 0 inner ascent steps per ``step()``. Default 1.
         inner_lr: step size of the inner ascent (default 3e-5, measured on SmolLM2-135M);
             None: each parameter group's current ``lr`` in the wrapped optimizer.
         granularity: ``"global"`` (default) or ``"per_tensor"`` cosine.
-        hvp: ``"finite_difference"`` (default) or ``"autograd"`` (exact; reference-path
-            losses, thrice-differentiable model ops).
+        hvp: ``"first_order"`` (default: Hessians replaced by the identity, no Hessian
+            product, DDP/FSDP2), ``"finite_difference"`` or ``"autograd"`` (the exact
+            bi-level step; single process; autograd: reference-path losses and
+            thrice-differentiable model ops).
         fd_eps: norm of the finite-difference perturbation. Default 1e-3 (float32); use
             ~1e-4 in float64.
     """
 
     name = "ofmu"
     defaults: ClassVar[Mapping[str, Any]] = {
-        "beta": 1.0, "rho": 0.0, "gamma": 1.05, "inner_steps": 5, "inner_lr": 3e-5,
-        "granularity": "global", "hvp": "finite_difference", "fd_eps": 1e-3}
+        "beta": 1.0, "rho": 0.0, "gamma": 1.05, "inner_steps": 1, "inner_lr": 3e-5,
+        "granularity": "global", "hvp": "first_order", "fd_eps": 1e-3}
     needs_ref = False
 
     def __init__(self, **config: Any) -> None:
@@ -322,8 +191,12 @@ class OFMU(Method):
         if c["granularity"] not in GRANULARITIES:
             raise ValueError(f"ofmu: granularity must be one of {GRANULARITIES}, "
                              f"got {c['granularity']!r}")
-        if c["hvp"] not in HVP_MODES:
-            raise ValueError(f"ofmu: hvp must be one of {HVP_MODES}, got {c['hvp']!r}")
+        if c["hvp"] not in HVP_CHOICES:
+            raise ValueError(f"ofmu: hvp must be one of {HVP_CHOICES}, got {c['hvp']!r}")
+        if c["hvp"] == "first_order" and c["rho"] != 0:
+            raise ValueError(f"ofmu: rho={c['rho']!r} needs hvp='finite_difference' or "
+                             "'autograd' (the penalty's gradient 2ρ·H_Φ∇Φ is a Hessian "
+                             "product, which hvp='first_order' does not compute); use rho=0")
 
     def objectives(self) -> list[Objective]:
         """L_f and L_r: the mean next-token NLL of the forget and of the retain batch
@@ -336,9 +209,13 @@ class OFMU(Method):
 
         return [Objective("forget_nll", "forget", nll), Objective("retain_nll", "retain", nll)]
 
-    def aggregator(self):
-        raise NotImplementedError("ofmu combines its gradients in its own step(), not through "
-                                  "an aggregator")
+    def aggregator(self) -> Aggregator:
+        """The outer direction of the first-order step, from the Gram of (g_f, g_r), with the
+        inner step size of ``inner_lr`` (the step recipe uses the optimizer's lrs when
+        inner_lr is None)."""
+        c = self.config
+        eta = 0.0 if c["inner_steps"] == 0 or c["inner_lr"] is None else c["inner_lr"]
+        return Aggregator(FirstOrderWeights(c["beta"], [eta]), c["granularity"])
 
     @property
     def needs_retain(self) -> bool:
@@ -350,26 +227,80 @@ class OFMU(Method):
         return tools.learning_rates()
 
     def step_recipe(self) -> StepRecipe:
-        return self._bilevel_step
+        return self._first_order_step if self.config["hvp"] == "first_order" \
+            else self._bilevel_step
 
-    def _bilevel_step(self, tools: StepTools, forget, retain) -> dict[str, float]:
-        """T inner ascent steps on Φ moved directly, one outer step through the optimizer;
-        all of it undone if the step fails."""
-        if tools.world_size > 1:
-            raise NotImplementedError("ofmu runs in a single process (its Hessian products "
-                                      "are not reduced across ranks)")
+    def _first_order_step(self, tools: StepTools, forget, retain) -> dict[str, float]:
+        """T inner ascent steps along c_f g_f + c_r g_r moved directly, one outer step along
+        η c_f g_f + (1 + η c_r) g_r through the optimizer (module docstring); the last
+        inner step and the outer step share one evaluation of g_f and g_r."""
         if tools.scaler is not None:
             raise NotImplementedError("ofmu does not support a GradScaler (fp16 loss scaling); "
                                       "use bf16 autocast or float32")
         c = self.config
+        objectives = self.objectives()
+        names = [o.name for o in objectives]
+        steps = c["inner_steps"]
+        lrs = self._inner_lrs(tools)
+        weighting = FirstOrderWeights(c["beta"], ([0.0] if steps == 0
+                                                  else lrs if len(set(lrs)) > 1 else lrs[:1]))
+        aggregator = Aggregator(weighting, c["granularity"])
+
+        def evaluate():
+            losses, grads = tools.objective_gradients(objectives, forget, retain)
+            gram = tools.gram(grads)
+            problems = gram.total.unsqueeze(0) if c["granularity"] == "global" \
+                else gram.per_tensor
+            ascent, cos = weighting.ascent(problems)
+            return losses, grads, gram, ascent, cos
+
+        with tools.atomic() as update:
+            extra: dict[str, torch.Tensor] = {}
+            for t in range(steps - 1):           # inner steps before the last evaluation
+                losses, grads, _, ascent, _ = evaluate()
+                if t == 0:
+                    extra["loss/forget_nll_before_inner"] = losses["forget_nll"]
+                update.move(combine_gradients(grads, ascent), alpha=lrs)
+            losses, grads, gram, ascent, cos = evaluate()
+            extra = {"ofmu/cos": cos, "ofmu/phi": losses["forget_nll"] - c["beta"] * cos,
+                     "grad_norm/phi": aggregator.direction_sq_norm(gram.per_tensor,
+                                                                   ascent).clamp(min=0).sqrt(),
+                     **extra}
+            weighed = tools.weigh(aggregator, names, losses, grads, gram=gram, extra=extra)
+            if steps > 0:
+                update.move(combine_gradients(grads, ascent), alpha=lrs)
+            direction = aggregator.combine(grads, weighed.coefficients, inplace=True)
+            update.apply(direction, overflow=weighed.overflow)
+        return self._finish(weighed.stats, update.stepped)
+
+    def _finish(self, stats: dict[str, float], stepped: bool) -> dict[str, float]:
+        """ρ's schedule after a step the optimizer took; the last stats."""
+        if stepped:
+            self.rho *= float(self.config["gamma"])
+            self.outer_steps += 1
+        stats["skipped"] = 0.0 if stepped else 1.0
+        stats["ofmu/rho"] = self.rho
+        return stats
+
+    def _bilevel_step(self, tools: StepTools, forget, retain) -> dict[str, float]:
+        """The exact step: T inner ascent steps on Φ moved directly, one outer step through
+        the optimizer; all of it undone if the step fails."""
+        c = self.config
+        if tools.world_size > 1:
+            raise NotImplementedError(f"ofmu with hvp={c['hvp']!r} runs in a single process "
+                                      "(its Hessian products are not reduced across ranks); "
+                                      "use hvp='first_order' under DDP or FSDP2")
+        if tools.scaler is not None:
+            raise NotImplementedError("ofmu does not support a GradScaler (fp16 loss scaling); "
+                                      "use bf16 autocast or float32")
         batches = {}
         for kind, batch in (("forget", forget), ("retain", retain)):
             if batch is None:
                 raise ValueError(f"ofmu needs a {kind} batch, got None")
             batches[kind] = tools.micro_batches(batch, kind)
         forget_obj, retain_obj = self.objectives()
-        engine = OFMUEngine(tools.params, _batch_loss(tools, forget_obj, batches["forget"]),
-                            _batch_loss(tools, retain_obj, batches["retain"]),
+        engine = OFMUEngine(tools.params, batch_loss(tools, forget_obj, batches["forget"]),
+                            batch_loss(tools, retain_obj, batches["retain"]),
                             beta=float(c["beta"]), granularity=c["granularity"], hvp=c["hvp"],
                             fd_eps=float(c["fd_eps"]))
         lrs = self._inner_lrs(tools)
@@ -391,12 +322,7 @@ class OFMU(Method):
             values["grad_norm/direction"] = global_norm(direction)
             stats = tools.read_stats(values)          # the step's one host sync
             update.apply(direction)
-        if update.stepped:
-            self.rho *= float(c["gamma"])
-            self.outer_steps += 1
-        stats["skipped"] = 0.0 if update.stepped else 1.0
-        stats["ofmu/rho"] = self.rho
-        return stats
+        return self._finish(stats, update.stepped)
 
     def state_dict(self) -> dict[str, Any]:
         state = super().state_dict()

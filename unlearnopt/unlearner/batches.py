@@ -71,3 +71,9 @@ def micro_batches(batch: Any, name: str, accumulate: int) -> list[Batch]:
         return list(batch)
     check_batch(batch, name)
     return split(batch, accumulate, name) if accumulate > 1 else [batch]
+
+
+def labelled_tokens(batches: list[Batch]) -> torch.Tensor:
+    """The number of labelled next-token targets (``labels[:, 1:] != -100``) in ``batches``,
+    a 0-dim tensor on the labels' device (no host sync)."""
+    return torch.stack([(b["labels"][:, 1:] != -100).sum() for b in batches]).sum()

@@ -46,6 +46,8 @@ class StepEngine:
 
     Attributes:
         steps: optimizer steps taken (a skipped step does not count).
+        labelled: the labelled tokens of each batch kind read by the last
+            :meth:`objective_gradients` (all ranks), checked by the next :meth:`weigh`.
     """
 
     def __init__(self, params: Sequence[torch.nn.Parameter], optimizer: torch.optim.Optimizer,
@@ -61,6 +63,7 @@ class StepEngine:
         self.accumulate = accumulate
         self.scaler = scaler
         self.steps = 0
+        self.labelled: dict[str, torch.Tensor] = {}
 
     # -- batches and forward passes -------------------------------------------------------------
     @property
@@ -129,8 +132,14 @@ class StepEngine:
         # the whole batch over all ranks, so the summed gradient is the global-batch mean's.
         counts = {o.name: [o.units(mb).float() for mb in batches[o.batch]] for o in objectives}
         totals = torch.stack([torch.stack(counts[n]).sum() for n in names])
-        if self.world_size > 1:
-            torch.distributed.all_reduce(totals)
+        kinds = list(batches)
+        labelled = torch.stack([batches_mod.labelled_tokens(batches[k]).to(totals)
+                                for k in kinds])
+        if self.world_size > 1:                 # one collective for both
+            both = torch.cat([totals, labelled])
+            torch.distributed.all_reduce(both)
+            totals, labelled = both[:len(names)], both[len(names):]
+        self.labelled = dict(zip(kinds, labelled.unbind(0)))
         totals = totals.clamp(min=1)
         rank_factor = self.distributed.rank_factor
 
@@ -176,12 +185,16 @@ class StepEngine:
     def weigh(self, aggregator: Aggregator, names: Sequence[str],
               losses: Mapping[str, torch.Tensor], grads: Grads, *, gram: GradGram | None = None,
               extra: Mapping[str, torch.Tensor] | None = None) -> Weighed:
-        """Gram -> coefficients -> checked stats (one host sync); see ``weighing_stats``."""
+        """Gram -> coefficients -> checked stats (one host sync); see ``weighing_stats``.
+        Also raises ``ValueError`` if a batch read by the last :meth:`objective_gradients`
+        had no labelled token (every objective's mean would be over nothing)."""
         gram = self.gram(grads) if gram is None else gram
         result = aggregator.coefficients(gram.per_tensor, gram.total)
         dsq = aggregator.direction_sq_norm(gram.per_tensor, result.coefficients)
+        labelled, self.labelled = self.labelled, {}
         stats, overflow = weighing_stats(names, losses, gram, result, dsq,
-                                         scaled=self.scaler is not None, extra=extra)
+                                         scaled=self.scaler is not None, extra=extra,
+                                         labelled=labelled)
         return Weighed(stats, result.coefficients, overflow)
 
     @contextlib.contextmanager

@@ -31,6 +31,27 @@ def extract_logits(output: Any, who: str) -> torch.Tensor:
     return logits
 
 
+def vocabulary_size(model: torch.nn.Module) -> int | None:
+    """The number of logits per position ``model`` produces, read from its output embedding
+    (Hugging Face ``get_output_embeddings()``) or its config's ``vocab_size`` (also a
+    multimodal config's ``text_config``); None when the model does not say."""
+    model = unwrap(model)
+    get = getattr(model, "get_output_embeddings", None)
+    try:
+        head = get() if callable(get) else None
+    except (NotImplementedError, AttributeError):
+        head = None
+    weight = getattr(head, "weight", None)
+    if isinstance(weight, torch.Tensor) and weight.dim() == 2:     # a DTensor: global shape
+        return int(weight.shape[0])
+    config = getattr(model, "config", None)
+    for cfg in (config, getattr(config, "text_config", None)):
+        size = getattr(cfg, "vocab_size", None)
+        if isinstance(size, int):
+            return size
+    return None
+
+
 def _takes_use_cache(model: torch.nn.Module) -> bool:
     """Whether ``use_cache=False`` may be passed: the forward names it, or forwards **kwargs
     of a model whose config has ``use_cache`` (PEFT wrappers). Plain modules never receive
@@ -76,6 +97,11 @@ class Forwards:
             if any(id(p) in ids for p in self.ref_model.parameters()):
                 raise ValueError("ref_model shares parameters with the trained model; pass a "
                                  "frozen copy (copy.deepcopy(model)) or, for PEFT, no ref_model")
+            mine, theirs = vocabulary_size(self.model), vocabulary_size(self.ref_model)
+            if mine is not None and theirs is not None and mine != theirs:
+                raise ValueError(f"ref_model has a vocabulary of {theirs} tokens but model has "
+                                 f"{mine}; the reference must be a copy of the original model "
+                                 "(same tokenizer and output layer)")
             self.ref_model.requires_grad_(False)
             self.ref_model.eval()
         elif needs_ref and not self.has_peft_reference:

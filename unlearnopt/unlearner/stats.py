@@ -28,8 +28,9 @@ def read_stats(values: Mapping[str, torch.Tensor]) -> dict[str, float]:
 
 def weighing_stats(names: Sequence[str], losses: Mapping[str, torch.Tensor], gram: GradGram,
                    result: WeightingResult, direction_sq_norm: torch.Tensor, *, scaled: bool,
-                   extra: Mapping[str, torch.Tensor] | None = None) -> tuple[dict[str, float],
-                                                                             bool]:
+                   extra: Mapping[str, torch.Tensor] | None = None,
+                   labelled: Mapping[str, torch.Tensor] | None = None,
+                   ) -> tuple[dict[str, float], bool]:
     """The stats of one weighing, and whether the gradients overflowed.
 
     Returns ``(stats, overflow)``: ``loss/<name>``, ``weight/<name>`` (the weighting's
@@ -37,13 +38,15 @@ def weighing_stats(names: Sequence[str], losses: Mapping[str, torch.Tensor], gra
     ``sat_out/<name>`` (fraction of problems where the objective sat out),
     ``grad_norm/direction``, ``cos/<a>/<b>`` for a < b, then the ``extra`` entries.
 
-    Raises :class:`UnlearningStepError` on a non-finite loss; on a non-finite Gram,
+    Raises ``ValueError`` if a batch kind in ``labelled`` (its number of labelled tokens)
+    has none; :class:`UnlearningStepError` on a non-finite loss; on a non-finite Gram,
     coefficient or direction norm unless ``scaled`` (GradScaler-scaled gradients: then
     ``overflow`` is True and the caller skips the step as GradScaler does); on a non-finite
     extra entry.
     """
     k = len(names)
     extra = dict(extra or {})
+    labelled = dict(labelled or {})
     loss_vec = torch.stack([losses[n].float() for n in names])
     grads_ok = torch.isfinite(gram.total).all() & torch.isfinite(result.coefficients).all() \
         & torch.isfinite(direction_sq_norm)
@@ -56,6 +59,8 @@ def weighing_stats(names: Sequence[str], losses: Mapping[str, torch.Tensor], gra
               cos.float()[torch.triu_indices(k, k, 1).unbind(0)] if k > 1
               else loss_vec.new_zeros(0),
               torch.stack([v.detach().float().reshape(()) for v in extra.values()]) if extra
+              else loss_vec.new_zeros(0),
+              torch.stack([v.float().reshape(()) for v in labelled.values()]) if labelled
               else loss_vec.new_zeros(0),
               torch.isfinite(loss_vec).all().float().reshape(1),
               grads_ok.float().reshape(1)]
@@ -75,6 +80,12 @@ def weighing_stats(names: Sequence[str], losses: Mapping[str, torch.Tensor], gra
     for key in extra:
         stats[key] = values[pos]
         pos += 1
+    empty = [kind for i, kind in enumerate(labelled) if values[pos + i] == 0]
+    pos += len(labelled)
+    if empty:
+        raise ValueError(f"the {' and '.join(empty)} batch has no labelled token (every "
+                         "label is -100 after the next-token shift), so its losses average "
+                         f"over nothing; {_UNCHANGED}")
     losses_ok, grads_ok = values[pos] == 1.0, values[pos + 1] == 1.0
     if not losses_ok:
         bad = [n for i, n in enumerate(names) if not math.isfinite(values[i])]
