@@ -164,7 +164,8 @@ class AtomicUpdate(Protocol):
     def move(self, delta: Sequence[torch.Tensor | None], *,
              alpha: Sequence[float] | None = None) -> None:
         """θ ← θ + alpha·delta directly (not through the optimizer; ``alpha`` one factor per
-        parameter, default 1); undone if the update fails."""
+        parameter, default 1). Before :meth:`apply`: undone if the update fails; after a
+        step that was taken: final (no copy of the parameters is kept for it)."""
 
     def apply(self, direction: Sequence[torch.Tensor | None], *,
               overflow: bool = False) -> bool:

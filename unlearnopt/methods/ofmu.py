@@ -47,7 +47,10 @@ replaced by the identity as above
 
 So one step with T = 1 costs two gradient evaluations (g_f and g_r, one forward and backward
 each, like ``grad_diff``), one Gram, and two combinations; each further inner step costs two
-more evaluations. What is approximated: H_f a + H_r b by a + b in the inner step, and
+more evaluations. The last inner move is added after the optimizer's step: the outer
+direction is computed at θ anyway, so the order shows only in a decoupled weight decay (by
+lr·λ·η∇Φ, second order), and no copy of the parameters is needed to undo a failed step
+(T > 1 keeps one, for the earlier moves). What is approximated: H_f a + H_r b by a + b in the inner step, and
 ∇L_r(θ') by g_r + η∇Φ; both are exact when H_f = H_r = I (e.g. L = ½‖θ − c‖²), and the
 second is exact to O(η·‖H_r − I‖·‖∇Φ‖) otherwise. The penalty ρ‖∇Φ‖² has no first-order
 counterpart (its gradient 2ρ·H_Φ∇Φ is a Hessian product): first order requires ρ = 0. The
@@ -267,10 +270,13 @@ class OFMU(Method):
                                                                    ascent).clamp(min=0).sqrt(),
                      **extra}
             weighed = tools.weigh(aggregator, names, losses, grads, gram=gram, extra=extra)
-            if steps > 0:
-                update.move(combine_gradients(grads, ascent), alpha=lrs)
+            inner = combine_gradients(grads, ascent) if steps > 0 else None
             direction = aggregator.combine(grads, weighed.coefficients, inplace=True)
-            update.apply(direction, overflow=weighed.overflow)
+            # The last inner move follows the optimizer's step: the outer direction was
+            # computed at θ already, so the order changes only a decoupled weight decay (by
+            # lr·λ·η∇Φ, second order), and a move after the step needs no parameter copy.
+            if update.apply(direction, overflow=weighed.overflow) and inner is not None:
+                update.move(inner, alpha=lrs)
         return self._finish(weighed.stats, update.stepped)
 
     def _finish(self, stats: dict[str, float], stepped: bool) -> dict[str, float]:

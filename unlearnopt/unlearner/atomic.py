@@ -1,8 +1,8 @@
 """The atomic update: every method's step ends here, all or nothing.
 
 Inside ``with AtomicStep(...) as step:`` a method may move the parameters directly
-(:meth:`AtomicStep.move`, e.g. OFMU's inner ascent) and then takes at most one optimizer
-step (:meth:`AtomicStep.apply`: write the direction into ``p.grad``, unscale, clip, the
+(:meth:`AtomicStep.move`, e.g. OFMU's inner ascent; before or after the step) and takes at
+most one optimizer step (:meth:`AtomicStep.apply`: write the direction into ``p.grad``, unscale, clip, the
 wrapped optimizer's or the GradScaler's step). If anything in the block raises, or the
 GradScaler skips the step, the parameters are restored bit-exactly (from a copy taken at the
 first ``move``; none is taken if nothing moves them) and every ``p.grad`` is as it was. The
@@ -73,13 +73,15 @@ class AtomicStep:
     def move(self, delta: Sequence[torch.Tensor | None], *,
              alpha: Sequence[float] | None = None) -> None:
         """θ ← θ + alpha·delta (P tensors, None = no change; ``alpha`` one factor per
-        parameter, default 1), not through the optimizer."""
+        parameter, default 1), not through the optimizer. Before :meth:`apply` the move is
+        undone if the update fails (a copy of the parameters is kept from the first move);
+        after a step that was taken it is final and needs no copy."""
         if len(delta) != len(self.params):
             raise ValueError(f"delta has {len(delta)} tensors, expected {len(self.params)}")
         alpha = [1.0] * len(self.params) if alpha is None else list(alpha)
         if len(alpha) != len(self.params):
             raise ValueError(f"alpha has {len(alpha)} factors, expected {len(self.params)}")
-        if self._saved_params is None:
+        if self._saved_params is None and not self.stepped:
             self._saved_params = [p.detach().clone() for p in self.params]
         with torch.no_grad():
             for p, d, a in zip(self.params, delta, alpha):
