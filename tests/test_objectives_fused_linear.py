@@ -152,3 +152,59 @@ def test_bad_arguments_name_what_was_expected():
     with pytest.raises(ValueError, match="beta"):
         npo_loss_from_hidden(head, torch.zeros(2), batch["labels"], beta=0.0)
     assert isinstance(head, HeadInputs)
+
+
+class _Ctx:
+    """An objective context with or without the head's inputs."""
+
+    def __init__(self, model, ref, batch, fused):
+        self.labels = batch["labels"]
+        self._inputs = _inputs(batch)
+        self.model, self.ref, self.fused = model, ref, fused
+        self.head = forward_head_inputs(model, self._inputs) if fused else None
+        with torch.no_grad():
+            self.ref_head = forward_head_inputs(ref, self._inputs) if fused else None
+
+    @property
+    def logits(self):
+        assert not self.fused, "the fused path must not compute the logits"
+        return self.model(**self._inputs).logits
+
+    @property
+    def ref_logits(self):
+        assert not self.fused, "the fused path must not compute the reference's logits"
+        with torch.no_grad():
+            return self.ref(**self._inputs).logits
+
+
+@pytest.mark.parametrize("name", ["nll", "uce", "npo", "kl", "dmk"])
+def test_context_losses_take_the_head_when_offered(name):
+    from unlearnopt.objectives import (
+        kl_to_reference_of,
+        masked_kl_of,
+        npo_loss_of,
+        token_loss_of,
+        vocab_size_of,
+    )
+
+    model = make_model("qwen2", dtype=torch.float64)
+    ref = make_model("qwen2", dtype=torch.float64, seed=1).eval()
+    batch = make_batch("qwen2", batch=3, dtype=torch.float64)
+    params = list(model.parameters())
+    results = []
+    for fused in (True, False):
+        ctx = _Ctx(model, ref, batch, fused)
+        assert vocab_size_of(ctx) == VOCAB
+        loss = {"nll": lambda c: token_loss_of(c, "nll"),
+                "uce": lambda c: token_loss_of(c, "uce", alpha=0.3),
+                "npo": lambda c: npo_loss_of(c, beta=0.2),
+                "kl": kl_to_reference_of,
+                "dmk": lambda c: masked_kl_of(c, _token_mask(c.labels), _vocab_mask(),
+                                              "reverse", 1.5)}[name](ctx)
+        results.append((loss, torch.autograd.grad(loss, params, allow_unused=True)))
+    (fused_loss, fused_grads), (logits_loss, logits_grads) = results
+    torch.testing.assert_close(fused_loss, logits_loss, rtol=1e-10, atol=1e-12)
+    for a, b in zip(fused_grads, logits_grads):
+        assert (a is None) == (b is None)
+        if a is not None:
+            torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-12)

@@ -64,7 +64,7 @@ def _autocast_off(device_type: str):
 
 
 def token_loss_from_hidden(head: HeadInputs, labels: torch.Tensor, mode: str = "nll",
-                           alpha: float = 0.5) -> torch.Tensor:
+                           alpha: float = 0.5, *, backend: str | None = None) -> torch.Tensor:
     """Mean next-token loss over the non-ignored tokens (``nll``: -log p(y), ``ga``:
     +log p(y), ``uce``: -log(1 - alpha p(y))).
 
@@ -72,6 +72,7 @@ def token_loss_from_hidden(head: HeadInputs, labels: torch.Tensor, mode: str = "
         head: the model's head inputs, ``hidden [B, T, H]``.
         labels: ``[B, T]`` unshifted, -100 = ignored.
         mode, alpha: as in ``token_loss``.
+        backend: the op's backend (``"reference"``: plain PyTorch, differentiable twice).
 
     Returns:
         0-dim float32 (float64 for float64 operands); 0 if no token counts.
@@ -81,7 +82,8 @@ def token_loss_from_hidden(head: HeadInputs, labels: torch.Tensor, mode: str = "
     with _autocast_off(hidden.device.type):
         return fused_linear_unlearning_cross_entropy(hidden, weight, shift_labels(labels), bias,
                                                      mode=mode, ignore_index=IGNORE_INDEX,
-                                                     reduction="mean", alpha=alpha)
+                                                     reduction="mean", alpha=alpha,
+                                                     backend=backend)
 
 
 def sequence_log_prob_from_hidden(head: HeadInputs, labels: torch.Tensor) -> torch.Tensor:
