@@ -9,7 +9,7 @@ import warnings
 import pytest
 import torch
 
-from tests.tiny_models import make_batch, make_model
+from tests.tiny_models import make_batch, make_model, perturb_lora
 from unlearnopt.head_forwards import HeadForwards
 from unlearnopt.objectives import sequence_log_prob
 
@@ -84,12 +84,19 @@ def test_cache_off_runs_the_reference_every_time():
     assert fw.ref_calls == 3
 
 
-@pytest.mark.parametrize("kind,reason", [("lora_head", "not a plain torch.nn.Linear"),
+@pytest.mark.parametrize("kind,reason", [("lora_dropout", "dropout"),
                                          ("gemma2", "soft-capping")])
 def test_unsupported_head_warns_once_and_gives_none(kind, reason):
-    """LoRA on the head is refused at construction, soft-capping at the first forward."""
-    model = make_model(kind)
-    ref = None if kind == "lora_head" else copy.deepcopy(model).eval()
+    """Dropout on a LoRA head is refused at construction, soft-capping at the first forward."""
+    if kind == "gemma2":
+        model = make_model(kind)
+        ref = copy.deepcopy(model).eval()
+    else:
+        from peft import LoraConfig, get_peft_model
+
+        model = get_peft_model(make_model("llama"), LoraConfig(
+            r=4, lora_alpha=8, lora_dropout=0.1, target_modules=["q_proj", "lm_head"]))
+        ref = None
     batch = make_batch("llama")
     with warnings.catch_warnings(record=True) as record:
         warnings.simplefilter("always")
@@ -115,18 +122,17 @@ def test_disabled_path_is_silent():
         HeadForwards(PlainForwards(model, ref), enabled=1)
 
 
-def test_peft_reference_is_the_model_without_adapters_and_ignores_adapter_updates():
-    model = make_model("lora", dtype=torch.float64)
-    with torch.no_grad():                      # non-zero adapters: the reference differs
-        for n, p in model.named_parameters():
-            if "lora_B" in n:
-                p.normal_(0, 0.1)
+@pytest.mark.parametrize("kind", ["lora", "lora_head"])
+def test_peft_reference_is_the_model_without_adapters_and_ignores_adapter_updates(kind):
+    model = perturb_lora(make_model(kind, dtype=torch.float64))   # the reference differs
     fw = PlainForwards(model)
     heads = HeadForwards(fw, needs_ref=True)
     batch = make_batch("lora")
     head = heads.head(batch, "forget")
     rh = heads.ref_head(batch, "forget")
     torch.testing.assert_close(rh.logits(), fw.ref_forward(batch), rtol=0, atol=0)
+    torch.testing.assert_close(head.logits(), model(**fw.inputs(batch)).logits, rtol=1e-14,
+                               atol=1e-14)
     assert not torch.allclose(head.logits(), rh.logits())
     calls = fw.ref_calls
     with torch.no_grad():
@@ -134,7 +140,8 @@ def test_peft_reference_is_the_model_without_adapters_and_ignores_adapter_update
     heads.ref_head(batch, "forget")
     assert fw.ref_calls == calls               # adapters are not part of the reference
     with torch.no_grad():
-        model.get_output_embeddings().weight.mul_(1.5)
+        head = model.get_output_embeddings()
+        getattr(head, "get_base_layer", lambda: head)().weight.mul_(1.5)
     again = heads.ref_head(batch, "forget")
     assert fw.ref_calls == calls + 1           # a base weight is
     torch.testing.assert_close(again.logits(), fw.ref_forward(batch), rtol=0, atol=0)

@@ -8,7 +8,7 @@ import socket
 import pytest
 import torch
 
-from tests.tiny_models import KINDS, make_batch, make_model
+from tests.tiny_models import KINDS, make_batch, make_model, perturb_lora
 from unlearnopt.output_head import (
     HeadInputs,
     HeadUnsupported,
@@ -23,18 +23,29 @@ def _inputs(batch):
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16], ids=str)
-@pytest.mark.parametrize("kind", KINDS + ("gemma2_nocap", "cohere", "granite"))
+@pytest.mark.parametrize("kind", KINDS + ("gemma2_nocap", "cohere", "granite", "lora_head"))
 def test_head_inputs_reproduce_the_logits(kind, dtype):
     model = make_model(kind, dtype=dtype)
+    perturb_lora(model)
     batch = make_batch("llama" if kind not in KINDS else kind, dtype=dtype)
     expected = model(**_inputs(batch)).logits
     head = forward_head_inputs(model, _inputs(batch))
     assert isinstance(head, HeadInputs)
     assert head.hidden.shape == (*batch["labels"].shape, 32)
     assert head.hidden.requires_grad
-    assert head.weight is output_head(model).weight
     assert head.scale == {"cohere": 0.125, "granite": 0.25}.get(kind, 1.0)
     assert "forward" not in vars(output_head(model))          # the head is restored
+    if kind == "lora_head":                                   # W + s B A: rounding differs
+        assert head.weight.requires_grad and head.weight.grad_fn is not None
+        tol = {torch.float64: 1e-14, torch.float32: 1e-6, torch.bfloat16: 2e-2}[dtype]
+        torch.testing.assert_close(head.logits(), expected, rtol=tol, atol=tol)
+        with model.disable_adapter():                         # the reference: the base layer
+            base = forward_head_inputs(model, _inputs(batch))
+            assert base.weight is output_head(model).get_base_layer().weight
+            torch.testing.assert_close(base.logits(), model(**_inputs(batch)).logits,
+                                       rtol=0, atol=0)
+        return
+    assert head.weight is output_head(model).weight
     torch.testing.assert_close(head.logits(), expected, rtol=0, atol=0)
 
 
@@ -61,10 +72,29 @@ def test_head_inputs_with_a_bias_and_a_scale():
     torch.testing.assert_close(head.logits(), model(ids)["logits"], rtol=1e-15, atol=1e-15)
 
 
+def _lora_head(**options):
+    from peft import LoraConfig, get_peft_model
+
+    model = make_model("llama")
+    config = {"r": 4, "lora_alpha": 8, "lora_dropout": 0.0, "target_modules": ["lm_head"],
+              **options}
+    return get_peft_model(model, LoraConfig(**config))
+
+
 @pytest.mark.parametrize("kind,reason", [("gemma2", "soft-capping .* cap = 30"),
-                                         ("lora_head", "not a plain torch.nn.Linear")])
+                                         ("lora_dropout", r"dropout \(p = 0.1\)"),
+                                         ("dora", "LoRA variant"),
+                                         ("merged", "merged")])
 def test_unsupported_heads_name_the_reason(kind, reason):
-    model = make_model(kind)
+    if kind == "gemma2":
+        model = make_model(kind)
+    elif kind == "lora_dropout":
+        model = _lora_head(lora_dropout=0.1)
+    elif kind == "dora":
+        model = _lora_head(use_dora=True)
+    else:
+        model = _lora_head()
+        output_head(model).merge()
     batch = make_batch("llama")
     with pytest.raises(HeadUnsupported, match=reason) as info:
         forward_head_inputs(model, _inputs(batch))

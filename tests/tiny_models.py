@@ -106,6 +106,17 @@ def make_model(kind: str, dtype: torch.dtype = torch.float32, seed: int = 0) -> 
     return model
 
 
+def perturb_lora(model: torch.nn.Module, std: float = 0.1, seed: int = 1) -> torch.nn.Module:
+    """Give the LoRA ``B`` matrices (PEFT initialises them to 0) random values, so that the
+    adapters change the output and ``A`` gets a gradient; no-op without LoRA."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.copy_(std * torch.randn(p.shape, generator=g).to(p.dtype))
+    return model
+
+
 def make_batch(kind: str, batch: int = 2, seq: int = 8, seed: int = 0,
                dtype: torch.dtype = torch.float32, prompt: int = 2) -> dict[str, torch.Tensor]:
     """A Hugging Face batch for ``kind``: ``input_ids`` / ``labels`` ``[B, T]``, the first

@@ -21,12 +21,18 @@ applied to the probe, which tells exactly what ``post`` is:
 - anything else (soft-capping, a head called twice, values mixed across the vocabulary):
   :class:`HeadUnsupported` with the reason; the caller computes the logits instead.
 
+A PEFT LoRA adapter on the head itself (``base(x) + s * B(A(x))``) is a linear head too:
+its weight is ``W + s * B @ A`` (``[V, H]``, built per forward, so gradients reach ``A`` and
+``B`` through it), its bias the base bias plus ``s`` times ``B``'s bias if any; with the
+adapters disabled (a PEFT model as its own reference) it is the base layer.
+
 Heads that cannot be fused are recognised before any forward (:func:`unsupported_reason`):
-no output embeddings, a head that is not a plain ``torch.nn.Linear`` (a LoRA adapter on
-the head: its ``weight`` would omit the adapter), a head whose forward is already wrapped
-(accelerate's device-map hooks), and FSDP2-sharded models (FSDP2 reshards parameters after
-the forward, so the head's weight read outside it may be a shard, and a gradient reaching
-it there would bypass FSDP2's reduce-scatter).
+no output embeddings, a head that is neither a plain ``torch.nn.Linear`` nor a plain LoRA
+layer over one (DoRA and other LoRA variants, a merged LoRA head, dropout on a LoRA head
+in training), a head whose forward is already wrapped (accelerate's device-map hooks), and
+FSDP2-sharded models (FSDP2 reshards parameters after the forward, so the head's weight
+read outside it may be a shard, and a gradient reaching it there would bypass FSDP2's
+reduce-scatter).
 """
 
 from __future__ import annotations
@@ -95,7 +101,7 @@ def _is_fsdp2(model: torch.nn.Module, head: torch.nn.Module) -> bool:
     else:
         if any(isinstance(m, FSDPModule) for m in model.modules()):
             return True
-    return any(type(p).__name__ == "DTensor" for p in head.parameters(recurse=False))
+    return any(type(p).__name__ == "DTensor" for p in head.parameters())
 
 
 def output_head(model: torch.nn.Module) -> torch.nn.Module | None:
@@ -110,6 +116,57 @@ def output_head(model: torch.nn.Module) -> torch.nn.Module | None:
         return None
 
 
+def _is_plain_linear(module: torch.nn.Module) -> bool:
+    return isinstance(module, torch.nn.Linear) and type(module).forward is torch.nn.Linear.forward
+
+
+def _is_lora_linear(module: torch.nn.Module) -> bool:
+    """A PEFT LoRA layer over a plain linear layer (``peft.tuners.lora.Linear``)."""
+    try:
+        from peft.tuners.lora import Linear as LoraLinear
+    except ImportError:                                         # peft not installed
+        return False
+    return type(module) is LoraLinear and _is_plain_linear(module.get_base_layer())
+
+
+def _lora_reason(head: torch.nn.Module) -> str | None:
+    """Why a LoRA head is not ``W + s B A`` (None if it is), for its current state."""
+    if head.merged:
+        return "its LoRA output head is merged into the base weight"
+    if head.disable_adapters:
+        return None
+    for name in head.active_adapters:
+        if name not in head.lora_A:
+            continue
+        if name in getattr(head, "lora_variant", {}) or head.use_dora.get(name, False):
+            return f"its LoRA output head uses a LoRA variant (e.g. DoRA) for adapter {name!r}"
+        if getattr(head, "fan_in_fan_out", False):
+            return "its LoRA output head has fan_in_fan_out=True"
+        dropout = head.lora_dropout[name]
+        if dropout.training and float(getattr(dropout, "p", 0.0)) > 0.0:
+            return (f"its LoRA output head applies dropout (p = {dropout.p}) in training to "
+                    f"adapter {name!r}")
+    return None
+
+
+def _lora_weight_and_bias(head: torch.nn.Module):
+    """``(W + sum_a s_a B_a A_a, b + sum_a s_a b_Ba)`` of a LoRA head (the base layer's own
+    weight and bias when its adapters are disabled)."""
+    base = head.get_base_layer()
+    weight, bias = base.weight, base.bias
+    if head.disable_adapters:
+        return weight, bias
+    for name in head.active_adapters:
+        if name not in head.lora_A:
+            continue
+        a, b, s = head.lora_A[name], head.lora_B[name], head.scaling[name]
+        weight = weight + (b.weight @ a.weight).to(weight.dtype) * s
+        if b.bias is not None:
+            extra = (b.bias * s).to(weight.dtype)
+            bias = extra if bias is None else bias + extra
+    return weight, bias
+
+
 def unsupported_reason(model: torch.nn.Module) -> str | None:
     """Why the fused-linear path cannot serve ``model`` (None if it can be tried).
 
@@ -120,17 +177,22 @@ def unsupported_reason(model: torch.nn.Module) -> str | None:
     if head is None:
         return ("the model has no output head (get_output_embeddings() is missing or "
                 "returns None)")
-    if not isinstance(head, torch.nn.Linear) or type(head).forward is not torch.nn.Linear.forward:
-        return (f"its output head is a {type(head).__module__}.{type(head).__qualname__}, not a "
-                "plain torch.nn.Linear (e.g. a LoRA adapter on the head)")
+    if _is_lora_linear(head):
+        reason = _lora_reason(head)
+        if reason is not None:
+            return reason
+    elif not _is_plain_linear(head):
+        return (f"its output head is a {type(head).__module__}.{type(head).__qualname__}, "
+                "neither a plain torch.nn.Linear nor a plain LoRA layer over one")
     if "forward" in vars(head):
         return ("its output head's forward is already wrapped (e.g. accelerate device-map "
                 "hooks)")
     if _is_fsdp2(model, head):
         return ("the model is sharded with FSDP2 (fully_shard): the head's weight outside the "
                 "forward may be a shard and its gradient would bypass FSDP2's reduce-scatter")
-    if not head.weight.dtype.is_floating_point:
-        return f"its output head's weight has dtype {head.weight.dtype}, not a float dtype"
+    weight = head.get_base_layer().weight if _is_lora_linear(head) else head.weight
+    if not weight.dtype.is_floating_point:
+        return f"its output head's weight has dtype {weight.dtype}, not a float dtype"
     return None
 
 
@@ -196,14 +258,16 @@ def forward_head_inputs(model: torch.nn.Module, inputs: Mapping[str, Any]) -> He
     if reason is not None:
         raise HeadUnsupported(reason)
     head = output_head(model)
+    weight, bias = _lora_weight_and_bias(head) if _is_lora_linear(head) else \
+        (head.weight, head.bias)
     seen: list[torch.Tensor] = []
     probes: list[torch.Tensor] = []
 
     def record(x: torch.Tensor) -> torch.Tensor:
         seen.append(x)
         # The dtype the real head would return (autocast included), at no cost.
-        empty = torch.nn.functional.linear(x.reshape(-1, x.shape[-1])[:0], head.weight[:0],
-                                           None if head.bias is None else head.bias[:0])
+        empty = torch.nn.functional.linear(x.reshape(-1, x.shape[-1])[:0], weight[:0],
+                                           None if bias is None else bias[:0])
         probe = torch.tensor(PROBE_VALUES, dtype=empty.dtype, device=x.device)
         probe = probe.expand(*x.shape[:-1], len(PROBE_VALUES)).contiguous()
         probes.append(probe)
@@ -222,8 +286,8 @@ def forward_head_inputs(model: torch.nn.Module, inputs: Mapping[str, Any]) -> He
         raise HeadUnsupported(f"the model's forward returned {type(output).__name__} without "
                               "logits")
     scale = _scale_from_probe(model, probes[0], out)
-    hidden, bias = seen[0], head.bias
+    hidden = seen[0]
     if scale != 1.0:
         hidden = hidden * scale
         bias = None if bias is None else bias * scale
-    return HeadInputs(hidden, head.weight, bias, scale)
+    return HeadInputs(hidden, weight, bias, scale)
