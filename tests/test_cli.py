@@ -92,6 +92,9 @@ def test_pulse_command_with_user_data(model_dir, tmp_path, capsys):
     assert rc == 0, capsys.readouterr().err
     text = capsys.readouterr().out
     assert "mollm@end" in text and "ga@end" in text and "report:" in text
+    # verdicts in words with the thresholds; the table says which direction is better
+    assert "Quality bar: forget accuracy <= 0.10, retain and neighbour accuracy >= 90%" in text
+    assert "kept_retain" not in text and "forget acc ↓" in text and "MIA AUC →0.5" in text
     report = json.loads((out / "report.json").read_text())
     assert report["config"]["methods"] == ["ga", "mollm"]
     assert (out / "pretrained_metrics.png").exists()
@@ -118,8 +121,47 @@ def test_pulse_command_with_user_data(model_dir, tmp_path, capsys):
     (["pulse", "--phases", "later"], "unknown phase 'later'"),
     (["pulse", "--forget-size", "2", "--requests", "5"], "forget_size (2) must be >= requests"),
     (["demo", "--option", "mollm.alpha"], "expected METHOD.KEY=VALUE"),
+    (["run", "--forget", "{forget}", "--out", "x", "--lr", "-1"],
+     "--lr must be a positive finite number, got -1.0"),
+    (["run", "--forget", "{forget}", "--out", "x", "--lr", "nan"],
+     "--lr must be a positive finite number, got nan"),
+    (["run", "--forget", "{forget}", "--out", "x", "--lr", "0"],
+     "--lr must be a positive finite number, got 0.0"),
+    (["pulse", "--lr", "0"], "--lr must be a positive finite number, got 0.0"),
+    (["demo", "--lr", "inf"], "--lr must be a positive finite number, got inf"),
+    (["run", "--forget", "{forget}", "--out", "x", "--max-grad-norm", "-1"],
+     "--max-grad-norm must be a positive finite number, got -1.0"),
+    (["pulse", "--max-grad-norm", "0"], "--max-grad-norm must be a positive finite number"),
+    (["run", "--forget", "{forget}", "--out", "x", "--device", "nosuch"],
+     "--device 'nosuch' is not a torch device"),
+    (["pulse", "--device", "cuda"], "--device cuda: CUDA is not available"),
+    (["run", "--forget", "{forget}", "--out", "{file}", "--method", "ga"],
+     "exists and is not a directory"),
+    (["pulse", "--out", "{file}"], "exists and is not a directory"),
+    (["pulse", "--methods", "ga", "--option", "ga.bar=1"],
+     "--option: method 'ga' got unknown option(s) ['bar']"),
+    (["pulse", "--methods", "npo", "--option", "npo.beta=-1"], "--option: "),
+    (["run", "--forget", "{forget}", "--out", "x", "--method", "ga", "--steps", "0"],
+     "--steps must be >= 1, got 0"),
+    (["pulse", "--forget-target", "2"], "--forget-target must be in [0, 1], got 2.0"),
+    (["pulse", "--nonmember-size", "0"], "--nonmember-size must be >= 1"),
+    (["pulse", "--seed", "-3"], "--seed must be >= 0"),
+    (["pulse", "--model", "{empty}"], "the directory is empty; expected a Hugging Face"),
 ])
-def test_user_errors_give_one_line_and_status_2(argv, message, data_files, tmp_path, capsys):
+def test_user_errors_give_one_line_and_status_2(argv, message, data_files, tmp_path, capsys,
+                                                monkeypatch):
+    import torch
+
+    import unlearnopt.models
+
+    def never(*a, **k):
+        raise AssertionError("the model must not be loaded for a user error")
+
+    monkeypatch.setattr(unlearnopt.models, "load_model", never)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.chdir(tmp_path)                  # nothing lands in the source tree
+    a_file = tmp_path / "a_file"
+    a_file.write_text("not a directory")
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"prompt": "a", "answer": "b"}\n{"prompt": "a", answer: b}\n')
     noanswer = tmp_path / "noanswer.jsonl"
@@ -127,12 +169,48 @@ def test_user_errors_give_one_line_and_status_2(argv, message, data_files, tmp_p
     empty = tmp_path / "empty_model"
     empty.mkdir()
     subs = {"{forget}": str(data_files / "forget.jsonl"), "{bad}": str(bad),
-            "{noanswer}": str(noanswer), "{empty}": str(empty)}
+            "{noanswer}": str(noanswer), "{empty}": str(empty), "{file}": str(a_file)}
     argv = [subs.get(a, a) for a in argv]
     assert main(argv) == 2
     err = _error(capsys)
-    assert err.startswith("unlearnopt: error: ") and message in err
+    assert err.startswith("unlearnopt: error: ") and message in err, err
     assert err.count("\n") == 1
+    assert not (tmp_path / "unlearnopt-pulse").exists() and not (tmp_path / "x").exists()
+
+
+def test_token_ids_outside_the_vocabulary(tmp_path, data_files, capsys):
+    """A tokenizer that does not belong to the model: one clear line, not an IndexError."""
+    tok = tiny_tokenizer(all_texts())
+    model = tiny_llama(8)                                  # far fewer rows than the tokenizer
+    d = tmp_path / "mismatched"
+    model.save_pretrained(d)
+    tok.save_pretrained(d)
+    rc = main(["run", "--model", str(d), "--method", "ga", "--forget",
+               str(data_files / "forget.jsonl"), "--out", str(tmp_path / "o"), "--no-progress"])
+    assert rc == 2
+    err = _error(capsys)
+    assert "outside the model's vocabulary of 8 tokens" in err and "forget.jsonl" in err
+
+
+def test_help_names_every_default_and_the_methods(capsys):
+    for argv in (["--help"], ["demo", "--help"], ["pulse", "--help"], ["run", "--help"],
+                 ["selfcheck", "--help"]):
+        assert main(argv) == 0
+        text = capsys.readouterr().out
+        assert "usage: unlearnopt" in text, argv
+        body = text.split("options:")[0]
+        assert len(body.split("\n\n", 1)[1].strip()) > 40, argv    # a description
+    main(["pulse", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "PULSE measures unlearning" in text
+    for flag_default in ("--steps STEPS step budget per request (default: 8)",
+                         "(default: 1e-05)", "--retain-batch-size", "(default: ./unlearnopt-pulse)",
+                         "--max-grad-norm MAX_GRAD_NORM clip"):
+        assert flag_default in text, flag_default
+    main(["run", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "ga, ga_kl, grad_diff, mollm, npo, ofmu, siu" in text
+    assert "optimizer steps (default: 20)" in text
 
 
 def test_usage_errors_exit_2(capsys):
@@ -148,3 +226,32 @@ def test_selfcheck_subcommand_exists(monkeypatch, capsys):
     monkeypatch.setattr(sc, "main", lambda: print("backends: stub") or 0)
     assert main(["selfcheck"]) == 0
     assert "backends: stub" in capsys.readouterr().out
+
+
+def test_pulse_focus_and_one_shot_flags(model_dir, tmp_path, capsys):
+    facts = tmp_path / "facts.jsonl"
+    facts.write_text("".join(json.dumps(f.to_dict()) + "\n" for f in tiny_facts()))
+    neutral = tmp_path / "neutral.txt"
+    neutral.write_text("\n".join(NEUTRAL))
+    out = tmp_path / "pulse"
+    rc = main(["pulse", "--model", str(model_dir), "--methods", "ga", "--requests", "2",
+               "--forget-size", "4", "--retain-size", "6", "--steps", "1", "--lr", "1e-2",
+               "--retain-batch-size", "4", "--facts", str(facts), "--neutral", str(neutral),
+               "--focus", "relation", "--retain-same-relation", "--compare-one-shot",
+               "--out", str(out), "--no-progress"])
+    assert rc == 0, capsys.readouterr().err
+    text = capsys.readouterr().out
+    assert "ga x2" in text and "ga x1" in text
+    report = json.loads((out / "report.json").read_text())
+    assert report["config"]["focus"] == "relation" and report["config"]["retain_same_relation"]
+    requests = report["phases"]["pretrained"]["split"]["forget_requests"]
+    assert all(len({i.split("/")[0] for i in r}) == 1 for r in requests)
+
+
+def test_demo_is_sized_for_a_first_look():
+    from unlearnopt.cli import build_parser
+
+    demo = build_parser().parse_args(["demo"])
+    pulse = build_parser().parse_args(["pulse"])
+    assert demo.methods == "ga,mollm" and demo.requests == 1 and demo.forget_size == 4
+    assert pulse.requests == 5 and pulse.forget_size == 10 and pulse.retain_size == 24

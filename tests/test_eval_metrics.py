@@ -83,3 +83,32 @@ def test_evaluate_returns_every_metric(tiny):
                       "retain_prob", "neighbour_acc", "neighbour_prob", "ppl", "diversity",
                       "mia_auc"}
     assert all(0 <= m[k] <= 1 for k in m if k != "ppl") and m["ppl"] > 1
+
+
+def test_verdict_in_words_names_the_thresholds():
+    from unlearnopt.eval.pulse.protocol import describe_verdict, quality_verdict
+
+    before = {"forget_acc": 1.0, "retain_acc": 0.8, "neighbour_acc": 1.0, "ppl": 40.0}
+    good = {"forget_acc": 0.0, "retain_acc": 0.75, "neighbour_acc": 0.9, "ppl": 44.0}
+    assert describe_verdict(before, good) == "meets the quality bar"
+    assert all(quality_verdict(before, good).values())
+    bad = {"forget_acc": 0.25, "retain_acc": 0.5, "neighbour_acc": 1.0, "ppl": 50.0}
+    text = describe_verdict(before, bad)
+    assert "forget accuracy 0.25 (needs <= 0.10)" in text
+    assert "retain accuracy 0.50 (needs >= 0.72, 90% of 0.80 before)" in text
+    assert "perplexity 50.0 (needs <= 44.0, before 40.0 +10%)" in text
+    assert "neighbour" not in text
+    assert quality_verdict(before, bad) == {"forgot": False, "kept_retain": False,
+                                            "kept_neighbours": True, "fluent": False}
+
+
+def test_tables_and_plots_share_metric_names_with_directions():
+    from unlearnopt.eval.metrics import METRIC_LABELS
+    from unlearnopt.eval.report import PLOT_METRICS, TABLE_COLUMNS, format_table
+
+    for key, label, _ in TABLE_COLUMNS[1:]:
+        assert label == METRIC_LABELS[key] and label[-1] in "↑↓5"
+    assert set(PLOT_METRICS) <= set(METRIC_LABELS)
+    rows = [{"name": "before", "steps": 0, "forget_acc": 1.0, "mia_auc": 0.9}]
+    text = format_table(rows, legend=True)
+    assert "forget acc ↓" in text.splitlines()[0] and "MIA AUC: 0.5 = " in text

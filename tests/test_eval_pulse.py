@@ -194,7 +194,9 @@ def test_requests_replay_relapsed_facts_with_a_fresh_optimizer(trained_tiny, mon
 
     import numpy as np
 
+    from unlearnopt import training
     from unlearnopt.eval import pulse
+    from unlearnopt.eval.pulse import protocol
 
     model, tok = trained_tiny
     facts = tiny_facts()
@@ -208,8 +210,8 @@ def test_requests_replay_relapsed_facts_with_a_fresh_optimizer(trained_tiny, mon
     def fake_score(model, tokenizer, prompts, answers, **kw):   # facts[0] stays forgotten
         return SimpleNamespace(exact=np.array([p != facts[0].prompt for p in prompts]))
 
-    monkeypatch.setattr(pulse.UnlearningRun, "step", fake_step)
-    monkeypatch.setattr(pulse, "score_answers", fake_score)
+    monkeypatch.setattr(training.UnlearningRun, "step", fake_step)
+    monkeypatch.setattr(protocol, "score_answers", fake_score)
     split = pulse.Split(facts[:4], facts[8:12], facts[4:6], [], [facts[:2], facts[2:4]])
     work = copy.deepcopy(model)
     for replay, fresh in ((True, True), (False, False)):
@@ -272,21 +274,25 @@ def test_method_settings_precedence():
 
 
 def test_siu_substitutes_are_invented_per_fact():
-    from unlearnopt.eval.pulse import SIU_SUBSTITUTES, siu_substitute
+    from unlearnopt.methods.siu import SUBSTITUTES, substitute_answer
 
     facts = tiny_facts()
-    words = [siu_substitute(f) for f in facts]
-    assert words == [siu_substitute(f) for f in tiny_facts()]        # stable across calls
-    assert set(words) <= set(SIU_SUBSTITUTES) and len(set(words)) > 3
+    words = [substitute_answer(f) for f in facts]
+    assert words == [substitute_answer(f) for f in tiny_facts()]        # stable across calls
+    assert set(words) <= set(SUBSTITUTES) and len(set(words)) > 3
     assert not {f.answer for f in facts} & set(words)
 
 
 def test_siu_batch_masks(trained_tiny):
-    from unlearnopt.eval.pulse import siu_batch
+    from unlearnopt.eval.metrics import encode_qa
+    from unlearnopt.methods import get_method
 
     _, tok = trained_tiny
     facts = tiny_facts()
-    b = siu_batch(tok, facts[:2], facts[2:5], len(tok), "cpu")
+    b, retain = get_method("siu")().fact_batches(
+        facts[:2], facts[2:5], encode=lambda p, a: encode_qa(tok, p, a), tokenizer=tok,
+        vocab_size=len(tok))
+    assert retain is None                                      # aim 4 rows are the retain signal
     assert b["token_mask"].shape == b["labels"].shape
     assert not b["token_mask"][:2].any()                       # substitute targets: no KL
     assert torch.equal(b["token_mask"][2:], b["labels"][2:] != -100)

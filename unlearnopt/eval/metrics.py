@@ -1,5 +1,5 @@
-"""Unlearning metrics (PULSE, METHODS.md): efficacy, generality, retain, neighbours, fluency,
-diversity and membership inference, batched, on any device.
+"""Unlearning metrics (as in PULSE, arXiv 2507.01271): efficacy, generality, retain,
+neighbours, fluency, diversity and membership inference, batched, on any device.
 
 Answers are scored by teacher forcing: the model reads ``prompt + " " + answer`` once and we look
 at the answer tokens.
@@ -263,6 +263,27 @@ METRIC_DOC = {
 }
 
 
+# One display name per metric, used by the tables, the plots and the CLI alike; the arrow says
+# which direction is better (MIA AUC is best at 0.5: the forgotten facts look never seen).
+METRIC_LABELS = {
+    "forget_acc": "forget acc ↓",
+    "forget_prob": "forget prob ↓",
+    "general_acc": "paraphrase acc ↓",
+    "general_prob": "paraphrase prob ↓",
+    "retain_acc": "retain acc ↑",
+    "retain_prob": "retain prob ↑",
+    "neighbour_acc": "neighbour acc ↑",
+    "neighbour_prob": "neighbour prob ↑",
+    "ppl": "perplexity ↓",
+    "diversity": "diversity ↑",
+    "mia_auc": "MIA AUC →0.5",
+}
+
+HOW_TO_READ = ("acc = exact-match accuracy (greedy answer); ↓ lower is better, ↑ higher is "
+               "better; MIA AUC: 0.5 = the forgotten facts look never seen, 1.0 = still "
+               "recognisable as trained on.")
+
+
 def evaluate(model, tokenizer, *, forget: Sequence[Fact], retain: Sequence[Fact] = (),
              neighbour: Sequence[Fact] = (), neutral: Sequence[str] = (),
              nonmember: Sequence[Fact] = (), diversity_prompts: Sequence[str] = (),
@@ -306,8 +327,10 @@ def evaluate(model, tokenizer, *, forget: Sequence[Fact], retain: Sequence[Fact]
 
 
 __all__ = [
+    "HOW_TO_READ",
     "IGNORE_INDEX",
     "METRIC_DOC",
+    "METRIC_LABELS",
     "METRIC_NAMES",
     "AnswerScores",
     "encode_facts",

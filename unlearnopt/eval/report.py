@@ -8,10 +8,13 @@ import math
 from pathlib import Path
 from typing import Any
 
-TABLE_COLUMNS = (("steps", "steps", "{:.0f}"), ("forget_acc", "forget", "{:.2f}"),
-                 ("general_acc", "paraphr.", "{:.2f}"), ("retain_acc", "retain", "{:.2f}"),
-                 ("neighbour_acc", "neighb.", "{:.2f}"), ("ppl", "ppl", "{:.1f}"),
-                 ("diversity", "divers.", "{:.2f}"), ("mia_auc", "MIA AUC", "{:.2f}"))
+from unlearnopt.eval.metrics import HOW_TO_READ, METRIC_LABELS
+
+TABLE_COLUMNS = (("steps", "steps", "{:.0f}"),
+                 *((key, METRIC_LABELS[key], spec) for key, spec in (
+                     ("forget_acc", "{:.2f}"), ("general_acc", "{:.2f}"),
+                     ("retain_acc", "{:.2f}"), ("neighbour_acc", "{:.2f}"), ("ppl", "{:.1f}"),
+                     ("diversity", "{:.2f}"), ("mia_auc", "{:.2f}"))))
 PLOT_METRICS = ("forget_acc", "general_acc", "retain_acc", "neighbour_acc", "forget_prob", "ppl",
                 "diversity", "mia_auc")
 
@@ -30,13 +33,16 @@ def table_rows(summary: list[dict[str, Any]]) -> tuple[list[str], list[list[str]
     return header, rows
 
 
-def format_table(summary: list[dict[str, Any]]) -> str:
-    """The comparison table as aligned plain text (accuracies are exact-match fractions)."""
+def format_table(summary: list[dict[str, Any]], legend: bool = False) -> str:
+    """The comparison table as aligned plain text (accuracies are exact-match fractions);
+    ``legend``: add a line saying how to read it."""
     header, rows = table_rows(summary)
     widths = [max(len(r[i]) for r in [header] + rows) for i in range(len(header))]
     lines = ["  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in
                        enumerate(zip(r, widths))) for r in [header] + rows]
     lines.insert(1, "-" * len(lines[0]))
+    if legend:
+        lines.append(HOW_TO_READ)
     return "\n".join(lines)
 
 
@@ -49,8 +55,12 @@ def write_report(report: dict[str, Any], out_dir: str | Path) -> dict[str, Path]
     paths["report"].write_text(json.dumps(report, indent=1))
     for phase, data in report.get("phases", {}).items():
         txt = out / f"{phase}_table.txt"
-        txt.write_text(format_table(data["summary"]) + "\n")
+        txt.write_text(format_table(data["summary"], legend=True) + "\n")
         paths[f"{phase}_table_txt"] = txt
+        if "one_shot" in data:
+            one = out / f"{phase}_one_shot_table.txt"
+            one.write_text(format_table(data["one_shot"]["summary"], legend=True) + "\n")
+            paths[f"{phase}_one_shot_table_txt"] = one
         try:
             paths[f"{phase}_metrics"] = plot_metrics(phase, data, out / f"{phase}_metrics.png")
             paths[f"{phase}_table"] = plot_table(phase, data["summary"],
@@ -85,14 +95,15 @@ def plot_metrics(phase: str, data: dict[str, Any], path: Path) -> Path:
             ys = [before.get(metric)] + [r["metrics"].get(metric) for r in ends]
             ys = [float("nan") if y is None else y for y in ys]
             ax.plot(xs, ys, marker="o", label=method)
-        ax.set_title(metric)
+        ax.set_title(METRIC_LABELS[metric])
         ax.set_xlabel("request")
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # requests are whole numbers
         ax.grid(alpha=0.3)
     for ax in list(axes.flat)[len(PLOT_METRICS):]:
         ax.axis("off")
     axes.flat[0].legend()
-    fig.suptitle(f"PULSE ({phase} knowledge): metrics after each unlearning request")
+    fig.suptitle(f"PULSE ({phase} knowledge): metrics after each unlearning request\n"
+                 f"{HOW_TO_READ}", fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
@@ -103,13 +114,14 @@ def plot_table(phase: str, summary: list[dict[str, Any]], path: Path) -> Path:
     """The before/after comparison table as an image."""
     plt = _pyplot()
     header, rows = table_rows(summary)
-    fig, ax = plt.subplots(figsize=(1.2 * len(header) + 1.5, 0.45 * (len(rows) + 2)))
+    fig, ax = plt.subplots(figsize=(1.2 * len(header) + 1.5, 0.45 * (len(rows) + 3)))
     ax.axis("off")
     table = ax.table(cellText=rows, colLabels=header, loc="center", cellLoc="center")
     table.auto_set_font_size(False)
     table.set_fontsize(9)
     table.scale(1, 1.3)
     ax.set_title(f"PULSE ({phase} knowledge): before and after unlearning")
+    fig.text(0.5, 0.01, HOW_TO_READ, ha="center", fontsize=7, wrap=True)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)

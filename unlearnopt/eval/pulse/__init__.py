@@ -1,0 +1,26 @@
+"""The PULSE evaluation: settings (:mod:`.config`), data splits (:mod:`.splits`) and the
+protocol that runs methods over sequential requests (:mod:`.protocol`)."""
+
+from unlearnopt.eval.metrics import METRIC_NAMES
+from unlearnopt.eval.pulse.config import FOCUS, PHASES, PulseConfig, method_settings
+from unlearnopt.eval.pulse.protocol import (
+    dump_json,
+    one_shot_rows,
+    quality_verdict,
+    run_method_sequence,
+    run_pulse,
+    summarize,
+)
+from unlearnopt.eval.pulse.splits import (
+    Split,
+    known_facts,
+    split_focused,
+    split_pretrained,
+    split_requests,
+)
+from unlearnopt.training import TUNED_METHOD_OPTIONS, UnlearningRun, finetune
+
+__all__ = ["FOCUS", "METRIC_NAMES", "PHASES", "TUNED_METHOD_OPTIONS", "PulseConfig", "Split",
+           "UnlearningRun", "dump_json", "finetune", "known_facts", "method_settings",
+           "one_shot_rows", "quality_verdict", "run_method_sequence", "run_pulse",
+           "split_focused", "split_pretrained", "split_requests", "summarize"]
