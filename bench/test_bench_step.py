@@ -28,7 +28,7 @@ import pytest
 import torch
 
 from bench.conftest import DEVICE, QUICK, peak_extra_bytes, record, synchronize
-from unlearnopt.methods.base import ObjectiveContext
+from unlearnopt.contract import ObjectiveContext
 from unlearnopt.unlearner import MultiObjectiveUnlearner
 
 METHODS = ["ga", "grad_diff", "ga_kl", "npo", "mollm", "mollm_per_tensor"]
@@ -73,7 +73,7 @@ def passes(unlearner, forget, retain, backward: bool = True) -> None:
     objectives = unlearner.method.objectives()
     for kind, b in (("forget", forget), ("retain", retain)):
         objs = [o for o in objectives if o.batch == kind]
-        ctx = ObjectiveContext(unlearner, b, kind)
+        ctx = ObjectiveContext(b, kind, unlearner.forward, unlearner.ref_forward)
         for j, o in enumerate(objs):
             loss = o.loss(ctx)
             if backward:

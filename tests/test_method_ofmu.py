@@ -89,7 +89,7 @@ def batches():
 
 @pytest.mark.parametrize("granularity", ["global", "per_tensor"])
 def test_cosine_gradient_formula(granularity):
-    """∇cos = H_f a + H_r b (METHODS.md) equals autograd through F.cosine_similarity."""
+    """∇cos = H_f a + H_r b equals autograd through F.cosine_similarity."""
     model = tiny()
     forget, retain = batches()
     params = list(model.parameters())

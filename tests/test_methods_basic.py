@@ -2,7 +2,7 @@
 
 The hand-written step computes each loss with ``log_softmax`` on ``logits[:, :-1]`` /
 ``labels[:, 1:]``, each gradient with ``torch.autograd.grad``, and combines them as
-METHODS.md says (min-norm by scipy's NNLS, tests/hard_grams.py). With plain SGD as the
+each method's docstring says (min-norm by scipy's NNLS, tests/hard_grams.py). With plain SGD as the
 wrapped optimizer the update is exactly ``-lr * d``.
 """
 

@@ -4,9 +4,11 @@
 are the entry points; ``unlearnopt.methods`` holds the recipes, ``unlearnopt.eval`` PULSE.
 """
 
+from unlearnopt.errors import UnlearningStepError
+
 __version__ = "0.1.0"
 
-__all__ = ["MultiObjectiveUnlearner", "__version__"]
+__all__ = ["MultiObjectiveUnlearner", "UnlearningStepError", "__version__"]
 
 
 def __getattr__(name):

@@ -1,14 +1,14 @@
-"""Named unlearning recipes: objectives + aggregator + defaults (METHODS.md).
+"""Named unlearning recipes: objectives + aggregator + defaults.
 
 Built-in: ``ga``, ``grad_diff``, ``ga_kl``, ``npo``, ``mollm``, ``siu``, ``ofmu``; each is
 imported on first use by :func:`get_method`. Register your own with
-:func:`register_method` (see ``unlearnopt.methods.base`` for the contract).
+:func:`register_method` (see ``unlearnopt.methods.base`` for how to write one, and
+``unlearnopt.contract`` for what a method may rely on).
 """
 
-from unlearnopt.methods.base import (
-    Method,
-    Objective,
-    ObjectiveContext,
+from unlearnopt.contract import Objective, ObjectiveContext
+from unlearnopt.methods.base import Method
+from unlearnopt.methods.registry import (
     available_methods,
     get_method,
     make_method,

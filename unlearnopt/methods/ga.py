@@ -1,6 +1,6 @@
 """``ga``: gradient ascent on the forget set (the baseline of every unlearning paper).
 
-Objective: ``forget_ga`` = mean over forget label tokens of +log p(y) (METHODS.md ``ga``);
+Objective: ``forget_ga`` = mean over forget label tokens of +log p(y);
 minimising it ascends the forget negative log-likelihood. Unbounded below: its gradient
 does not vanish as p(y) -> 0, so GA collapses the model if run long (compare methods at
 matched forget efficacy; early-stopped GA is the baseline to beat). Single objective,
@@ -13,7 +13,9 @@ from collections.abc import Mapping
 from typing import Any, ClassVar
 
 from unlearnopt.aggregate import Aggregator, FixedWeights
-from unlearnopt.methods.base import Method, Objective, register_method
+from unlearnopt.contract import Objective
+from unlearnopt.methods.base import Method
+from unlearnopt.methods.registry import register_method
 from unlearnopt.objectives import token_loss
 
 

@@ -2,7 +2,7 @@
 
 Objectives: ``forget_ga`` (mean +log p(y) over forget label tokens) and ``retain_kl``
 (mean over retain label tokens of KL(p_ref || p_theta), the forward KL to the frozen
-reference; METHODS.md ``kl``). Weighted sum ``d = g_forget_ga + kl_weight * g_retain_kl``,
+reference, ``sum_v p_ref(v) [log p_ref(v) - log p_theta(v)]`` per token). Weighted sum ``d = g_forget_ga + kl_weight * g_retain_kl``,
 ``kl_weight`` = 1 (TOFU's KL baseline, Maini et al., 2024). Needs a reference model.
 """
 
@@ -12,9 +12,11 @@ from collections.abc import Mapping
 from typing import Any, ClassVar
 
 from unlearnopt.aggregate import Aggregator, FixedWeights
-from unlearnopt.methods.base import Method, Objective, register_method
+from unlearnopt.contract import Objective
+from unlearnopt.methods.base import Method
 from unlearnopt.methods.ga import forget_ga_objective
 from unlearnopt.methods.grad_diff import check_weight
+from unlearnopt.methods.registry import register_method
 from unlearnopt.objectives import kl_to_reference
 
 

@@ -12,8 +12,10 @@ from collections.abc import Mapping
 from typing import Any, ClassVar
 
 from unlearnopt.aggregate import Aggregator, FixedWeights
-from unlearnopt.methods.base import Method, Objective, register_method
+from unlearnopt.contract import Objective
+from unlearnopt.methods.base import Method
 from unlearnopt.methods.ga import forget_ga_objective
+from unlearnopt.methods.registry import register_method
 from unlearnopt.objectives import token_loss
 
 

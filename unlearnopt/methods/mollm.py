@@ -15,7 +15,7 @@ Aggregation: MGDA on rescaled gradients (``MinNormWeights``):
       active ones (``"unit"``: to norm 1; ``"none"``: as they are), so an objective that
       has converged (small gradient) does not take all the weight;
     - ``w`` = argmin over the simplex of ``||sum_i w_i ĝ_i||^2`` and the direction is
-      ``d = sum_i w_i ĝ_i`` in the RESCALED gradients ĝ_i (METHODS.md), so
+      ``d = sum_i w_i ĝ_i`` in the RESCALED gradients ĝ_i = s_i g_i, so
       ``<d, ĝ_i> >= ||d||^2`` for every active objective: a common descent direction (of
       the original objectives too, since ``<d, g_i> = <d, ĝ_i> ||g_i|| / ||ĝ_i|| > 0``).
       ``step()`` reports ``weight/<name>`` = w_i (not w_i times the rescaling);
@@ -25,25 +25,9 @@ Options: ``alpha`` (0.5), ``normalize`` ("mean"), ``sit_out`` (1e-3), ``granular
 ("global"), ``solver`` (None = ``unlearnopt.ops.min_norm``; any
 ``gram [B, K, K] -> weights [B, K]``). Needs a reference model (for ``retain_kl``).
 
-Defaults measured on SmolLM2-135M (the shipped facts, docs/real_model_results.md): the options
-above with AdamW lr 1e-5, clipping at 1.0, retain batches of 8 known facts, each request
-stopped at its target (``unlearnopt pulse`` defaults):
-
-- one request, "The currency of India is the rupee" and "The official language of Thailand
-  is Thai": 1 step, retain accuracy 1.00, neighbour accuracy (11 other currencies/languages,
-  never trained on) 0.91, perplexity 64.7 -> 64.8, which meets the quality bar of issue 7
-  (by one neighbour); GA and NPO also need 1 step but keep 0.92 / 0.27. Running on past the
-  target costs neighbours (3 steps: 1.00 / 0.64): stop there (``run --early-stop``).
-- five sequential requests of 2 facts (a fresh optimizer per request, relapsed earlier facts
-  replayed): every request forgotten (1-8 steps, 25 in all), ending at retain 1.00, neighbours
-  0.88 of 24 (the bar is 0.90: one neighbour short), perplexity 65.2; GA and NPO end at
-  0.33 / 0.38. With one optimizer kept across requests, its second moments from the first
-  request's large gradients shrank later steps and requests 3-5 were not forgotten in 8
-  steps. lr 5e-6 and ``granularity="per_tensor"`` forgot more slowly (request 2 not finished
-  in 8 steps) without keeping more.
-- fine-tuned knowledge (``pulse --phases finetuned``: 10 facts about invented people in five
-  requests): all forgotten, retain 1.00, neighbours as before (10 of 12), perplexity 64.4 ->
-  64.7, which meets the bar.
+The defaults above meet the quality bar on SmolLM2-135M for one request and for fine-tuned
+knowledge with AdamW lr 1e-5, clipping at 1.0 and each request stopped at its target; the
+measurements are in docs/method_measurements.md.
 """
 
 from __future__ import annotations
@@ -52,9 +36,11 @@ from collections.abc import Mapping
 from typing import Any, ClassVar
 
 from unlearnopt.aggregate import GRANULARITIES, NORMALIZE, Aggregator, MinNormWeights
-from unlearnopt.methods.base import Method, Objective, register_method
+from unlearnopt.contract import Objective
+from unlearnopt.methods.base import Method
 from unlearnopt.methods.ga_kl import retain_kl_objective
 from unlearnopt.methods.grad_diff import retain_nll_objective
+from unlearnopt.methods.registry import register_method
 from unlearnopt.objectives import token_loss
 
 

@@ -1,6 +1,6 @@
 """OFMU: bi-level unlearning with a similarity-aware inner objective (arXiv 2509.22483).
 
-METHODS.md "OFMU". With L_f = ``nll`` on the forget batch and L_r = ``nll`` on the retain
+With L_f = ``nll`` on the forget batch and L_r = ``nll`` on the retain
 batch (both means over the labelled, shifted tokens), g_f = ∇L_f, g_r = ∇L_r:
 
     inner (maximised):  Φ(θ) = L_f(θ) − β·cos(g_f(θ), g_r(θ))
@@ -56,31 +56,10 @@ H_Φ ∇Φ; skipped at ρ = 0); 2·T + 6 with β = 0. GA is 1. Measured on the t
 (B = 4, T = 32, CPU, one thread) with ρ > 0: 40× a GA step, T = 1: 16×, β = 0: 10×,
 ``autograd``: 35×. The ≤ 2.5× goal is not met by the exact method.
 
-Defaults: T = 5 (METHODS.md), β = 1 (the cosine is in [−1, 1], commensurate with a token-mean
-loss), γ = 1.05, and two measured on SmolLM2-135M (the shipped facts,
-docs/real_model_results.md; the paper's values are not stored here):
-
-- ``inner_lr = 3e-5``. The inner steps move θ directly along raw gradients and their effect
-  persists (the outer step starts where they end), so they do the forgetting. Forgetting
-  "The currency of India is the rupee" and "The official language of Thailand is Thai" with
-  AdamW lr 1e-5 (T = 5, ρ = 0): one step forgets both keeping retain 0.96 and neighbours 0.96
-  (24 known facts each), perplexity 64.7 -> 65.5. Tied to the optimizer's lr (``None``, 1e-5)
-  the inner steps barely move the model and 3 steps leave forget accuracy at 0.50; inner_lr
-  1e-4 forgets in one step but keeps retain 0.67; with T = 1, 3e-4 keeps 0.92 / 0.88, 1e-3
-  0.67 / 0.71, 1e-2 wrecks the model (perplexity 438).
-- ``rho = 0`` (the penalty ρ‖∇Φ‖² off). Whenever it is on, 2ρ·H_Φ ∇Φ dominates ∇L_r in the
-  outer direction (it scales with the Hessian and the large ∇Φ after the ascent), and AdamW
-  normalises the step, so the outer step follows the penalty instead of repairing the retain
-  loss: with the settings above, ρ = 1e-2 and 1e-3 keep retain 0.79 (neighbours 0.88), 1e-4
-  keeps 0.88 / 0.88, 0 keeps 0.96 / 0.96. Pass ``rho > 0`` for the full bi-level method.
-
-OFMU does NOT meet the quality bar of issue 7 with these defaults, and they are fragile: the
-same request inside ``unlearnopt pulse --requests 1 --forget-size 2`` (another retain set)
-needed 2 steps and kept retain 0.92 but neighbours 0.27 of 11, like GA. Over five sequential
-requests it forgot the first in one step (0.96 / 0.96) and none of the other four within 8
-steps each (forget accuracy 0.40 at the end, "The capital of France is Paris" among the
-survivors), while perplexity rose 64.7 -> 73.9 (bar: +10%); 1441 s of training against
-mollm's 77 s and GA's 9 s on this CPU.
+Defaults: T = 5, β = 1 (the cosine is in [−1, 1], commensurate with a token-mean loss),
+γ = 1.05, ``inner_lr = 3e-5`` and ``rho = 0``, the last two measured on SmolLM2-135M
+(docs/method_measurements.md): the inner steps do the forgetting, and any ρ > 0 let the
+penalty's term dominate the outer direction and cost retain accuracy.
 
 Single process only: the Hessian products run their own ``autograd.grad`` calls, which
 DDP's reducer does not average; under ``torch.distributed`` with more than one rank this
@@ -95,7 +74,8 @@ from typing import Any, ClassVar
 
 import torch
 
-from unlearnopt.methods.base import Method, register_method
+from unlearnopt.contract import Batch, Objective, ObjectiveContext, StepRecipe, StepTools
+from unlearnopt.methods.base import Method
 from unlearnopt.methods.hvp import (
     HVP_MODES,
     directional_derivative,
@@ -103,6 +83,8 @@ from unlearnopt.methods.hvp import (
     gradients,
     hvp_finite_difference,
 )
+from unlearnopt.methods.registry import register_method
+from unlearnopt.objectives import token_loss
 
 GRANULARITIES = ("global", "per_tensor")
 LossFn = Callable[[], torch.Tensor]
@@ -235,14 +217,11 @@ class OFMUEngine:
                 "phi": lf.detach() - self.beta * cos}
         return dphi, gr, info
 
-    def inner_step(self, lrs: Sequence[float]) -> dict[str, torch.Tensor]:
-        """θ ← θ + lr ∇Φ(θ) (one ascent step on Φ); returns the info at the old θ."""
+    def ascent_direction(self) -> tuple[list[torch.Tensor], dict[str, torch.Tensor]]:
+        """``(∇Φ(θ), info)``: the inner ascent step is θ ← θ + lr ∇Φ(θ); info at θ."""
         dphi, _, info = self.phi_gradient()
-        with torch.no_grad():
-            for p, d, lr in zip(self.params, dphi, lrs):
-                p.add_(d.to(p.dtype), alpha=lr)
         info["grad_norm_phi"] = global_norm(dphi)
-        return info
+        return dphi, info
 
     def outer_direction(self, rho: float):
         """``(d, info)``: d = ∇L_r + 2ρ·H_Φ ∇Φ at the current θ (list like ``params``)."""
@@ -271,28 +250,23 @@ class OFMUEngine:
         return direction, info
 
 
-def _token_count(batch: Mapping[str, Any]) -> torch.Tensor:
-    return (batch["labels"][:, 1:] != -100).sum()
+def _batch_loss(tools: StepTools, objective: Objective, batches: list[Batch]) -> LossFn:
+    """A closure computing ``objective``'s mean over all of ``batches`` at the current θ,
+    with a graph to the parameters: each micro-batch weighted by its share of the units."""
+    counts = [objective.units(b) for b in batches]
+    total = sum(counts[1:], counts[0]).clamp(min=1)
 
+    def loss() -> torch.Tensor:
+        out = None
+        for b, n in zip(batches, counts):
+            share = (n / total).to(torch.float64)
+            term = objective.loss(ObjectiveContext(b, objective.batch, tools.forward,
+                                                   tools.ref_forward))
+            term = term * share.to(term.dtype)
+            out = term if out is None else out + term
+        return out
 
-def _micro_batches(unlearner, batch, name: str) -> list[Mapping[str, Any]]:
-    if batch is None:
-        raise ValueError(f"ofmu needs a {name} batch, got None")
-    # The unlearner's own validation and accumulate-splitting, so OFMU sees the same
-    # micro-batches as every other method.
-    return unlearner.micro_batches(batch, name)
-
-
-def _restore(params: Sequence[torch.Tensor], saved: Sequence[torch.Tensor]) -> None:
-    with torch.no_grad():
-        for p, s in zip(params, saved):
-            p.copy_(s)
-
-
-def _step_error():
-    from unlearnopt.unlearner import UnlearningStepError
-
-    return UnlearningStepError
+    return loss
 
 
 class OFMU(Method):
@@ -351,16 +325,16 @@ class OFMU(Method):
         if c["hvp"] not in HVP_MODES:
             raise ValueError(f"ofmu: hvp must be one of {HVP_MODES}, got {c['hvp']!r}")
 
-    # OFMU does not run the generic objectives -> Gram -> weights step; these describe its
-    # two losses for tools that list a method's objectives.
-    def objectives(self):
-        from unlearnopt.methods.base import Objective
-
+    def objectives(self) -> list[Objective]:
+        """L_f and L_r: the mean next-token NLL of the forget and of the retain batch
+        (``hvp="autograd"``: on the plain-PyTorch reference path, which autograd can
+        differentiate three times)."""
         backend = "reference" if self.config["hvp"] == "autograd" else None
-        def loss(ctx):
-            return _nll(ctx.logits, ctx.labels, backend)
 
-        return [Objective("forget_nll", "forget", loss), Objective("retain_nll", "retain", loss)]
+        def nll(ctx: ObjectiveContext) -> torch.Tensor:
+            return token_loss(ctx.logits, ctx.labels, "nll", backend=backend)
+
+        return [Objective("forget_nll", "forget", nll), Objective("retain_nll", "retain", nll)]
 
     def aggregator(self):
         raise NotImplementedError("ofmu combines its gradients in its own step(), not through "
@@ -370,87 +344,58 @@ class OFMU(Method):
     def needs_retain(self) -> bool:
         return True
 
-    def _loss_fn(self, unlearner, batches: list[Mapping[str, Any]], kind: str) -> LossFn:
-        backend = "reference" if self.config["hvp"] == "autograd" else None
-        counts = [_token_count(b) for b in batches]
-        total = sum(counts[1:], counts[0]).clamp(min=1)
-
-        def loss() -> torch.Tensor:
-            # Token-weighted mean over micro-batches = the mean over the whole batch.
-            out = None
-            for b, n in zip(batches, counts):
-                share = (n / total).to(torch.float64)
-                term = _nll(unlearner.forward(b, kind=kind), b["labels"], backend)
-                term = term * share.to(term.dtype)
-                out = term if out is None else out + term
-            return out
-
-        return loss
-
-    def _inner_lrs(self, unlearner, params: Sequence[torch.Tensor]) -> list[float]:
+    def _inner_lrs(self, tools: StepTools) -> list[float]:
         if self.config["inner_lr"] is not None:
-            return [float(self.config["inner_lr"])] * len(params)
-        group_lr = {}
-        for group in unlearner.optimizer.param_groups:
-            lr = group["lr"]
-            lr = float(lr.item()) if isinstance(lr, torch.Tensor) else float(lr)
-            for p in group["params"]:
-                group_lr[id(p)] = lr
-        return [group_lr[id(p)] for p in params]
+            return [float(self.config["inner_lr"])] * len(tools.params)
+        return tools.learning_rates()
 
-    def step(self, unlearner, forget, retain) -> dict[str, float]:
-        if torch.distributed.is_available() and torch.distributed.is_initialized() \
-                and torch.distributed.get_world_size() > 1:
+    def step_recipe(self) -> StepRecipe:
+        return self._bilevel_step
+
+    def _bilevel_step(self, tools: StepTools, forget, retain) -> dict[str, float]:
+        """T inner ascent steps on Φ moved directly, one outer step through the optimizer;
+        all of it undone if the step fails."""
+        if tools.world_size > 1:
             raise NotImplementedError("ofmu runs in a single process (its Hessian products "
                                       "are not reduced across ranks)")
-        if getattr(unlearner, "scaler", None) is not None:
+        if tools.scaler is not None:
             raise NotImplementedError("ofmu does not support a GradScaler (fp16 loss scaling); "
                                       "use bf16 autocast or float32")
         c = self.config
-        params = list(unlearner.params)
-        forget_mb = _micro_batches(unlearner, forget, "forget")
-        retain_mb = _micro_batches(unlearner, retain, "retain")
-        engine = OFMUEngine(params, self._loss_fn(unlearner, forget_mb, "forget"),
-                            self._loss_fn(unlearner, retain_mb, "retain"),
+        batches = {}
+        for kind, batch in (("forget", forget), ("retain", retain)):
+            if batch is None:
+                raise ValueError(f"ofmu needs a {kind} batch, got None")
+            batches[kind] = tools.micro_batches(batch, kind)
+        forget_obj, retain_obj = self.objectives()
+        engine = OFMUEngine(tools.params, _batch_loss(tools, forget_obj, batches["forget"]),
+                            _batch_loss(tools, retain_obj, batches["retain"]),
                             beta=float(c["beta"]), granularity=c["granularity"], hvp=c["hvp"],
                             fd_eps=float(c["fd_eps"]))
-        lrs = self._inner_lrs(unlearner, params)
-        before = [p.detach().clone() for p in params]
-        try:
+        lrs = self._inner_lrs(tools)
+        with tools.atomic() as update:
             first: dict[str, torch.Tensor] | None = None
             for _ in range(c["inner_steps"]):
-                info = engine.inner_step(lrs)
+                dphi, info = engine.ascent_direction()
+                update.move(dphi, alpha=lrs)
                 first = info if first is None else first
             direction, info = engine.outer_direction(self.rho)
-            names = ["loss/forget_nll", "loss/retain_nll", "ofmu/cos", "ofmu/phi",
-                     "grad_norm/phi", "grad_norm/retain_nll"]
-            pieces = [info["loss_forget"], info["loss_retain"], info["cos"], info["phi"],
-                      info["grad_norm_phi"], info["grad_norm_retain"]]
+            values = {"loss/forget_nll": info["loss_forget"],
+                      "loss/retain_nll": info["loss_retain"], "ofmu/cos": info["cos"],
+                      "ofmu/phi": info["phi"], "grad_norm/phi": info["grad_norm_phi"],
+                      "grad_norm/retain_nll": info["grad_norm_retain"]}
             if first is not None:
-                names += ["loss/forget_nll_before_inner", "ofmu/phi_before_inner",
-                          "ofmu/cos_before_inner"]
-                pieces += [first["loss_forget"], first["phi"], first["cos"]]
-            d_norm = global_norm(direction)
-            finite = torch.isfinite(d_norm) & torch.isfinite(
-                torch.stack([x.float() for x in pieces])).all()
-            values = torch.stack([x.detach().float() for x in pieces + [d_norm]]
-                                 + [finite.float()]).tolist()  # the step's one host sync
-            stats = dict(zip(names + ["grad_norm/direction"], values[:-1]))
-            if values[-1] != 1.0:
-                raise _step_error()(f"ofmu: non-finite loss, cosine or direction ({stats}); "
-                                    "parameters and optimizer state are unchanged")
-            stepped = unlearner.apply_direction(direction)
-        except BaseException:
-            _restore(params, before)
-            raise
-        if stepped:
+                values.update({"loss/forget_nll_before_inner": first["loss_forget"],
+                               "ofmu/phi_before_inner": first["phi"],
+                               "ofmu/cos_before_inner": first["cos"]})
+            values["grad_norm/direction"] = global_norm(direction)
+            stats = tools.read_stats(values)          # the step's one host sync
+            update.apply(direction)
+        if update.stepped:
             self.rho *= float(c["gamma"])
             self.outer_steps += 1
-        else:
-            _restore(params, before)
-        stats["skipped"] = 0.0 if stepped else 1.0
+        stats["skipped"] = 0.0 if update.stepped else 1.0
         stats["ofmu/rho"] = self.rho
-        stats["lr"] = float(unlearner.optimizer.param_groups[0]["lr"])
         return stats
 
     def state_dict(self) -> dict[str, Any]:
@@ -462,29 +407,6 @@ class OFMU(Method):
         super().load_state_dict(state)
         self.rho = float(state["rho"])
         self.outer_steps = int(state.get("outer_steps", 0))
-
-
-def _nll(logits: torch.Tensor, labels: torch.Tensor, backend: str | None) -> torch.Tensor:
-    """Mean next-token NLL over the non-ignored shifted labels.
-
-    ``backend="reference"`` (``hvp="autograd"``) and float64 logits take a plain-PyTorch path
-    computed in the logits' precision (at least float32): autograd can differentiate it any
-    number of times, and float64 stays float64 (the finite differences of the float64 tests
-    need full precision). Otherwise the fused ``unlearning_cross_entropy`` op.
-    """
-    from unlearnopt.objectives.shift import IGNORE_INDEX, check_logits, shift_labels
-    from unlearnopt.ops.unlearning_cross_entropy import unlearning_cross_entropy
-
-    check_logits(logits, labels)
-    shifted = shift_labels(labels)
-    if backend == "reference" or logits.dtype == torch.float64:
-        dtype = torch.promote_types(logits.dtype, torch.float32)
-        logp = torch.log_softmax(logits.to(dtype), dim=-1)
-        keep = shifted != IGNORE_INDEX
-        picked = logp.gather(-1, torch.where(keep, shifted, 0).unsqueeze(-1)).squeeze(-1)
-        return -(picked * keep).sum() / keep.sum().clamp(min=1)
-    return unlearning_cross_entropy(logits, shifted, mode="nll", ignore_index=IGNORE_INDEX,
-                                    reduction="mean", backend=backend)
 
 
 register_method("ofmu", OFMU)

@@ -1,6 +1,6 @@
 """SIU: single-image unlearning with constructed targets and a dual masked KL (arXiv 2405.12523).
 
-METHODS.md ``siu``: on the constructed batch of :func:`~unlearnopt.methods.siu_targets.
+On the constructed batch of :func:`~unlearnopt.methods.siu_targets.
 build_siu_targets` (passed as ``forget``),
 
     L = α · CE + β · DMK                      (paper: α = 0.9, β = 0.75)
@@ -15,7 +15,7 @@ build_siu_targets` (passed as ``forget``),
 
 Their gradients are combined as the weighted sum α·g_CE + β·g_DMK (``FixedWeights``), then
 the wrapped optimizer steps. The batch's ``token_mask`` / ``vocab_mask`` / ``siu_aim`` are
-not model inputs: :meth:`SIU.step` strips them before the unlearner sees the batch and the
+not model inputs: :meth:`SIU.step_recipe` strips them before the unlearner sees the batch and the
 objectives read them back (so any model forward works). A batch without ``token_mask``
 uses every labelled token; without ``vocab_mask``, no vocabulary masking (plain KL).
 
@@ -23,37 +23,24 @@ Requires the frozen original (``ref_model=`` or a PEFT model). No retain batch i
 aim (4) of the constructed batch is the retain signal; a retain batch passed to ``step()``
 is ignored.
 
-Defaults: the paper's α = 0.9, β = 0.75. Measured on SmolLM2-135M (the shipped facts,
-docs/real_model_results.md), with PULSE's constructed batches (``unlearnopt.eval.pulse.
-siu_batch``: each forget prompt answered with an invented word of its own, 8 retain facts)
-and AdamW at lr 3e-5 (``pulse.TUNED_METHOD_OPTIONS``):
-
-- The substitute matters most. One shared answer ("unknown") teaches the relation ("the
-  currency of X is the unknown"): forgetting 2 facts took 3 steps at lr 1e-5 and neighbour
-  accuracy (same relations, never trained on) fell to 0.83 of 24 (0.64 of 11). An invented
-  word per fact spreads far less but is learned more slowly: at lr 1e-5 the request was not
-  forgotten after 8 steps; at lr 3e-5 it was in 6, keeping retain 1.00 and neighbours 0.88
-  (of 24); lr 5e-5 cost neighbours sooner (0.83 at step 2).
-- Five sequential requests (``unlearnopt pulse``): the first four are forgotten (2-6 steps)
-  with retain >= 0.96 and neighbours >= 0.88; the fifth is not finished within 8 steps and
-  the run ends at forget 0.10, retain 0.96, neighbours 0.79, perplexity 64.7 -> 63.1.
-  SIU misses the quality bar of issue 7 on neighbours there; GA at the same budget ends at
-  retain 0.33, neighbours 0.38.
-- Fine-tuned knowledge (``pulse --phases finetuned``: 10 facts about invented people in five
-  requests): all forgotten in 14 steps, retain 1.00, neighbours as before (10 of 12),
-  perplexity 64.4 -> 66.0, which meets the bar.
+Defaults: the paper's α = 0.9, β = 0.75. With PULSE's constructed batches (each forget
+prompt answered with an invented word of its own) on SmolLM2-135M, AdamW at lr 3e-5 forgets
+a request within a few steps; the measurements are in docs/method_measurements.md.
 """
 
 from __future__ import annotations
 
+import itertools
 import math
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 
 from unlearnopt.aggregate import Aggregator, FixedWeights
-from unlearnopt.methods.base import Method, Objective, ObjectiveContext, register_method
+from unlearnopt.contract import Objective, ObjectiveContext, StepRecipe, StepTools
+from unlearnopt.methods.base import Method
+from unlearnopt.methods.registry import register_method
 from unlearnopt.methods.siu_targets import model_inputs
 
 DIRECTIONS = ("forward", "reverse")
@@ -84,7 +71,7 @@ def _split_rows(batch: Mapping[str, Any], parts: int) -> list[dict[str, Any]]:
                          "(pass a list of micro-batches instead)")
     bounds = [round(i * size / parts) for i in range(parts + 1)]
     out = []
-    for a, b in zip(bounds[:-1], bounds[1:]):
+    for a, b in itertools.pairwise(bounds):
         out.append({k: (v if k == "vocab_mask" or not isinstance(v, torch.Tensor) or v.dim() == 0
                         else v[a:b]) for k, v in batch.items()})
     return out
@@ -96,12 +83,13 @@ class SIU(Method):
     Options:
         alpha: weight of the cross-entropy on the constructed targets (paper: 0.9).
         beta: weight of the dual masked KL (paper: 0.75).
-        direction: ``"forward"`` KL(p_ref || p_θ) (default, METHODS.md) or ``"reverse"``.
+        direction: ``"forward"`` KL(p_ref || p_θ) (default) or ``"reverse"``.
         temperature: softmax temperature of both distributions in the KL (default 1).
     """
 
     name = "siu"
-    defaults = {"alpha": 0.9, "beta": 0.75, "direction": "forward", "temperature": 1.0}
+    defaults: ClassVar[Mapping[str, Any]] = {"alpha": 0.9, "beta": 0.75, "direction": "forward",
+                                             "temperature": 1.0}
     needs_ref = True
 
     def __init__(self, **config: Any) -> None:
@@ -177,12 +165,17 @@ class SIU(Method):
     def aggregator(self) -> Aggregator:
         return Aggregator(FixedWeights([float(self.config["alpha"]), float(self.config["beta"])]))
 
-    def step(self, unlearner, forget, retain) -> dict[str, float]:
+    def step_recipe(self) -> StepRecipe:
+        return self._step
+
+    def _step(self, tools: StepTools, forget, retain) -> dict[str, float]:
+        """The standard step on the constructed batch, its masks kept aside (not model
+        inputs) and split with its rows."""
         if forget is None:
             raise ValueError("siu needs a forget batch (the constructed SIU batch, see "
                              "unlearnopt.methods.siu_targets.build_siu_targets)")
         if isinstance(forget, Mapping):
-            parts = getattr(unlearner, "accumulate", 1)
+            parts = tools.accumulate
             micro = _split_rows(forget, parts) if parts > 1 else [forget]
         elif isinstance(forget, (list, tuple)):
             micro = list(forget)
@@ -198,7 +191,7 @@ class SIU(Method):
             stripped.append(clean)
         try:
             # A list is used as given (no re-splitting), so the ids above stay valid.
-            return unlearner.standard_step(self, stripped, None)
+            return tools.standard_step(self.objectives(), self.aggregator(), stripped, None)
         finally:
             self._masks.clear()
 

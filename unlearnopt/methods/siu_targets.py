@@ -1,4 +1,4 @@
-"""SIU's constructed fine-tuning targets (arXiv 2405.12523; METHODS.md "SIU's constructed targets").
+"""SIU's constructed fine-tuning targets (arXiv 2405.12523).
 
 For one concept to forget, SIU fine-tunes on a small constructed batch with four aims:
 

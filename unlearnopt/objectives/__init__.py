@@ -1,4 +1,4 @@
-"""The losses of the methods, built from ``unlearnopt.ops`` (METHODS.md, "Losses").
+"""The losses of the methods, built from ``unlearnopt.ops``.
 
 Every loss takes the model's logits ``[B, T, V]`` and the *unshifted* labels ``[B, T]``
 (``-100`` = ignored) and aligns them for next-token prediction itself. Reductions: token

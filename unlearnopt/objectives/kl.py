@@ -1,6 +1,6 @@
 """Forward KL to the reference model on the labelled tokens (the retain regulariser).
 
-Per token t whose next-token label is not ignored (METHODS.md ``kl``)::
+Per token t whose next-token label is not ignored::
 
     KL_t = sum_v p_ref(v) [log p_ref(v) - log p_theta(v)]
 

@@ -2,7 +2,7 @@
 
 All three are means over the non-ignored (shifted) label tokens of the batch, computed by
 ``unlearnopt.ops.unlearning_cross_entropy`` (fused; float32 math; float64 logits go to the
-reference). Per token with label y (METHODS.md):
+reference). Per token with label y and p = softmax(logits):
 
     nll: -log p(y)            ga: +log p(y)            uce: -log(1 - alpha * p(y))
 
@@ -22,7 +22,7 @@ TOKEN_MODES = ("nll", "ga", "uce")
 
 
 def token_loss(logits: torch.Tensor, labels: torch.Tensor, mode: str = "nll",
-               alpha: float = 0.5) -> torch.Tensor:
+               alpha: float = 0.5, *, backend: str | None = None) -> torch.Tensor:
     """Mean next-token loss over the non-ignored tokens.
 
     Args:
@@ -30,13 +30,16 @@ def token_loss(logits: torch.Tensor, labels: torch.Tensor, mode: str = "nll",
         labels: ``[B, T]`` integer, unshifted, ``-100`` = ignored.
         mode: ``"nll"``, ``"ga"`` or ``"uce"``.
         alpha: the ``uce`` parameter (MOLLM: 1/2).
+        backend: the op's backend (default: ``UNLEARNOPT_BACKEND`` or automatic);
+            ``"reference"`` is plain PyTorch, differentiable any number of times.
 
     Returns:
         0-dim float32 (float64 for float64 logits); 0 if no token counts.
     """
     check_logits(logits, labels)
     return unlearning_cross_entropy(logits, shift_labels(labels), mode=mode,
-                                    ignore_index=IGNORE_INDEX, reduction="mean", alpha=alpha)
+                                    ignore_index=IGNORE_INDEX, reduction="mean", alpha=alpha,
+                                    backend=backend)
 
 
 def sequence_log_prob(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:

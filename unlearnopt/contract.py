@@ -1,0 +1,234 @@
+"""The contract between unlearning methods and the unlearner that runs them.
+
+Imports go one way: this module <- ``unlearnopt.methods`` <- ``unlearnopt.unlearner``. A
+method never sees the unlearner: its objectives read an :class:`ObjectiveContext` (which
+holds the forward passes as plain callables), and a method with a step of its own receives
+a :class:`StepTools` object, the small set of building blocks listed here.
+
+The standard step, which the unlearner runs for every method whose ``step_recipe()`` is
+None::
+
+    for each objective i (grouped by the batch it reads, one forward per micro-batch):
+        g_i = gradient of objective i's loss        # K backward passes, trainable params only
+    gram = grad_gram([g_1 .. g_K])                   # [P, K, K] and [K, K], fp32
+    coeffs = aggregator.coefficients(gram)           # [1, K] (global) or [P, K] (per tensor)
+    p.grad = sum_i coeffs[., i] * g_i                # then clipping, then optimizer.step()
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, NamedTuple, Protocol
+
+import torch
+
+from unlearnopt.errors import UnlearningStepError
+
+if TYPE_CHECKING:  # pragma: no cover - imports for type checkers only
+    from unlearnopt.aggregate.aggregator import Aggregator
+    from unlearnopt.ops.grad_gram import GradGram
+
+__all__ = ["BATCH_KINDS", "UNITS", "AtomicUpdate", "Batch", "Forward", "Grads", "Objective",
+           "ObjectiveContext", "StepRecipe", "StepTools", "UnlearningStepError", "Weighed"]
+
+BATCH_KINDS = ("forget", "retain")
+UNITS = ("token", "sequence")
+
+Batch = Mapping[str, Any]
+#: ``forward(batch, kind) -> logits [B, T, V]``: the trained model's (with a graph) or the
+#: reference's (under ``torch.no_grad()``).
+Forward = Callable[[Batch, str], torch.Tensor]
+#: K lists of P gradients (one per trainable parameter, ``None`` = not reached).
+Grads = list[list[torch.Tensor | None]]
+
+
+class ObjectiveContext:
+    """What an objective's loss function sees for one micro-batch.
+
+    Attributes (logits computed lazily and cached, so objectives reading the same batch
+    share one forward pass of the model and one of the reference):
+        batch: the Hugging Face batch dict (``input_ids`` ``[B, T]``, ``attention_mask``,
+            ``labels`` ``[B, T]`` with -100 = ignored, ``pixel_values`` ...).
+        kind: ``"forget"`` or ``"retain"``.
+        labels: ``batch["labels"]``, ``[B, T]`` int64, *unshifted* (the objectives shift).
+        logits: the trained model's logits ``[B, T, V]`` (requires grad).
+        ref_logits: the reference model's logits ``[B, T, V]``, computed under
+            ``torch.no_grad()`` (the frozen copy, or the PEFT model with adapters disabled).
+
+    Args:
+        batch, kind: as above.
+        forward: ``forward(batch, kind)`` -> the trained model's logits.
+        ref_forward: ``ref_forward(batch, kind)`` -> the reference's logits; None when no
+            reference exists (reading ``ref_logits`` then raises ``ValueError``).
+    """
+
+    def __init__(self, batch: Batch, kind: str, forward: Forward,
+                 ref_forward: Forward | None = None):
+        self.batch = batch
+        self.kind = kind
+        self._forward = forward
+        self._ref_forward = ref_forward
+        self._logits: torch.Tensor | None = None
+        self._ref_logits: torch.Tensor | None = None
+
+    @property
+    def labels(self) -> torch.Tensor:
+        return self.batch["labels"]
+
+    @property
+    def logits(self) -> torch.Tensor:
+        if self._logits is None:
+            self._logits = self._forward(self.batch, self.kind)
+        return self._logits
+
+    @property
+    def ref_logits(self) -> torch.Tensor:
+        if self._ref_logits is None:
+            if self._ref_forward is None:
+                raise ValueError("this objective reads ref_logits but no reference model "
+                                 "was given")
+            self._ref_logits = self._ref_forward(self.batch, self.kind)
+        return self._ref_logits
+
+
+@dataclass(frozen=True)
+class Objective:
+    """One named loss of a method.
+
+    Args:
+        name: key of this objective in ``step()``'s stats (``loss/<name>``, ``weight/<name>``,
+            ``grad_norm/<name>``); unique within a method.
+        batch: ``"forget"`` or ``"retain"``: the batch whose micro-batches it reads.
+        loss: ``loss(ctx: ObjectiveContext) -> Tensor`` scalar: the loss on ONE micro-batch,
+            reduced as a *mean* over ``unit``. The unlearner recombines micro-batches (and
+            ranks) into the mean over the whole batch, exactly, by weighting each micro-batch
+            with its share of the units (``count``); so gradient accumulation and DDP equal
+            one big batch.
+        unit: ``"token"`` (mean over non-ignored shifted labels, the default) or
+            ``"sequence"`` (mean over sequences, e.g. NPO).
+        count: optional ``count(batch) -> Tensor`` 0-dim: the number of units in a batch;
+            default derived from ``unit`` (``(labels[:, 1:] != -100).sum()`` or ``B``).
+    """
+
+    name: str
+    batch: str
+    loss: Callable[[ObjectiveContext], torch.Tensor]
+    unit: str = "token"
+    count: Callable[[Batch], torch.Tensor] | None = None
+
+    def __post_init__(self) -> None:
+        if self.batch not in BATCH_KINDS:
+            raise ValueError(f"Objective {self.name!r}: batch must be one of {BATCH_KINDS}, "
+                             f"got {self.batch!r}")
+        if self.unit not in UNITS:
+            raise ValueError(f"Objective {self.name!r}: unit must be one of {UNITS}, "
+                             f"got {self.unit!r}")
+
+    def units(self, batch: Batch) -> torch.Tensor:
+        """The number of units (tokens or sequences) this objective averages over, 0-dim."""
+        if self.count is not None:
+            return self.count(batch)
+        labels = batch["labels"]
+        if self.unit == "sequence":
+            return torch.tensor(labels.shape[0], device=labels.device)
+        return (labels[:, 1:] != -100).sum()
+
+
+class Weighed(NamedTuple):
+    """The checked outcome of weighing K gradients (:meth:`StepTools.weigh`).
+
+    Attributes:
+        stats: ``loss/<name>``, ``weight/<name>``, ``grad_norm/<name>``, ``sat_out/<name>``,
+            ``grad_norm/direction``, ``cos/<a>/<b>`` and any extra entries, as floats.
+        coefficients: ``[1, K]`` or ``[P, K]``: what multiplies each objective's gradient.
+        overflow: True when the (GradScaler-scaled) gradients overflowed: the step must be
+            skipped (pass it to :meth:`AtomicUpdate.apply`).
+    """
+
+    stats: dict[str, float]
+    coefficients: torch.Tensor
+    overflow: bool
+
+
+class AtomicUpdate(Protocol):
+    """One all-or-nothing update of the trainable parameters (``with tools.atomic() as u``).
+
+    If the block raises, or the GradScaler skips the step, the parameters (when
+    :meth:`move` changed them), every ``p.grad`` and the optimizer state are restored.
+    """
+
+    stepped: bool
+
+    def move(self, delta: Sequence[torch.Tensor | None], *,
+             alpha: Sequence[float] | None = None) -> None:
+        """θ ← θ + alpha·delta directly (not through the optimizer; ``alpha`` one factor per
+        parameter, default 1); undone if the update fails."""
+
+    def apply(self, direction: Sequence[torch.Tensor | None], *,
+              overflow: bool = False) -> bool:
+        """Write ``direction`` into ``p.grad``, clip, and take the wrapped optimizer's step
+        (through the GradScaler if any). Returns False if the step was skipped.
+        ``stepped`` tells the same afterwards."""
+
+
+class StepTools(Protocol):
+    """The building blocks a method's own step recipe may use (given by the unlearner).
+
+    Attributes:
+        params: the trainable parameters of the wrapped optimizer, in order (P of them).
+        accumulate: the number of micro-batches a batch dict is split into.
+        world_size: number of ranks the gradients are reduced over (1 without DDP/FSDP2).
+        scaler: the ``torch.amp.GradScaler`` of fp16 training, or None.
+    """
+
+    params: Sequence[torch.nn.Parameter]
+    accumulate: int
+    world_size: int
+    scaler: torch.amp.GradScaler | None
+
+    def micro_batches(self, batch: Any, kind: str) -> list[Batch]:
+        """Validate a batch (dict or list of dicts) and split it into micro-batches."""
+
+    def forward(self, batch: Batch, kind: str) -> torch.Tensor:
+        """The trained model's logits ``[B, T, V]``."""
+
+    def ref_forward(self, batch: Batch, kind: str) -> torch.Tensor:
+        """The reference's logits ``[B, T, V]`` (no grad)."""
+
+    def learning_rates(self) -> list[float]:
+        """The current ``lr`` of each trainable parameter's group in the wrapped optimizer."""
+
+    def objective_gradients(self, objectives: Sequence[Objective], forget: Any,
+                            retain: Any) -> tuple[dict[str, torch.Tensor], Grads]:
+        """Losses (global means, 0-dim float32) and per-objective gradients, reduced
+        across ranks; every ``p.grad`` is left as it was."""
+
+    def gram(self, grads: Grads) -> GradGram:
+        """``GradGram(per_tensor [P, K, K], total [K, K])`` fp32 of K gradients."""
+
+    def weigh(self, aggregator: Aggregator, names: Sequence[str],
+              losses: Mapping[str, torch.Tensor], grads: Grads, *, gram: GradGram | None = None,
+              extra: Mapping[str, torch.Tensor] | None = None) -> Weighed:
+        """Gram -> coefficients -> stats (one host sync). Raises
+        :class:`UnlearningStepError` on a non-finite loss, gradient or extra entry."""
+
+    def atomic(self) -> contextlib.AbstractContextManager[AtomicUpdate]:
+        """An all-or-nothing update (see :class:`AtomicUpdate`)."""
+
+    def read_stats(self, values: Mapping[str, torch.Tensor]) -> dict[str, float]:
+        """0-dim tensors -> floats in one host sync; raises :class:`UnlearningStepError`
+        naming the non-finite entries."""
+
+    def aggregate_and_step(self, aggregator: Aggregator, names: Sequence[str],
+                           losses: Mapping[str, torch.Tensor], grads: Grads) -> dict[str, float]:
+        """weigh -> combine -> one optimizer step, atomically; the stats."""
+
+    def standard_step(self, objectives: Sequence[Objective], aggregator: Aggregator,
+                      forget: Any, retain: Any) -> dict[str, float]:
+        """The standard step (module docstring) for these objectives and aggregator."""
+
+
+#: A method's own step: ``recipe(tools, forget, retain) -> stats`` (floats).
+StepRecipe = Callable[[StepTools, Any, Any], dict[str, float]]

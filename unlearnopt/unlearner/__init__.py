@@ -1,0 +1,17 @@
+"""``MultiObjectiveUnlearner``: unlearning methods behind an optimizer-style API.
+
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-5)
+    unlearner = MultiObjectiveUnlearner(model, opt, method="mollm", ref_model=ref)
+    stats = unlearner.step(forget=forget_batch, retain=retain_batch)   # dict of floats
+
+The package, by job: ``multi_objective`` (the class), ``engine`` (per-objective gradients,
+Gram, weighing, the standard step), ``batches`` (validation, micro-batches), ``forward``
+(the model's and the reference's forward passes), ``distributed`` (DDP / FSDP2),
+``stats`` (the one host sync and the finiteness checks), ``atomic`` (all-or-nothing
+updates: rollback, clipping, GradScaler).
+"""
+
+from unlearnopt.errors import UnlearningStepError
+from unlearnopt.unlearner.multi_objective import MultiObjectiveUnlearner
+
+__all__ = ["MultiObjectiveUnlearner", "UnlearningStepError"]
