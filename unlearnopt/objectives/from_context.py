@@ -38,12 +38,16 @@ def _heads(ctx: Any, need_ref: bool):
     return (head, ref_head) if ref_head is not None else (None, None)
 
 
-def token_loss_of(ctx: Any, mode: str = "nll", alpha: float = 0.5) -> torch.Tensor:
-    """``token_loss(ctx.logits, ctx.labels, mode, alpha)``: mean over the labelled tokens."""
+def token_loss_of(ctx: Any, mode: str = "nll", alpha: float = 0.5, *,
+                  backend: str | None = None) -> torch.Tensor:
+    """``token_loss(ctx.logits, ctx.labels, mode, alpha)``: mean over the labelled tokens
+    (``backend="reference"``: plain PyTorch on either path, differentiable more than once)."""
     head, _ = _heads(ctx, need_ref=False)
     if head is not None:
-        return token_loss_from_hidden(head, ctx.labels, mode, alpha)
-    return token_loss(ctx.logits, ctx.labels, mode, alpha)
+        return token_loss_from_hidden(head, ctx.labels, mode, alpha, backend=backend)
+    if backend is None:
+        return token_loss(ctx.logits, ctx.labels, mode, alpha)
+    return token_loss(ctx.logits, ctx.labels, mode, alpha, backend=backend)
 
 
 def reference_sequence_log_prob(ctx: Any) -> torch.Tensor:
