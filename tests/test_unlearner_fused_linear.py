@@ -164,3 +164,25 @@ def test_fused_linear_option_is_checked():
         MultiObjectiveUnlearner(model, opt, "ga", fused_linear="yes")
     with pytest.raises(TypeError, match="ref_cache"):
         MultiObjectiveUnlearner(model, opt, "ga", ref_cache=None)
+
+
+@pytest.mark.distributed
+def test_ddp_fused_linear_matches_logits_path(tmp_path):
+    """Two ranks under DDP on the fused-linear path equal one process on the logits path."""
+    from tests.conftest import run_two_processes
+
+    methods = ["ga", "grad_diff", "ga_kl", "npo", "mollm", "siu"]
+    out = tmp_path / "result.pt"
+    run_two_processes("fused_linear_worker.py", str(out), ",".join(methods))
+    res = torch.load(out, weights_only=False)
+    for method in methods:
+        single, ranks = res[method]["single"], res[method]["ranks"]
+        for rank_stats, rank_params in ranks:
+            assert rank_stats.keys() == single["stats"].keys()
+            for k, v in single["stats"].items():
+                assert abs(rank_stats[k] - v) <= 1e-6 * (1 + abs(v)), (method, k, rank_stats[k], v)
+            # As in the DDP test of the logits path: the update to float32 rounding of its
+            # largest entry (the Gram and the weights are float32, summed in another order).
+            for a, b, i in zip(rank_params, single["params"], res["init"]):
+                err = float((a - b).abs().max())
+                assert err <= 2e-5 * float((b - i).abs().max()) + 1e-300, (method, err)
