@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from tests.tiny_models import make_batch, make_model, perturb_lora
-from unlearnopt.head_forwards import HeadForwards
+from unlearnopt.unlearner.head_forward import HeadForwards
 from unlearnopt.objectives import sequence_log_prob
 
 
@@ -73,7 +73,7 @@ def test_head_inputs_and_reference_cache_per_forget_batch():
 
 
 def test_cache_off_runs_the_reference_every_time():
-    from unlearnopt.reference_cache import ReferenceCache
+    from unlearnopt.unlearner.reference_cache import ReferenceCache
 
     model, ref = _pair()
     fw = PlainForwards(model, ref)

@@ -8,7 +8,7 @@ import torch
 
 from tests.tiny_models import make_batch, make_model
 from unlearnopt.output_head import forward_head_inputs
-from unlearnopt.reference_cache import ReferenceCache, module_fingerprint
+from unlearnopt.unlearner.reference_cache import ReferenceCache, module_fingerprint
 
 
 class Counting:

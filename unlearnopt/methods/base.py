@@ -11,7 +11,7 @@ Writing a method::
 
     from unlearnopt.methods import Method, Objective, register_method
     from unlearnopt.aggregate import Aggregator, FixedWeights
-    from unlearnopt.objectives import token_loss
+    from unlearnopt.objectives import token_loss_of
 
     class MyGA(Method):
         name = "my_ga"
@@ -20,7 +20,7 @@ Writing a method::
         def objectives(self):
             a = self.config["alpha"]
             return [Objective("forget_uce", "forget",
-                              lambda ctx: token_loss(ctx.logits, ctx.labels, "uce", alpha=a))]
+                              lambda ctx: token_loss_of(ctx, "uce", alpha=a))]
 
         def aggregator(self):
             return Aggregator(FixedWeights([1.0]))

@@ -84,7 +84,7 @@ from unlearnopt.methods.hvp import (
     hvp_finite_difference,
 )
 from unlearnopt.methods.registry import register_method
-from unlearnopt.objectives import token_loss
+from unlearnopt.objectives import token_loss_of
 
 GRANULARITIES = ("global", "per_tensor")
 LossFn = Callable[[], torch.Tensor]
@@ -260,8 +260,7 @@ def _batch_loss(tools: StepTools, objective: Objective, batches: list[Batch]) ->
         out = None
         for b, n in zip(batches, counts):
             share = (n / total).to(torch.float64)
-            term = objective.loss(ObjectiveContext(b, objective.batch, tools.forward,
-                                                   tools.ref_forward))
+            term = objective.loss(tools.context(b, objective.batch))
             term = term * share.to(term.dtype)
             out = term if out is None else out + term
         return out
@@ -332,7 +331,7 @@ class OFMU(Method):
         backend = "reference" if self.config["hvp"] == "autograd" else None
 
         def nll(ctx: ObjectiveContext) -> torch.Tensor:
-            return token_loss(ctx.logits, ctx.labels, "nll", backend=backend)
+            return token_loss_of(ctx, "nll", backend=backend)
 
         return [Objective("forget_nll", "forget", nll), Objective("retain_nll", "retain", nll)]
 

@@ -17,7 +17,7 @@ The path is on unless ``enabled=False`` or a head cannot be fused (see
 so the objectives read the logits. The first call checks the reference too (when the
 method needs one), so the path never mixes: either every objective reads head inputs or
 none does. Reference outputs on *forget* batches go through a
-:class:`~unlearnopt.reference_cache.ReferenceCache` (forget batches usually repeat at every
+:class:`~unlearnopt.unlearner.reference_cache.ReferenceCache` (forget batches usually repeat at every
 step of a request; retain batches usually change, so they are not kept).
 """
 
@@ -38,7 +38,7 @@ from unlearnopt.output_head import (
     forward_head_inputs,
     unsupported_reason,
 )
-from unlearnopt.reference_cache import ReferenceCache, module_fingerprint
+from unlearnopt.unlearner.reference_cache import ReferenceCache, module_fingerprint
 
 Batch = Mapping[str, Any]
 CACHED_KINDS = ("forget",)
@@ -96,6 +96,10 @@ class HeadForwards:
         self.active = enabled
         self.reason: str | None = None if enabled else "fused_linear=False"
         self._checked = False
+        self._ref_fused = False         # the reference's head inputs were obtained once
+        # The reference's head inputs computed by the first head() call (to check that the
+        # reference can be fused too), handed to the first reader of the same batch.
+        self._first_ref: tuple[Batch, HeadInputs] | None = None
         if enabled:
             reason = unsupported_reason(forwards.model)
             if reason is None and needs_ref and forwards.ref_model is not None:
@@ -122,9 +126,14 @@ class HeadForwards:
             self._fall_back(e.reason)
             return None
         if not self._checked:
-            # Try the reference once before any objective reads a head input.
-            if self.needs_ref and self.ref_head(batch, kind) is None:
-                return None
+            # Try the reference once before any objective reads a head input (unless an
+            # objective already read the reference's).
+            if self.needs_ref and not self._ref_fused:
+                try:
+                    self._first_ref = (batch, self._ref_head_now(batch))
+                except HeadUnsupported as e:
+                    self._fall_back(f"the reference model: {e.reason}")
+                    return None
             self._checked = True
         return head
 
@@ -143,11 +152,17 @@ class HeadForwards:
 
     @torch.no_grad()
     def _ref_head_now(self, batch: Batch) -> HeadInputs:
+        if self._first_ref is not None and self._first_ref[0] is batch:
+            head, self._first_ref = self._first_ref[1], None
+            return head
         inputs = self.forwards.inputs(batch)
         if self.forwards.ref_model is not None:
-            return forward_head_inputs(self.forwards.ref_model, inputs)
-        with adapters_disabled(self.forwards.model) as model:
-            return forward_head_inputs(model, inputs)
+            head = forward_head_inputs(self.forwards.ref_model, inputs)
+        else:
+            with adapters_disabled(self.forwards.model) as model:
+                head = forward_head_inputs(model, inputs)
+        self._ref_fused = True
+        return head
 
     def ref_head(self, batch: Batch, kind: str = "batch") -> HeadInputs | None:
         """The reference's head inputs (no grad; cached for forget batches), or None."""
@@ -182,4 +197,5 @@ class HeadForwards:
 
     def end_step(self) -> None:
         """Call once per step: drops the cached reference outputs the step did not read."""
+        self._first_ref = None
         self.cache.end_step()
