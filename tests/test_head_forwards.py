@@ -10,8 +10,8 @@ import pytest
 import torch
 
 from tests.tiny_models import make_batch, make_model, perturb_lora
-from unlearnopt.unlearner.head_forward import HeadForwards
 from unlearnopt.objectives import sequence_log_prob
+from unlearnopt.unlearner.head_forward import HeadForwards
 
 
 class PlainForwards:

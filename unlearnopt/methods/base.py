@@ -58,7 +58,7 @@ class Method:
         defaults: every hyper-parameter with its default (the paper's value, documented in
             the subclass docstring). ``Method(**config)`` accepts only these keys: an unknown
             keyword raises ``TypeError``.
-        needs_ref: whether some objective reads ``ctx.ref_logits`` (then the unlearner needs
+        needs_ref: whether some objective reads the reference (then the unlearner needs
             ``ref_model=`` or a PEFT model whose adapters it can disable).
         needs_retain: whether ``step()`` requires a retain batch (computed from the
             objectives by default).
