@@ -4,8 +4,11 @@ step. It is the :class:`~unlearnopt.contract.StepTools` a method's own step reci
 The standard step of a method with K objectives:
 
 1. one forward pass per batch (forget, retain) and micro-batch, shared by the objectives
-   that read it; the reference's logits (frozen copy, or the PEFT model with its adapters
-   disabled) under ``torch.no_grad()``;
+   that read it, up to the output head's input (the fused-linear path: the objectives
+   compute the logits a chunk of tokens at a time; ``[B, T, V]`` logits only with
+   ``fused_linear=False`` or a head that cannot be fused); the reference's (frozen copy,
+   or the PEFT model with its adapters disabled) under ``torch.no_grad()``, once per
+   distinct forget batch;
 2. K backward passes, each objective's gradient kept for the trainable parameters of the
    wrapped optimizer only. **Memory: K gradient copies** (plus the one in ``p.grad``);
 3. ``grad_gram`` once over the K gradients (``[P, K, K]`` and ``[K, K]``, fp32), the
