@@ -15,7 +15,18 @@ rounds: on a shared, loaded machine the minimum is the least noisy estimate), an
 (passes - forwards) / K); the goal is <= 0.10. ``aggregation_ms`` times the aggregation
 alone (Gram, weights, combination, the host sync) on real gradients, the figure least
 exposed to machine noise. Also the peak extra memory of each.
-``UNLEARNOPT_BENCH_QUICK=1``: hidden 64, vocab 512, 32 tokens.
+``UNLEARNOPT_BENCH_QUICK=1``: hidden 64, vocab 512, 32 tokens. Both rows run the objectives
+on the unlearner's fused-linear path (its default: no ``[B, T, V]`` logits).
+
+``test_step_large_vocab``: peak memory and time of one ``step()`` of ga, npo, mollm and siu
+at Llama-3's vocabulary (V = 128256; hidden 256, 2 layers, 8 x 256 tokens per batch) against
+a plain PyTorch loop doing the same objectives the way a hand-written trainer does: full
+``[B, T, V]`` logits of the model and of the reference, ``log_softmax`` / ``cross_entropy``,
+the objectives summed with the method's fixed weights (mollm: weight 1 each; unlearnopt
+keeps its K gradients apart and weighs them by min-norm), one backward, the optimizer step.
+``extra_info``: ``peak_extra_bytes`` and ``step_ms`` of each, and on the unlearnopt row
+``memory_ratio`` / ``time_ratio`` to the plain loop (goal: <= 0.40 at <= 1.0). Quick mode:
+V = 16384, hidden 64, 2 x 64 tokens.
 """
 
 from __future__ import annotations
@@ -28,7 +39,6 @@ import pytest
 import torch
 
 from bench.conftest import DEVICE, QUICK, peak_extra_bytes, record, synchronize
-from unlearnopt.contract import ObjectiveContext
 from unlearnopt.unlearner import MultiObjectiveUnlearner
 
 METHODS = ["ga", "grad_diff", "ga_kl", "npo", "mollm", "mollm_per_tensor", "ofmu", "ofmu_exact"]
@@ -75,7 +85,7 @@ def passes(unlearner, forget, retain, backward: bool = True) -> None:
     objectives = unlearner.method.objectives()
     for kind, b in (("forget", forget), ("retain", retain)):
         objs = [o for o in objectives if o.batch == kind]
-        ctx = ObjectiveContext(b, kind, unlearner.forward, unlearner.ref_forward)
+        ctx = unlearner.engine.context(b, kind)   # the same (fused-linear) path as step()
         for j, o in enumerate(objs):
             loss = o.loss(ctx)
             if backward:
@@ -140,4 +150,127 @@ def test_step(benchmark, method, impl):
         info.update(step_ms=round(1e3 * t_step, 3), passes_ms=round(1e3 * t_passes, 3),
                     forwards_ms=round(1e3 * t_fwd, 3), overhead_ms=round(1e3 * overhead, 3),
                     overhead_per_backward=round(overhead / one_backward, 3))
+    record(benchmark, **info)
+
+
+# -- large vocabulary: unlearnopt's step against a plain PyTorch loop ---------------------------
+
+LARGE_METHODS = ["ga", "npo", "mollm", "siu"]
+L_VOCAB, L_HIDDEN, L_BATCH, L_SEQ = (16384, 64, 2, 64) if QUICK else (128256, 256, 8, 256)
+
+
+@functools.cache
+def large_model():
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=L_VOCAB, hidden_size=L_HIDDEN, intermediate_size=4 * L_HIDDEN,
+                      num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                      max_position_embeddings=L_SEQ, tie_word_embeddings=False)
+    return LlamaForCausalLM(cfg).to(DEVICE)
+
+
+def large_batch(seed: int, siu: bool = False) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, L_VOCAB, (L_BATCH, L_SEQ), generator=g)
+    labels = ids.clone()
+    labels[:, : L_SEQ // 4] = -100
+    out = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": labels}
+    if siu:
+        out["token_mask"] = labels != -100
+        vocab_mask = torch.ones(L_VOCAB)
+        vocab_mask[ids[0, -4:]] = 0.0
+        out["vocab_mask"] = vocab_mask
+    return {k: v.to(DEVICE) for k, v in out.items()}
+
+
+def _inputs(b):
+    return {k: v for k, v in b.items() if k not in ("labels", "token_mask", "vocab_mask")}
+
+
+def _token_log_probs(logits, labels):
+    """log p(y_t) ``[B, T-1]`` of the shifted labels (0 where ignored), plain PyTorch."""
+    logp = logits[:, :-1].float().log_softmax(-1)
+    y = labels[:, 1:]
+    picked = logp.gather(-1, y.clamp(min=0).unsqueeze(-1)).squeeze(-1)
+    return picked * (y != -100)
+
+
+def plain_step(method, model, ref, opt, forget, retain):
+    """One step of ``method`` as a hand-written loop writes it (full logits, one backward)."""
+    f_logits = model(**_inputs(forget), use_cache=False).logits
+    f_mask = forget["labels"][:, 1:] != -100
+    if method == "ga":
+        loss = _token_log_probs(f_logits, forget["labels"]).sum() / f_mask.sum()
+    elif method == "npo":
+        with torch.no_grad():
+            r_logits = ref(**_inputs(forget), use_cache=False).logits
+        ratio = _token_log_probs(f_logits, forget["labels"]).sum(1) \
+            - _token_log_probs(r_logits, forget["labels"]).sum(1)
+        loss = (2.0 / 0.1) * torch.nn.functional.softplus(0.1 * ratio).mean()
+    elif method == "mollm":
+        p = _token_log_probs(f_logits, forget["labels"]).exp()
+        uce = (-torch.log1p(-0.5 * p) * f_mask).sum() / f_mask.sum()
+        r_logits = model(**_inputs(retain), use_cache=False).logits
+        with torch.no_grad():
+            q_logits = ref(**_inputs(retain), use_cache=False).logits
+        r_mask = retain["labels"][:, 1:] != -100
+        lp = r_logits[:, :-1].float().log_softmax(-1)[r_mask]
+        lq = q_logits[:, :-1].float().log_softmax(-1)[r_mask]
+        kl = (lq.exp() * (lq - lp)).sum(-1).mean()
+        nll = -_token_log_probs(r_logits, retain["labels"]).sum() / r_mask.sum()
+        loss = uce + kl + nll
+    else:  # siu
+        ce = -_token_log_probs(f_logits, forget["labels"]).sum() / f_mask.sum()
+        with torch.no_grad():
+            r_logits = ref(**_inputs(forget), use_cache=False).logits
+        m = forget["token_mask"][:, 1:]
+        lp = f_logits[:, :-1].float().log_softmax(-1)[m]
+        lq = r_logits[:, :-1].float().log_softmax(-1)[m]
+        dmk = (forget["vocab_mask"] * lq.exp() * (lq - lp)).sum(-1).mean()
+        loss = 0.9 * ce + 0.75 * dmk
+    loss.backward()
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+
+
+@pytest.mark.parametrize("impl", ["plain", "unlearnopt"])
+@pytest.mark.parametrize("method", LARGE_METHODS)
+def test_step_large_vocab(benchmark, method, impl):
+    model = copy.deepcopy(large_model())
+    ref = copy.deepcopy(large_model()).eval().requires_grad_(False)
+    opt = torch.optim.SGD(model.parameters(), lr=1e-4)
+    forget, retain = large_batch(1, siu=method == "siu"), large_batch(2)
+    benchmark.group = (f"step V={L_VOCAB} {method} tokens={L_BATCH}x{L_SEQ} "
+                       f"hidden={L_HIDDEN}")
+    if impl == "plain":
+        def fn():
+            plain_step(method, model, ref, opt, forget, retain)
+            synchronize()
+    else:
+        unlearner = MultiObjectiveUnlearner(model, opt, method, ref_model=ref)
+
+        def fn():
+            unlearner.step(forget, retain)
+            synchronize()
+    fn()  # warm-up (kernels built/loaded; the reference cache filled, as in a request)
+    extra = peak_extra_bytes(fn)
+    benchmark.pedantic(fn, rounds=3, iterations=1, warmup_rounds=0)
+    info = {"impl": impl, "method": method, "vocab": L_VOCAB, "peak_extra_bytes": extra,
+            "step_ms": round(1e3 * benchmark.stats.stats.min, 3)}
+    if impl == "unlearnopt":
+        assert unlearner.heads.active, unlearner.heads.reason
+        plain_model = copy.deepcopy(large_model())
+        plain_opt = torch.optim.SGD(plain_model.parameters(), lr=1e-4)
+
+        def plain():
+            plain_step(method, plain_model, ref, plain_opt, forget, retain)
+            synchronize()
+
+        plain()
+        plain_extra = peak_extra_bytes(plain)
+        plain_time = min_time(plain, rounds=3)
+        info.update(plain_peak_extra_bytes=plain_extra, plain_step_ms=round(1e3 * plain_time, 3),
+                    memory_ratio=round(extra / max(plain_extra, 1), 3),
+                    time_ratio=round(benchmark.stats.stats.min / plain_time, 3))
     record(benchmark, **info)

@@ -56,22 +56,62 @@ class ObjectiveContext:
         logits: the trained model's logits ``[B, T, V]`` (requires grad).
         ref_logits: the reference model's logits ``[B, T, V]``, computed under
             ``torch.no_grad()`` (the frozen copy, or the PEFT model with adapters disabled).
+        head: the trained model's output-head inputs (``unlearnopt.output_head.HeadInputs``:
+            hidden states ``[B, T, H]``, head weight ``[V, H]``, bias), or None when the
+            fused-linear path is off; then the objectives read ``logits``.
+        ref_head: the reference's head inputs (no grad), or None.
+        ref_sequence_log_prob: the reference's per-sequence log-probabilities ``[B]`` (no
+            grad; NPO), or None when the context has no way to give them.
+
+    The losses in ``unlearnopt.objectives.from_context`` (``token_loss_of(ctx, ...)`` etc.)
+    read ``head`` when it is there and ``logits`` otherwise: an objective written with them
+    never builds ``[B, T, V]`` logits on the fused-linear path.
 
     Args:
         batch, kind: as above.
         forward: ``forward(batch, kind)`` -> the trained model's logits.
         ref_forward: ``ref_forward(batch, kind)`` -> the reference's logits; None when no
             reference exists (reading ``ref_logits`` then raises ``ValueError``).
+        head_forward: ``head_forward(batch, kind)`` -> the trained model's head inputs or
+            None (fused-linear path off); None: no fused-linear path.
+        ref_head_forward: the same for the reference (no grad).
+        ref_log_prob_forward: ``(batch, kind)`` -> the reference's ``[B]`` log-probabilities.
     """
 
     def __init__(self, batch: Batch, kind: str, forward: Forward,
-                 ref_forward: Forward | None = None):
+                 ref_forward: Forward | None = None, *,
+                 head_forward: Callable[[Batch, str], Any] | None = None,
+                 ref_head_forward: Callable[[Batch, str], Any] | None = None,
+                 ref_log_prob_forward: Forward | None = None):
         self.batch = batch
         self.kind = kind
         self._forward = forward
         self._ref_forward = ref_forward
+        self._head_forward = head_forward
+        self._ref_head_forward = ref_head_forward
+        self._ref_log_prob_forward = ref_log_prob_forward
         self._logits: torch.Tensor | None = None
         self._ref_logits: torch.Tensor | None = None
+        self._memo: dict[str, Any] = {}
+
+    def _once(self, name: str, fn: Callable[[Batch, str], Any] | None) -> Any:
+        if fn is None:
+            return None
+        if name not in self._memo:
+            self._memo[name] = fn(self.batch, self.kind)
+        return self._memo[name]
+
+    @property
+    def head(self) -> Any:
+        return self._once("head", self._head_forward)
+
+    @property
+    def ref_head(self) -> Any:
+        return self._once("ref_head", self._ref_head_forward)
+
+    @property
+    def ref_sequence_log_prob(self) -> torch.Tensor | None:
+        return self._once("ref_sequence_log_prob", self._ref_log_prob_forward)
 
     @property
     def labels(self) -> torch.Tensor:
@@ -197,6 +237,10 @@ class StepTools(Protocol):
 
     def ref_forward(self, batch: Batch, kind: str) -> torch.Tensor:
         """The reference's logits ``[B, T, V]`` (no grad)."""
+
+    def context(self, batch: Batch, kind: str) -> ObjectiveContext:
+        """The objective context of one micro-batch, as the standard step builds it (head
+        inputs on the fused-linear path, the reference's outputs through its cache)."""
 
     def learning_rates(self) -> list[float]:
         """The current ``lr`` of each trainable parameter's group in the wrapped optimizer."""

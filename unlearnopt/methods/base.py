@@ -11,7 +11,7 @@ Writing a method::
 
     from unlearnopt.methods import Method, Objective, register_method
     from unlearnopt.aggregate import Aggregator, FixedWeights
-    from unlearnopt.objectives import token_loss
+    from unlearnopt.objectives import token_loss_of
 
     class MyGA(Method):
         name = "my_ga"
@@ -20,7 +20,7 @@ Writing a method::
         def objectives(self):
             a = self.config["alpha"]
             return [Objective("forget_uce", "forget",
-                              lambda ctx: token_loss(ctx.logits, ctx.labels, "uce", alpha=a))]
+                              lambda ctx: token_loss_of(ctx, "uce", alpha=a))]
 
         def aggregator(self):
             return Aggregator(FixedWeights([1.0]))
@@ -58,7 +58,7 @@ class Method:
         defaults: every hyper-parameter with its default (the paper's value, documented in
             the subclass docstring). ``Method(**config)`` accepts only these keys: an unknown
             keyword raises ``TypeError``.
-        needs_ref: whether some objective reads ``ctx.ref_logits`` (then the unlearner needs
+        needs_ref: whether some objective reads the reference (then the unlearner needs
             ``ref_model=`` or a PEFT model whose adapters it can disable).
         needs_retain: whether ``step()`` requires a retain batch (computed from the
             objectives by default).

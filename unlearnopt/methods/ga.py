@@ -16,11 +16,11 @@ from unlearnopt.aggregate import Aggregator, FixedWeights
 from unlearnopt.contract import Objective
 from unlearnopt.methods.base import Method
 from unlearnopt.methods.registry import register_method
-from unlearnopt.objectives import token_loss
+from unlearnopt.objectives import token_loss_of
 
 
 def forget_ga_objective() -> Objective:
-    return Objective("forget_ga", "forget", lambda ctx: token_loss(ctx.logits, ctx.labels, "ga"))
+    return Objective("forget_ga", "forget", lambda ctx: token_loss_of(ctx, "ga"))
 
 
 class GA(Method):

@@ -17,12 +17,12 @@ from unlearnopt.methods.base import Method
 from unlearnopt.methods.ga import forget_ga_objective
 from unlearnopt.methods.grad_diff import check_weight
 from unlearnopt.methods.registry import register_method
-from unlearnopt.objectives import kl_to_reference
+from unlearnopt.objectives import kl_to_reference_of
 
 
 def retain_kl_objective() -> Objective:
     return Objective("retain_kl", "retain",
-                     lambda ctx: kl_to_reference(ctx.logits, ctx.ref_logits, ctx.labels))
+                     kl_to_reference_of)
 
 
 class GAKL(Method):

@@ -16,12 +16,12 @@ from unlearnopt.contract import Objective
 from unlearnopt.methods.base import Method
 from unlearnopt.methods.ga import forget_ga_objective
 from unlearnopt.methods.registry import register_method
-from unlearnopt.objectives import token_loss
+from unlearnopt.objectives import token_loss_of
 
 
 def retain_nll_objective() -> Objective:
     return Objective("retain_nll", "retain",
-                     lambda ctx: token_loss(ctx.logits, ctx.labels, "nll"))
+                     lambda ctx: token_loss_of(ctx, "nll"))
 
 
 def check_weight(name: str, value) -> None:

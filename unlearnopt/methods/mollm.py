@@ -41,7 +41,7 @@ from unlearnopt.methods.base import Method
 from unlearnopt.methods.ga_kl import retain_kl_objective
 from unlearnopt.methods.grad_diff import retain_nll_objective
 from unlearnopt.methods.registry import register_method
-from unlearnopt.objectives import token_loss
+from unlearnopt.objectives import token_loss_of
 
 
 class MOLLM(Method):
@@ -69,7 +69,7 @@ class MOLLM(Method):
     def objectives(self) -> list[Objective]:
         alpha = float(self.config["alpha"])
         return [Objective("forget_uce", "forget",
-                          lambda ctx: token_loss(ctx.logits, ctx.labels, "uce", alpha=alpha)),
+                          lambda ctx: token_loss_of(ctx, "uce", alpha=alpha)),
                 retain_kl_objective(),
                 retain_nll_objective()]
 

@@ -18,7 +18,7 @@ from unlearnopt.contract import Objective
 from unlearnopt.methods.base import Method
 from unlearnopt.methods.grad_diff import check_weight, retain_nll_objective
 from unlearnopt.methods.registry import register_method
-from unlearnopt.objectives import npo_loss
+from unlearnopt.objectives import npo_loss_of
 
 
 class NPO(Method):
@@ -37,7 +37,7 @@ class NPO(Method):
     def objectives(self) -> list[Objective]:
         beta = float(self.config["beta"])
         objs = [Objective("forget_npo", "forget",
-                          lambda ctx: npo_loss(ctx.logits, ctx.ref_logits, ctx.labels, beta),
+                          lambda ctx: npo_loss_of(ctx, beta),
                           unit="sequence")]
         if self.config["retain_weight"] > 0:
             objs.append(retain_nll_objective())

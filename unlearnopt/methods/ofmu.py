@@ -91,7 +91,7 @@ from unlearnopt.methods.base import Method
 from unlearnopt.methods.hvp import HVP_MODES, global_norm
 from unlearnopt.methods.ofmu_exact import OFMUEngine, batch_loss, cosine, cosine_directions
 from unlearnopt.methods.registry import register_method
-from unlearnopt.objectives import token_loss
+from unlearnopt.objectives import token_loss_of
 
 __all__ = ["OFMU", "FirstOrderWeights", "OFMUEngine", "cosine", "cosine_directions"]
 
@@ -208,7 +208,7 @@ class OFMU(Method):
         backend = "reference" if self.config["hvp"] == "autograd" else None
 
         def nll(ctx: ObjectiveContext) -> torch.Tensor:
-            return token_loss(ctx.logits, ctx.labels, "nll", backend=backend)
+            return token_loss_of(ctx, "nll", backend=backend)
 
         return [Objective("forget_nll", "forget", nll), Objective("retain_nll", "retain", nll)]
 

@@ -34,7 +34,7 @@ from collections.abc import Callable, Sequence
 
 import torch
 
-from unlearnopt.contract import Batch, Objective, ObjectiveContext, StepTools
+from unlearnopt.contract import Batch, Objective, StepTools
 from unlearnopt.methods.hvp import (
     directional_derivative,
     global_norm,
@@ -220,8 +220,7 @@ def batch_loss(tools: StepTools, objective: Objective, batches: list[Batch]) -> 
         out = None
         for b, n in zip(batches, counts):
             share = (n / total).to(torch.float64)
-            term = objective.loss(ObjectiveContext(b, objective.batch, tools.forward,
-                                                   tools.ref_forward))
+            term = objective.loss(tools.context(b, objective.batch))
             term = term * share.to(term.dtype)
             out = term if out is None else out + term
         return out

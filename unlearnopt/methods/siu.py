@@ -59,12 +59,6 @@ def substitute_answer(fact) -> str:
     return SUBSTITUTES[zlib.crc32(fact.id.encode()) % len(SUBSTITUTES)]
 
 
-def _masked_kl():
-    from unlearnopt.ops.masked_kl import masked_kl
-
-    return masked_kl
-
-
 def _shift_mask(mask: torch.Tensor) -> torch.Tensor:
     """``[B, T]`` mask in the labels' frame -> the logits' frame (position t predicts t + 1)."""
     pad = torch.zeros_like(mask[:, :1])
@@ -148,23 +142,24 @@ class SIU(Method):
         return _shift_mask(token_mask.to(labels.device)), vocab_mask
 
     def _ce(self, ctx: ObjectiveContext) -> torch.Tensor:
-        from unlearnopt.objectives import token_loss
+        from unlearnopt.objectives import token_loss_of
 
-        return token_loss(ctx.logits, ctx.labels, "nll")
+        return token_loss_of(ctx, "nll")
 
     def _dmk(self, ctx: ObjectiveContext) -> torch.Tensor:
+        from unlearnopt.objectives import masked_kl_of, vocab_size_of
+
         token_mask, vocab_mask = self._lookup(ctx.batch)
-        logits = ctx.logits
-        vocab = logits.shape[-1]
+        vocab = vocab_size_of(ctx)
+        device = ctx.labels.device
         if vocab_mask is not None:
             if tuple(vocab_mask.shape) != (vocab,):
                 raise ValueError(f"vocab_mask has shape {tuple(vocab_mask.shape)} but the model's "
                                  f"vocabulary is {vocab}; build it with vocab_size={vocab}")
-            vocab_mask = vocab_mask.to(logits.device)
-        return _masked_kl()(logits.reshape(-1, vocab), ctx.ref_logits.reshape(-1, vocab),
-                            token_mask=token_mask.reshape(-1).to(logits.device),
-                            vocab_mask=vocab_mask, direction=self.config["direction"],
-                            reduction="mean", temperature=float(self.config["temperature"]))
+            vocab_mask = vocab_mask.to(device)
+        return masked_kl_of(ctx, token_mask.to(device), vocab_mask,
+                            direction=self.config["direction"],
+                            temperature=float(self.config["temperature"]))
 
     def _dmk_count(self, batch: Mapping[str, Any]) -> torch.Tensor:
         token_mask, _ = self._lookup(batch)

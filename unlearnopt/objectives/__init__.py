@@ -3,8 +3,29 @@
 Every loss takes the model's logits ``[B, T, V]`` and the *unshifted* labels ``[B, T]``
 (``-100`` = ignored) and aligns them for next-token prediction itself. Reductions: token
 losses and the KL are means over labelled tokens; NPO is a mean over sequences.
+
+``*_from_hidden`` (``unlearnopt.objectives.fused_linear``): the same losses from the output
+head's inputs (``unlearnopt.output_head.HeadInputs``) through the fused-linear ops, without
+``[B, T, V]`` logits. ``*_of(ctx, ...)`` (``unlearnopt.objectives.from_context``): the loss of
+an objective context on whichever of the two paths it offers.
 """
 
+from unlearnopt.objectives.from_context import (
+    kl_to_reference_of,
+    masked_kl_of,
+    npo_loss_of,
+    reference_sequence_log_prob,
+    token_loss_of,
+    vocab_size_of,
+)
+from unlearnopt.objectives.fused_linear import (
+    kl_to_reference_from_hidden,
+    masked_kl_from_hidden,
+    npo_loss_from_hidden,
+    npo_loss_from_log_probs,
+    sequence_log_prob_from_hidden,
+    token_loss_from_hidden,
+)
 from unlearnopt.objectives.kl import kl_to_reference
 from unlearnopt.objectives.npo import npo_loss
 from unlearnopt.objectives.shift import IGNORE_INDEX, shift_labels
@@ -14,8 +35,20 @@ __all__ = [
     "IGNORE_INDEX",
     "TOKEN_MODES",
     "kl_to_reference",
+    "kl_to_reference_from_hidden",
+    "kl_to_reference_of",
+    "masked_kl_from_hidden",
+    "masked_kl_of",
     "npo_loss",
+    "npo_loss_from_hidden",
+    "npo_loss_from_log_probs",
+    "npo_loss_of",
+    "reference_sequence_log_prob",
     "sequence_log_prob",
+    "sequence_log_prob_from_hidden",
     "shift_labels",
     "token_loss",
+    "token_loss_from_hidden",
+    "token_loss_of",
+    "vocab_size_of",
 ]

@@ -6,7 +6,9 @@
 
 The package, by job: ``multi_objective`` (the class), ``engine`` (per-objective gradients,
 Gram, weighing, the standard step), ``batches`` (validation, micro-batches), ``forward``
-(the model's and the reference's forward passes), ``distributed`` (DDP / FSDP2),
+(the model's and the reference's forward passes), ``head_forward`` (the same passes up to
+the output head's input, for the fused-linear objectives), ``reference_cache`` (the
+reference's outputs per distinct forget batch), ``distributed`` (DDP / FSDP2),
 ``stats`` (the one host sync and the finiteness checks), ``atomic`` (all-or-nothing
 updates: rollback, clipping, GradScaler).
 """

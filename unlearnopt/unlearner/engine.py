@@ -4,8 +4,11 @@ step. It is the :class:`~unlearnopt.contract.StepTools` a method's own step reci
 The standard step of a method with K objectives:
 
 1. one forward pass per batch (forget, retain) and micro-batch, shared by the objectives
-   that read it; the reference's logits (frozen copy, or the PEFT model with its adapters
-   disabled) under ``torch.no_grad()``;
+   that read it, up to the output head's input (the fused-linear path: the objectives
+   compute the logits a chunk of tokens at a time; ``[B, T, V]`` logits only with
+   ``fused_linear=False`` or a head that cannot be fused); the reference's (frozen copy,
+   or the PEFT model with its adapters disabled) under ``torch.no_grad()``, once per
+   distinct forget batch;
 2. K backward passes, each objective's gradient kept for the trainable parameters of the
    wrapped optimizer only. **Memory: K gradient copies** (plus the one in ``p.grad``);
 3. ``grad_gram`` once over the K gradients (``[P, K, K]`` and ``[K, K]``, fp32), the
@@ -30,6 +33,7 @@ from unlearnopt.unlearner import batches as batches_mod
 from unlearnopt.unlearner.atomic import AtomicStep
 from unlearnopt.unlearner.distributed import Distributed
 from unlearnopt.unlearner.forward import Forwards
+from unlearnopt.unlearner.head_forward import HeadForwards
 from unlearnopt.unlearner.stats import read_stats, weighing_stats
 
 
@@ -43,6 +47,8 @@ class StepEngine:
         distributed: the DDP / FSDP2 plumbing.
         method_name: named in the errors about missing batches.
         max_grad_norm, accumulate, scaler: as in ``MultiObjectiveUnlearner``.
+        heads: the fused-linear forward passes (head inputs instead of logits, the
+            reference's outputs cached), or None for the logits only.
 
     Attributes:
         steps: optimizer steps taken (a skipped step does not count).
@@ -53,8 +59,9 @@ class StepEngine:
     def __init__(self, params: Sequence[torch.nn.Parameter], optimizer: torch.optim.Optimizer,
                  forwards: Forwards, distributed: Distributed, *, method_name: str,
                  max_grad_norm: float | None, accumulate: int,
-                 scaler: torch.amp.GradScaler | None):
+                 scaler: torch.amp.GradScaler | None, heads: HeadForwards | None = None):
         self.params = list(params)
+        self.heads = heads
         self.optimizer = optimizer
         self.forwards = forwards
         self.distributed = distributed
@@ -78,6 +85,16 @@ class StepEngine:
 
     def ref_forward(self, batch: Batch, kind: str = "batch") -> torch.Tensor:
         return self.forwards.ref_forward(batch, kind)
+
+    def context(self, batch: Batch, kind: str) -> ObjectiveContext:
+        """The objective context of one micro-batch: the forward passes it may call (head
+        inputs on the fused-linear path, the reference's outputs through its cache)."""
+        if self.heads is None:
+            return ObjectiveContext(batch, kind, self.forward, self.ref_forward)
+        return ObjectiveContext(batch, kind, self.forward, self.heads.ref_logits,
+                                head_forward=self.heads.head,
+                                ref_head_forward=self.heads.ref_head,
+                                ref_log_prob_forward=self.heads.ref_sequence_log_prob)
 
     def learning_rates(self) -> list[float]:
         group_lr = {}
@@ -151,7 +168,7 @@ class StepEngine:
                 for kind in BATCH_KINDS:
                     objs = [o for o in objectives if o.batch == kind]
                     for m, mb in enumerate(batches.get(kind, [])):
-                        ctx = ObjectiveContext(mb, kind, self.forward, self.ref_forward)
+                        ctx = self.context(mb, kind)
                         for j, obj in enumerate(objs):
                             i = index[obj.name]
                             loss = obj.loss(ctx)

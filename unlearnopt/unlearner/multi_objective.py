@@ -16,6 +16,8 @@ from unlearnopt.unlearner.atomic import trainable_params
 from unlearnopt.unlearner.distributed import Distributed
 from unlearnopt.unlearner.engine import StepEngine, add_into
 from unlearnopt.unlearner.forward import Forwards
+from unlearnopt.unlearner.head_forward import HeadForwards
+from unlearnopt.unlearner.reference_cache import ReferenceCache
 
 
 class MultiObjectiveUnlearner:
@@ -41,6 +43,17 @@ class MultiObjectiveUnlearner:
             ``forget`` / ``retain``.
         scaler: a ``torch.amp.GradScaler`` for fp16 autocast. The Gram is unscaled before
             the weights are chosen; an overflowing step is skipped as GradScaler does.
+        fused_linear: True (default): the objectives never build ``[B, T, V]`` logits: the
+            model (and the reference) run up to the output head's input, and the losses go
+            through the fused-linear ops with the head's weight (``unlearnopt.output_head``;
+            Llama, Qwen2, GPT-2's tied head, LLaVA, PEFT incl. LoRA on the head, DDP, a
+            constant logit scale). A head that cannot be fused (soft-capping, FSDP2, ...)
+            falls back to the logits with one warning naming the reason. False: the logits.
+        ref_cache: True (default): the reference's outputs on a forget micro-batch are
+            computed once per distinct batch content and reused while it repeats (the head
+            inputs cost ``B * T * H`` elements per micro-batch, NPO's log-probabilities
+            ``B`` floats, the logits path's reference logits ``B * T * V``; dropped after a
+            step that does not read them). False: the reference runs at every step.
         **method_options: the method's options (e.g. ``normalize="unit"``, ``beta=0.1``).
 
     ``step(forget=, retain=)`` runs the method's step recipe, or the standard one (K
@@ -57,6 +70,7 @@ class MultiObjectiveUnlearner:
                  method: str | Method | type[Method] = "mollm",
                  ref_model: torch.nn.Module | None = None, *, max_grad_norm: float | None = None,
                  accumulate: int = 1, scaler: torch.amp.GradScaler | None = None,
+                 fused_linear: bool = True, ref_cache: bool = True,
                  **method_options: Any) -> None:
         if not isinstance(model, torch.nn.Module):
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
@@ -86,9 +100,14 @@ class MultiObjectiveUnlearner:
         self.distributed = Distributed(model, self.params)
         self.forwards = Forwards(model, ref_model)
         self.forwards.check_reference(self.params, self.method.needs_ref, self.method.name)
+        if not isinstance(ref_cache, bool):
+            raise TypeError(f"ref_cache must be a bool, got {type(ref_cache).__name__}")
+        self.heads = HeadForwards(self.forwards, enabled=fused_linear,
+                                  needs_ref=self.method.needs_ref,
+                                  cache=ReferenceCache(enabled=ref_cache))
         self.engine = StepEngine(self.params, optimizer, self.forwards, self.distributed,
                                  method_name=self.method.name, max_grad_norm=max_grad_norm,
-                                 accumulate=accumulate, scaler=scaler)
+                                 accumulate=accumulate, scaler=scaler, heads=self.heads)
         self._pending: dict[str, list[torch.Tensor | None]] | None = None
         self._pending_losses: dict[str, torch.Tensor] = {}
 
@@ -214,11 +233,14 @@ class MultiObjectiveUnlearner:
             stats = self._step_pending()
         else:
             recipe = self.method.step_recipe()
-            if recipe is None:
-                stats = self.engine.standard_step(self.method.objectives(),
-                                                  self.method.aggregator(), forget, retain)
-            else:
-                stats = recipe(self.engine, forget, retain)
+            try:
+                if recipe is None:
+                    stats = self.engine.standard_step(self.method.objectives(),
+                                                      self.method.aggregator(), forget, retain)
+                else:
+                    stats = recipe(self.engine, forget, retain)
+            finally:
+                self.heads.end_step()
         stats["lr"] = float(self.optimizer.param_groups[0]["lr"])
         return stats
 

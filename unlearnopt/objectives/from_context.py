@@ -1,0 +1,110 @@
+"""The objectives' losses on an objective context, on the cheapest path it offers.
+
+A context (``unlearnopt.contract.ObjectiveContext``) offers the trained model's output two
+ways: ``ctx.head`` (:class:`~unlearnopt.output_head.HeadInputs`, the fused-linear path:
+no ``[B, T, V]`` logits; None where the unlearner runs without it) and ``ctx.logits``
+(``[B, T, V]``). These functions use the head's inputs when the context has them (and,
+for the losses against the reference, the reference's too) and the logits otherwise; the
+two give the same values and gradients (tested). A context without the attributes
+``head`` / ``ref_head`` / ``ref_sequence_log_prob`` (e.g. one built by hand) gets the
+logits path.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from unlearnopt.objectives.fused_linear import (
+    masked_kl_from_hidden,
+    npo_loss_from_log_probs,
+    sequence_log_prob_from_hidden,
+    token_loss_from_hidden,
+)
+from unlearnopt.objectives.kl import kl_to_reference
+from unlearnopt.objectives.shift import IGNORE_INDEX, shift_labels
+from unlearnopt.objectives.token import sequence_log_prob, token_loss
+from unlearnopt.ops.masked_kl import masked_kl
+
+
+def _heads(ctx: Any, need_ref: bool):
+    head = getattr(ctx, "head", None)
+    if head is None:
+        return None, None
+    if not need_ref:
+        return head, None
+    ref_head = getattr(ctx, "ref_head", None)
+    return (head, ref_head) if ref_head is not None else (None, None)
+
+
+def token_loss_of(ctx: Any, mode: str = "nll", alpha: float = 0.5, *,
+                  backend: str | None = None) -> torch.Tensor:
+    """``token_loss(ctx.logits, ctx.labels, mode, alpha)``: mean over the labelled tokens
+    (``backend="reference"``: plain PyTorch on either path, differentiable more than once)."""
+    head, _ = _heads(ctx, need_ref=False)
+    if head is not None:
+        return token_loss_from_hidden(head, ctx.labels, mode, alpha, backend=backend)
+    if backend is None:
+        return token_loss(ctx.logits, ctx.labels, mode, alpha)
+    return token_loss(ctx.logits, ctx.labels, mode, alpha, backend=backend)
+
+
+def reference_sequence_log_prob(ctx: Any) -> torch.Tensor:
+    """The reference's ``log pi_ref(y_i | x_i)``, ``[B]``, no grad: the context's (possibly
+    cached) ``ref_sequence_log_prob`` when it has one, else computed from its reference
+    head inputs or logits."""
+    cached = getattr(ctx, "ref_sequence_log_prob", None)
+    if cached is not None:
+        return cached
+    with torch.no_grad():
+        ref_head = getattr(ctx, "ref_head", None) if getattr(ctx, "head", None) is not None \
+            else None
+        if ref_head is not None:
+            return sequence_log_prob_from_hidden(ref_head, ctx.labels)
+        return sequence_log_prob(ctx.ref_logits.detach(), ctx.labels)
+
+
+def npo_loss_of(ctx: Any, beta: float = 0.1) -> torch.Tensor:
+    """``npo_loss(ctx.logits, ctx.ref_logits, ctx.labels, beta)``: mean over sequences."""
+    ref_log_prob = reference_sequence_log_prob(ctx)
+    head, _ = _heads(ctx, need_ref=False)
+    if head is not None:
+        log_prob = sequence_log_prob_from_hidden(head, ctx.labels)
+    else:
+        log_prob = sequence_log_prob(ctx.logits, ctx.labels)
+    return npo_loss_from_log_probs(log_prob, ref_log_prob, beta)
+
+
+def kl_to_reference_of(ctx: Any) -> torch.Tensor:
+    """``kl_to_reference(ctx.logits, ctx.ref_logits, ctx.labels)``: mean forward KL
+    (reference || model) over the labelled tokens."""
+    head, ref_head = _heads(ctx, need_ref=True)
+    if head is not None:
+        return masked_kl_from_hidden(head, ref_head, shift_labels(ctx.labels) != IGNORE_INDEX)
+    return kl_to_reference(ctx.logits, ctx.ref_logits, ctx.labels)
+
+
+def masked_kl_of(ctx: Any, token_mask: torch.Tensor, vocab_mask: torch.Tensor | None = None,
+                 direction: str = "forward", temperature: float = 1.0) -> torch.Tensor:
+    """``masked_kl`` of the model against the reference, mean over ``token_mask``.
+
+    Args:
+        token_mask: ``[B, T]`` in the logits' frame (m_t weights position t's prediction).
+        vocab_mask: ``[V]`` or None; direction, temperature: as in ``masked_kl``.
+    """
+    head, ref_head = _heads(ctx, need_ref=True)
+    if head is not None:
+        return masked_kl_from_hidden(head, ref_head, token_mask, vocab_mask, direction,
+                                     temperature)
+    logits = ctx.logits
+    vocab = logits.shape[-1]
+    return masked_kl(logits.reshape(-1, vocab), ctx.ref_logits.reshape(-1, vocab),
+                     token_mask=token_mask.reshape(-1), vocab_mask=vocab_mask,
+                     direction=direction, reduction="mean", temperature=temperature)
+
+
+def vocab_size_of(ctx: Any) -> int:
+    """The model's vocabulary size (from the head's weight, or the logits)."""
+    head = getattr(ctx, "head", None)
+    return int(head.weight.shape[0]) if head is not None else int(ctx.logits.shape[-1])
