@@ -16,7 +16,7 @@ from unlearnopt.unlearner import MultiObjectiveUnlearner
 
 METHODS = ("ga", "grad_diff", "ga_kl", "npo", "mollm", "siu", "ofmu")
 ARCHS = KINDS + ("lora_head",)
-OPTIONS = {"npo": {"retain_weight": 1.0}, "ofmu": {"inner_steps": 1, "rho": 0.1},
+OPTIONS = {"npo": {"retain_weight": 1.0}, "ofmu": {"inner_lr": 0.1},
            "siu": {"direction": "reverse", "temperature": 1.5}}
 
 
@@ -57,7 +57,7 @@ def _logits_widths(model):
     return widths
 
 
-def _run(kind, method, fused, accumulate=1, steps=2):
+def _run(kind, method, fused, accumulate=1, steps=2, options=None):
     model, ref = _models(kind)
     widths = _logits_widths(model)
     opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.3,
@@ -67,7 +67,7 @@ def _run(kind, method, fused, accumulate=1, steps=2):
         warnings.simplefilter("always")
         unlearner = MultiObjectiveUnlearner(model, opt, method, ref_model=ref,
                                             fused_linear=fused, accumulate=accumulate,
-                                            **OPTIONS.get(method, {}))
+                                            **(OPTIONS.get(method, {}) if options is None else options))
         stats = [unlearner.step(forget, retain) for _ in range(steps)]
     fallbacks = [str(w.message) for w in record if "fused-linear path is off" in str(w.message)]
     assert not fallbacks, fallbacks                               # no fallback here
@@ -88,8 +88,6 @@ def _assert_same(got, expected, rtol=1e-9, atol=1e-12):
 @pytest.mark.parametrize("kind", ARCHS)
 @pytest.mark.parametrize("method", METHODS)
 def test_fused_linear_step_equals_logits_step(method, kind):
-    if method == "ofmu" and kind != "llama":
-        pytest.skip("ofmu (36 gradient evaluations per step) runs on llama only")
     fused_stats, fused_params, widths, unlearner = _run(kind, method, fused=True)
     assert unlearner.heads.active
     assert widths and VOCAB not in widths, "the fused path built [B, T, V] logits"
@@ -101,16 +99,22 @@ def test_fused_linear_step_equals_logits_step(method, kind):
     assert moved > 1e-4                                           # the steps did something
 
 
+def test_fused_linear_exact_ofmu_equals_logits_step():
+    """The exact bi-level OFMU (finite-difference Hessian products, rho > 0) on both paths."""
+    exact = {"hvp": "finite_difference", "inner_steps": 1, "rho": 0.1}
+    fused = _run("llama", "ofmu", fused=True, options=exact)
+    _assert_same(fused[:2], _run("llama", "ofmu", fused=False, options=exact)[:2])
+
+
 @pytest.mark.parametrize("method", METHODS)
 def test_fused_linear_with_gradient_accumulation(method):
     """Micro-batches on the fused path equal micro-batches on the logits path (tightly) and
     one big batch on the logits path (to the float32 rounding of the accumulated stats)."""
-    kind = "qwen2" if method != "ofmu" else "llama"
+    kind = "qwen2"
     fused = _run(kind, method, fused=True, accumulate=2)
     _assert_same(fused[:2], _run(kind, method, fused=False, accumulate=2)[:2])
-    if method != "ofmu":     # its finite-difference Hessian products differ by ~1e-4 there
-        _assert_same(fused[:2], _run(kind, method, fused=False, accumulate=1)[:2], rtol=1e-5,
-                     atol=1e-8)
+    _assert_same(fused[:2], _run(kind, method, fused=False, accumulate=1)[:2], rtol=1e-5,
+                 atol=1e-8)
 
 
 def test_reference_runs_once_per_repeated_forget_batch():
