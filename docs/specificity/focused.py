@@ -14,8 +14,8 @@ are measured. One JSON per (variant, seed) under ``--out`` (an existing one is s
 A variant is a method name followed by ``+``-separated modifiers, e.g.
 ``mollm+same4+cos0``:
 
-- ``sameN``: N of the 8 facts of each retain batch are facts of the forget relation
-  (disjoint from the neighbours), the rest from other relations;
+- ``sameN``: N facts of each retain batch are facts of the forget relation (disjoint
+  from the neighbours), the others (8 - N, at least 4) from other relations;
 - ``tklN``: N retain-batch prompts use the forget prompts' template with the subject of
   a retain fact (never a forget or neighbour subject), labelled with the original model's
   greedy next token: the retain objectives (KL to the original for mollm, NLL otherwise)
@@ -115,7 +115,9 @@ def template_facts(model, tokenizer, forget: list[Fact], subjects: list[str]) ->
 def parse_variant(name: str) -> dict:
     parts = name.split("+")
     spec = {"name": name, "method": parts[0], "lr": 1e-5, "options": {}, "same": 0, "tkl": 0,
-            "masks": [], "gate": False, "drop": False}
+            "masks": [], "gate": False, "drop": False, "keyed": None, "ridge": 1e-2}
+    if parts[0].startswith("keyed"):
+        spec["keyed"] = int(parts[0][5:])
     for tok in parts[1:]:
         if tok.startswith("same"):
             spec["same"] = int(tok[4:])
@@ -137,6 +139,8 @@ def parse_variant(name: str) -> dict:
             spec["gate"] = True
         elif tok == "drop":
             spec["drop"] = True
+        elif tok.startswith("ridge"):
+            spec["ridge"] = float(tok[5:])
         elif tok.startswith("lr"):
             spec["lr"] = float(tok[2:])
         else:
@@ -203,7 +207,8 @@ def run_variant(base, tok, split, templates, neutral, spec, seed, max_steps, log
         n_same = min(spec["same"], len(split["retain_same"]))
         n_tkl = min(spec["tkl"], len(templates))
         retain = (rng.sample(split["retain_same"], n_same) + rng.sample(templates, n_tkl)
-                  + rng.sample(split["retain"], max(RETAIN_BATCH - n_same - n_tkl, 0)))
+                  + rng.sample(split["retain"], max(RETAIN_BATCH - n_same - n_tkl,
+                                                    RETAIN_BATCH // 2)))
         model.train()
         rb = encode_facts(tok, retain) if method.needs_retain else None
         stats = unl.step(forget=encode_facts(tok, batch_facts), retain=rb)
@@ -227,6 +232,141 @@ def run_variant(base, tok, split, templates, neutral, spec, seed, max_steps, log
             "seconds": seconds}
 
 
+# --------------------------------------------------------------------------- keyed edits
+
+def subject_position(tok, f: Fact) -> int:
+    """Index of the subject's last token in ``f.prompt`` (the key position of ROME)."""
+    end = f.prompt.find(f.subject)
+    if not f.subject or end < 0:
+        raise SystemExit(f"fact {f.id!r}: the subject {f.subject!r} is not in its prompt")
+    return len(tok(f.prompt[: end + len(f.subject)])["input_ids"]) - 1
+
+
+class _Capture:
+    """Forward hook on a down-projection: records its input at chosen positions and adds
+    ``delta`` to its output there (``positions``: ``[B]``; None = record every token)."""
+
+    def __init__(self, module):
+        self.positions = None
+        self.delta = None
+        self.keys = []
+        self.handle = module.register_forward_hook(self)
+
+    def __call__(self, module, inputs, output):
+        x = inputs[0]
+        if self.positions is None:
+            self.keys.append(x.detach().reshape(-1, x.shape[-1]))
+            return output
+        rows = torch.arange(x.shape[0])
+        self.keys.append(x[rows, self.positions].detach())
+        if self.delta is not None:
+            output = output.clone()
+            output[rows, self.positions] = output[rows, self.positions] + self.delta
+        return output
+
+
+def key_second_moment(model, tok, texts: list[str], layer: int) -> torch.Tensor:
+    """``C = mean_t k_t k_t^T`` ``[d, d]`` float64 over every token of ``texts`` (the
+    down-projection inputs of ``layer``)."""
+    cap = _Capture(model.model.layers[layer].mlp.down_proj)
+    try:
+        with torch.no_grad():
+            for i in range(0, len(texts), 16):
+                enc = tok(texts[i:i + 16], return_tensors="pt", padding=True)
+                cap.keys.clear()
+                model(**enc)
+                k = cap.keys[0].reshape(enc["input_ids"].shape[0], -1, cap.keys[0].shape[-1])
+                k = k[enc["attention_mask"].bool()].double()
+                if i == 0:
+                    total, count = k.T @ k, k.shape[0]
+                else:
+                    total, count = total + k.T @ k, count + k.shape[0]
+    finally:
+        cap.handle.remove()
+    return total / count
+
+
+def keyed_round(model, tok, forget: list[Fact], layer: int, c_inv: torch.Tensor,
+                inner_steps: int = 40, inner_lr: float = 0.5) -> dict:
+    """One whitened rank-n edit of ``layer``'s down-projection W (ROME/MEMIT's solution):
+    find value changes ``r_f`` at each forget fact's subject token that make the answer
+    unlikely (Adam on ``-log(1 - p)`` of the answer tokens, a hook adds ``r_f``), then
+    ``dW = R (K^T C^-1 K)^-1 K^T C^-1``, the change of least ``C``-norm with
+    ``dW k_f = r_f`` for every forget key ``k_f``."""
+    mlp = model.model.layers[layer].mlp
+    batch = encode_facts(tok, forget)
+    positions = torch.tensor([subject_position(tok, f) for f in forget])
+    cap = _Capture(mlp.down_proj)
+    cap.positions = positions
+    delta = torch.zeros(len(forget), mlp.down_proj.out_features, requires_grad=True)
+    opt = torch.optim.Adam([delta], lr=inner_lr)
+    model.eval()
+    try:
+        for _ in range(inner_steps):
+            cap.keys.clear()
+            cap.delta = delta
+            logits = model(input_ids=batch["input_ids"],
+                           attention_mask=batch["attention_mask"]).logits[:, :-1].float()
+            target = batch["labels"][:, 1:]
+            valid = target != -100
+            logp = torch.log_softmax(logits, -1).gather(-1, target.clamp_min(0)[..., None])[..., 0]
+            still = ((logits.argmax(-1) == target) | ~valid).all(1)
+            if not bool(still.any()):
+                break
+            p = logp.exp().clamp(max=1 - 1e-6)
+            loss = (-torch.log1p(-p) * valid).sum() / valid.sum()
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+        keys = cap.keys[-1].double()                                   # [n, d_in]
+    finally:
+        cap.handle.remove()
+    r = delta.detach().double()                                        # [n, d_out]
+    ck = c_inv @ keys.T                                                # [d_in, n]
+    dw = r.T @ torch.linalg.solve(keys @ ck, ck.T)                     # [d_out, d_in]
+    with torch.no_grad():
+        mlp.down_proj.weight.add_(dw.to(mlp.down_proj.weight.dtype))
+    return {"delta_norm": float(r.norm(dim=1).mean()), "dw_norm": float(dw.norm())}
+
+
+def run_keyed(base, tok, split, neutral, spec, seed, max_steps, log):
+    """Whitened subject-keyed edits (``keyedL``), round after round until forgotten."""
+    torch.manual_seed(seed)
+    model = copy.deepcopy(base).eval().requires_grad_(False)
+    layer = spec["keyed"]
+    # generic text for the key statistics: the shipped invented-people prompts and the
+    # retain facts (never the neutral sentences of the perplexity, nor neighbours)
+    from unlearnopt.data import load_fictitious_facts
+
+    texts = [p for f in load_fictitious_facts() + split["retain"] for p in (f.prompt,
+                                                                           *f.paraphrases)]
+    if spec["same"]:
+        texts += [f.prompt for f in split["retain_same"]]
+    c = key_second_moment(model, tok, texts, layer)
+    c = c + spec["ridge"] * torch.diagonal(c).mean() * torch.eye(c.shape[0], dtype=c.dtype)
+    c_inv = torch.linalg.inv(c)
+    forget, nb = split["forget"], split["neighbour"]
+    trace, reached, t0 = [], None, time.perf_counter()
+    for step in range(1, max_steps + 1):
+        info = keyed_round(model, tok, forget, layer, c_inv)
+        known = score_answers(model, tok, [f.prompt for f in forget],
+                              [f.answer for f in forget]).exact
+        s_nb = score_answers(model, tok, [f.prompt for f in nb], [f.answer for f in nb])
+        trace.append({"step": step, "forget_acc": float(known.mean()),
+                      "neighbour_acc": float(s_nb.exact.mean()),
+                      "neighbour_prob": float(s_nb.prob.mean()), **info})
+        log(f"  {spec['name']} seed {seed} round {step}: forget {known.mean():.2f} "
+            f"neighbour {s_nb.exact.mean():.2f} {info}")
+        if not known.any():
+            reached = step
+            break
+    seconds = time.perf_counter() - t0
+    metrics = measure(model, tok, split, neutral)
+    return {"variant": spec["name"], "seed": seed, "steps": reached or max_steps,
+            "reached": reached is not None, "metrics": metrics, "trace": trace,
+            "seconds": seconds}
+
+
 def verdict(before: dict, m: dict, reached: bool) -> dict[str, bool]:
     """The bar: forget <= 0.1, retain and same-relation neighbours >= 90% of before,
     perplexity <= +10%."""
@@ -234,6 +374,87 @@ def verdict(before: dict, m: dict, reached: bool) -> dict[str, bool]:
             "kept_retain": m["retain_acc"] >= 0.9 * before["retain_acc"] - 1e-9,
             "kept_neighbours": m["neighbour_acc"] >= 0.9 * before["neighbour_acc"] - 1e-9,
             "fluent": m["ppl"] <= 1.1 * before["ppl"]}
+
+
+# --------------------------------------------------------------------------- the report
+
+def load_runs(run_dir: Path, relation: str | None = None) -> dict[str, list[dict]]:
+    runs: dict[str, list[dict]] = {}
+    for path in sorted(run_dir.glob("*-k*-s*-*.json")):
+        rec = json.loads(path.read_text())
+        if relation is None or rec["relation"] == relation:
+            runs.setdefault(rec["variant"], []).append(rec)
+    return runs
+
+
+def summarize(recs: list[dict]) -> dict:
+    """Mean and worst seed of each measure (worst: highest forget accuracy and perplexity
+    change, lowest retain and neighbour accuracy)."""
+    def col(fn):
+        return np.array([fn(r) for r in recs], dtype=float)
+
+    ppl = col(lambda r: 100 * (r["metrics"]["ppl"] / r["before"]["ppl"] - 1))
+    out = {"seeds": len(recs), "steps": col(lambda r: r["steps"]).mean(),
+           "reached": int(sum(r["reached"] for r in recs)),
+           "passed": int(sum(all(r["verdict"].values()) for r in recs))}
+    for key, worst in (("forget_acc", max), ("retain_acc", min), ("neighbour_acc", min),
+                       ("retain_same_acc", min)):
+        v = col(lambda r, key=key: r["metrics"].get(key, float("nan")))
+        out[key] = (float(v.mean()), float(worst(v)))
+    out["ppl_change"] = (float(ppl.mean()), float(ppl.max()))
+    return out
+
+
+def write_report(run_dir: Path, relation: str | None, order: list[str] | None) -> str:
+    runs = load_runs(run_dir, relation)
+    names = [n for n in (order or sorted(runs)) if n in runs]
+    rows = {n: summarize(runs[n]) for n in names}
+    lines = [("| variant | seeds | steps | forget acc | retain acc | neighbour acc | "
+             "same-rel. retain acc | ppl change % | meets the bar |"),
+             "|---|---|---|---|---|---|---|---|---|"]
+
+    def pair(v, fmt="{:.2f}"):
+        return f"{fmt.format(v[0])} ({fmt.format(v[1])})" if v[0] == v[0] else "-"
+
+    for n, s in rows.items():
+        steps = f"{s['steps']:.1f}" + ("" if s["reached"] == s["seeds"] else
+                                       f" ({s['seeds'] - s['reached']} not reached)")
+        lines.append(f"| {n} | {s['seeds']} | {steps} | {pair(s['forget_acc'])} | "
+                     f"{pair(s['retain_acc'])} | {pair(s['neighbour_acc'])} | "
+                     f"{pair(s['retain_same_acc'])} | {pair(s['ppl_change'], '{:+.1f}')} | "
+                     f"{s['passed']}/{s['seeds']} |")
+    table = "\n".join(lines)
+    (run_dir / "summary.json").write_text(json.dumps(rows, indent=1))
+    (run_dir / "table.md").write_text(table + "\n")
+    _plot(rows, run_dir / "specificity.png", relation)
+    return table
+
+
+def _plot(rows: dict, path: Path, relation: str | None) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = list(rows)
+    fig, ax = plt.subplots(figsize=(7, 0.45 * len(names) + 1.5))
+    y = np.arange(len(names))
+    for off, key, label in ((-0.2, "neighbour_acc", "same-relation neighbours"),
+                            (0.2, "retain_acc", "retain (other relations)")):
+        mean = [rows[n][key][0] for n in names]
+        worst = [rows[n][key][1] for n in names]
+        ax.barh(y + off, mean, height=0.38, label=f"{label}, mean")
+        ax.plot(worst, y + off, "k|", markersize=9)
+    ax.axvline(0.9, color="r", linestyle="--", linewidth=1, label="bar: 90% of before")
+    ax.set_yticks(y, names)
+    ax.invert_yaxis()
+    ax.set_xlim(0, 1.05)
+    ax.set_xlabel("accuracy at the early stop (| = worst seed)")
+    ax.set_title(f"SmolLM2-135M, forget 6 facts of one relation ({relation or 'all'})")
+    ax.legend(loc="lower right", fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
 
 
 # --------------------------------------------------------------------------- main
@@ -251,7 +472,12 @@ def main(argv=None) -> None:
     ap.add_argument("--model", default=None, help="model dir or .gguf (default: embedded)")
     ap.add_argument("--out", default="docs/specificity/runs")
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--report", metavar="RUN_DIR", help="only write the table and plot")
+    ap.add_argument("--order", nargs="*", help="variants of the report, in this order")
     args = ap.parse_args(argv)
+    if args.report:
+        print(write_report(Path(args.report), args.relation, args.order))
+        return
     torch.set_num_threads(args.threads)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -294,14 +520,19 @@ def main(argv=None) -> None:
                 before = measure(model, tok, split, neutral)
                 before_path.write_text(json.dumps(
                     {"before": before, "split": {k: [f.id for f in v] for k, v in split.items()},
-                     "templates": [[f.prompt, f.answer] for f in templates or []]}, indent=1))
+                     }, indent=1))
             before = json.loads(before_path.read_text())["before"]
-            rec = run_variant(model, tok, split, templates or [], neutral, spec, seed,
-                              args.max_steps, log)
+            if spec["keyed"] is not None:
+                rec = run_keyed(model, tok, split, neutral, spec, seed, args.max_steps, log)
+            else:
+                rec = run_variant(model, tok, split, templates or [], neutral, spec, seed,
+                                  args.max_steps, log)
             rec["before"] = before
             rec["verdict"] = verdict(before, rec["metrics"], rec["reached"])
             rec["relation"] = args.relation
             rec["split"] = {k: [f.id for f in v] for k, v in split.items()}
+            if spec["tkl"]:
+                rec["templates"] = [[f.prompt, f.answer] for f in templates]
             path.write_text(json.dumps(rec, indent=1))
             m = rec["metrics"]
             log(f"{tag} {name}: steps {rec['steps']}{'' if rec['reached'] else ' (not reached)'}"

@@ -16,6 +16,13 @@ With the targets' coefficients ``c[p, t]`` from the wrapped aggregator, a tensor
 
     d[p] = sum_{t in targets} s_p c[p, t] (m[p] * g_t[p]) + sum_{i not in targets} c[p, i] g_i[p]
 
+Using a mask with any method (the method's own aggregator, wrapped)::
+
+    method = make_method("mollm")                  # unlearnopt.methods.base.make_method
+    inner = method.aggregator
+    method.aggregator = lambda: MaskedAggregator(inner(), SaliencyMask(fraction=0.05))
+    MultiObjectiveUnlearner(model, opt, method=method, ref_model=ref)
+
 The coefficients are chosen by the wrapped weighting from the unmasked Gram (for min-norm
 weightings the masked direction is then no longer exactly the min-norm point), and
 :meth:`MaskedAggregator.direction_sq_norm` (a statistic) ignores element masks.
