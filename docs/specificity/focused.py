@@ -52,6 +52,7 @@ import torch
 
 from unlearnopt.aggregate.masks import CosineMask, MaskedAggregator, SaliencyMask
 from unlearnopt.data import Fact, load_neutral_texts, load_real_facts
+from unlearnopt.editing import key_second_moment, keyed_forget, whitening
 from unlearnopt.eval.metrics import encode_facts, evaluate, score_answers
 from unlearnopt.eval.pulse import known_facts
 from unlearnopt.methods.base import Objective, make_method
@@ -234,103 +235,9 @@ def run_variant(base, tok, split, templates, neutral, spec, seed, max_steps, log
 
 # --------------------------------------------------------------------------- keyed edits
 
-def subject_position(tok, f: Fact) -> int:
-    """Index of the subject's last token in ``f.prompt`` (the key position of ROME)."""
-    end = f.prompt.find(f.subject)
-    if not f.subject or end < 0:
-        raise SystemExit(f"fact {f.id!r}: the subject {f.subject!r} is not in its prompt")
-    return len(tok(f.prompt[: end + len(f.subject)])["input_ids"]) - 1
-
-
-class _Capture:
-    """Forward hook on a down-projection: records its input at chosen positions and adds
-    ``delta`` to its output there (``positions``: ``[B]``; None = record every token)."""
-
-    def __init__(self, module):
-        self.positions = None
-        self.delta = None
-        self.keys = []
-        self.handle = module.register_forward_hook(self)
-
-    def __call__(self, module, inputs, output):
-        x = inputs[0]
-        if self.positions is None:
-            self.keys.append(x.detach().reshape(-1, x.shape[-1]))
-            return output
-        rows = torch.arange(x.shape[0])
-        self.keys.append(x[rows, self.positions].detach())
-        if self.delta is not None:
-            output = output.clone()
-            output[rows, self.positions] = output[rows, self.positions] + self.delta
-        return output
-
-
-def key_second_moment(model, tok, texts: list[str], layer: int) -> torch.Tensor:
-    """``C = mean_t k_t k_t^T`` ``[d, d]`` float64 over every token of ``texts`` (the
-    down-projection inputs of ``layer``)."""
-    cap = _Capture(model.model.layers[layer].mlp.down_proj)
-    try:
-        with torch.no_grad():
-            for i in range(0, len(texts), 16):
-                enc = tok(texts[i:i + 16], return_tensors="pt", padding=True)
-                cap.keys.clear()
-                model(**enc)
-                k = cap.keys[0].reshape(enc["input_ids"].shape[0], -1, cap.keys[0].shape[-1])
-                k = k[enc["attention_mask"].bool()].double()
-                if i == 0:
-                    total, count = k.T @ k, k.shape[0]
-                else:
-                    total, count = total + k.T @ k, count + k.shape[0]
-    finally:
-        cap.handle.remove()
-    return total / count
-
-
-def keyed_round(model, tok, forget: list[Fact], layer: int, c_inv: torch.Tensor,
-                inner_steps: int = 40, inner_lr: float = 0.5) -> dict:
-    """One whitened rank-n edit of ``layer``'s down-projection W (ROME/MEMIT's solution):
-    find value changes ``r_f`` at each forget fact's subject token that make the answer
-    unlikely (Adam on ``-log(1 - p)`` of the answer tokens, a hook adds ``r_f``), then
-    ``dW = R (K^T C^-1 K)^-1 K^T C^-1``, the change of least ``C``-norm with
-    ``dW k_f = r_f`` for every forget key ``k_f``."""
-    mlp = model.model.layers[layer].mlp
-    batch = encode_facts(tok, forget)
-    positions = torch.tensor([subject_position(tok, f) for f in forget])
-    cap = _Capture(mlp.down_proj)
-    cap.positions = positions
-    delta = torch.zeros(len(forget), mlp.down_proj.out_features, requires_grad=True)
-    opt = torch.optim.Adam([delta], lr=inner_lr)
-    model.eval()
-    try:
-        for _ in range(inner_steps):
-            cap.keys.clear()
-            cap.delta = delta
-            logits = model(input_ids=batch["input_ids"],
-                           attention_mask=batch["attention_mask"]).logits[:, :-1].float()
-            target = batch["labels"][:, 1:]
-            valid = target != -100
-            logp = torch.log_softmax(logits, -1).gather(-1, target.clamp_min(0)[..., None])[..., 0]
-            still = ((logits.argmax(-1) == target) | ~valid).all(1)
-            if not bool(still.any()):
-                break
-            p = logp.exp().clamp(max=1 - 1e-6)
-            loss = (-torch.log1p(-p) * valid).sum() / valid.sum()
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-        keys = cap.keys[-1].double()                                   # [n, d_in]
-    finally:
-        cap.handle.remove()
-    r = delta.detach().double()                                        # [n, d_out]
-    ck = c_inv @ keys.T                                                # [d_in, n]
-    dw = r.T @ torch.linalg.solve(keys @ ck, ck.T)                     # [d_out, d_in]
-    with torch.no_grad():
-        mlp.down_proj.weight.add_(dw.to(mlp.down_proj.weight.dtype))
-    return {"delta_norm": float(r.norm(dim=1).mean()), "dw_norm": float(dw.norm())}
-
-
 def run_keyed(base, tok, split, neutral, spec, seed, max_steps, log):
-    """Whitened subject-keyed edits (``keyedL``), round after round until forgotten."""
+    """Whitened subject-keyed edits (``keyedL``: ``unlearnopt.editing.keyed_forget`` on the
+    down-projection of layer L), round after round until forgotten."""
     torch.manual_seed(seed)
     model = copy.deepcopy(base).eval().requires_grad_(False)
     layer = spec["keyed"]
@@ -342,13 +249,12 @@ def run_keyed(base, tok, split, neutral, spec, seed, max_steps, log):
                                                                            *f.paraphrases)]
     if spec["same"]:
         texts += [f.prompt for f in split["retain_same"]]
-    c = key_second_moment(model, tok, texts, layer)
-    c = c + spec["ridge"] * torch.diagonal(c).mean() * torch.eye(c.shape[0], dtype=c.dtype)
-    c_inv = torch.linalg.inv(c)
+    module = model.model.layers[layer].mlp.down_proj
+    c_inv = whitening(key_second_moment(model, tok, module, texts), spec["ridge"])
     forget, nb = split["forget"], split["neighbour"]
     trace, reached, t0 = [], None, time.perf_counter()
     for step in range(1, max_steps + 1):
-        info = keyed_round(model, tok, forget, layer, c_inv)
+        info = keyed_forget(model, tok, forget, module, c_inv)
         known = score_answers(model, tok, [f.prompt for f in forget],
                               [f.answer for f in forget]).exact
         s_nb = score_answers(model, tok, [f.prompt for f in nb], [f.answer for f in nb])
