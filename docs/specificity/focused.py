@@ -343,9 +343,10 @@ def write_report(run_dir: Path, relation: str | None, order: list[str] | None) -
                      f"{pair(s['ppl_change'], '{:+.1f}')} | "
                      f"{s['passed']}/{s['seeds']} |")
     table = "\n".join(lines)
-    (run_dir / "summary.json").write_text(json.dumps(rows, indent=1))
-    (run_dir / "table.md").write_text(table + "\n")
-    _plot(rows, run_dir / "specificity.png", relation)
+    tag = relation or "all"
+    (run_dir / f"summary-{tag}.json").write_text(json.dumps(rows, indent=1))
+    (run_dir / f"table-{tag}.md").write_text(table + "\n")
+    _plot(rows, run_dir / f"specificity-{tag}.png", relation)
     return table
 
 
