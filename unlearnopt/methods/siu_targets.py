@@ -155,8 +155,8 @@ def build_siu_targets(
     Returns:
         the batch dict described in the module docstring.
 
-    Example:
-        >>> batch = build_siu_targets(tok, name="donald trump", fictitious_name="jacob smith",
+    Example (``tok`` is any Hugging Face tokenizer, so the doctest run skips it):
+        >>> batch = build_siu_targets(tok, name="donald trump", fictitious_name="jacob smith",  # doctest: +SKIP
         ...                           questions=["who is {concept} ?"],
         ...                           description="{fictitious_name} is a baker from ohio .",
         ...                           preserved=[("who is joe biden ?", "joe biden")])
