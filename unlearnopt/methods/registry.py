@@ -26,6 +26,7 @@ _BUILTIN_MODULES = {
     "satimp": "unlearnopt.methods.token_forget",
     "ce_u": "unlearnopt.methods.token_forget",
     "undial": "unlearnopt.methods.token_forget",
+    "rmu": "unlearnopt.methods.rmu",
 }
 
 

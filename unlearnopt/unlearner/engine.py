@@ -142,7 +142,8 @@ class StepEngine:
                 for kind in BATCH_KINDS:
                     objs = [o for o in objectives if o.batch == kind]
                     for m, mb in enumerate(batches.get(kind, [])):
-                        ctx = ObjectiveContext(mb, kind, self.forward, self.ref_forward)
+                        ctx = ObjectiveContext(mb, kind, self.forward, self.ref_forward,
+                                               layer_forward=self.forwards.layer_forward)
                         for j, obj in enumerate(objs):
                             i = index[obj.name]
                             loss = obj.loss(ctx)
