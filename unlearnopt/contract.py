@@ -32,7 +32,7 @@ if TYPE_CHECKING:  # pragma: no cover - imports for type checkers only
 
 __all__ = ["AUX_PREFIX", "BATCH_KINDS", "UNITS", "AtomicUpdate", "Batch", "Forward", "Grads",
            "LayerForward", "Objective", "ObjectiveContext", "StepRecipe", "StepTools",
-           "UnlearningStepError", "Weighed"]
+           "UnlearningStepError", "Weighed", "attach_aux"]
 
 BATCH_KINDS = ("forget", "retain")
 UNITS = ("token", "sequence")
@@ -50,6 +50,18 @@ LayerForward = Callable[[Batch, str, int, "int | None", bool], torch.Tensor]
 #: it) but are never given to the model; :meth:`ObjectiveContext.aux` reads them as a batch of
 #: their own, e.g. ``aux_idk_input_ids`` / ``aux_idk_attention_mask`` / ``aux_idk_labels``.
 AUX_PREFIX = "aux_"
+
+
+def attach_aux(batch: Mapping[str, Any], name: str, aux: Mapping[str, Any]) -> dict[str, Any]:
+    """``batch`` plus every entry of ``aux`` as ``aux_<name>_<key>`` (a new dict); the two must
+    have the same number of sequences (dim 0) so micro-batches split them together."""
+    if not name or not isinstance(name, str):
+        raise ValueError(f"name must be a non-empty string, got {name!r}")
+    rows, aux_rows = batch["labels"].shape[0], aux["labels"].shape[0]
+    if rows != aux_rows:
+        raise ValueError(f"the auxiliary batch {name!r} has {aux_rows} sequences but the batch "
+                         f"has {rows}; they must pair up row by row")
+    return {**batch, **{f"{AUX_PREFIX}{name}_{k}": v for k, v in aux.items()}}
 #: K lists of P gradients (one per trainable parameter, ``None`` = not reached).
 Grads = list[list[torch.Tensor | None]]
 

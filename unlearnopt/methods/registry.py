@@ -27,6 +27,7 @@ _BUILTIN_MODULES = {
     "ce_u": "unlearnopt.methods.token_forget",
     "undial": "unlearnopt.methods.token_forget",
     "rmu": "unlearnopt.methods.rmu",
+    "idk_dpo": "unlearnopt.methods.idk_dpo",
 }
 
 

@@ -3,9 +3,10 @@
 Every loss takes the model's logits ``[B, T, V]`` and the *unshifted* labels ``[B, T]``
 (``-100`` = ignored) and aligns them for next-token prediction itself. Reductions: token
 losses (also ``wga``, ``satimp``, ``ce_u``, ``undial``) and the KL are means over labelled
-tokens; NPO and SimNPO are means over sequences.
+tokens; NPO, SimNPO and DPO are means over sequences (pairs).
 """
 
+from unlearnopt.objectives.dpo import dpo_loss
 from unlearnopt.objectives.kl import kl_to_reference
 from unlearnopt.objectives.npo import npo_loss
 from unlearnopt.objectives.shift import IGNORE_INDEX, shift_labels
@@ -17,6 +18,7 @@ __all__ = [
     "IGNORE_INDEX",
     "TOKEN_MODES",
     "ce_u_loss",
+    "dpo_loss",
     "kl_to_reference",
     "npo_loss",
     "satimp_loss",
