@@ -102,3 +102,31 @@ def test_model_helpers_agree_with_the_answer_scorer():
         wrong = wrong_answers(f, tiny_facts(), k=2)
         pw = score_answers(model, tok, [f.prompt] * len(wrong), wrong).prob
         assert r == pytest.approx(np.mean(pw) / p, rel=1e-6)
+
+
+def test_pulse_finetuned_phase_reports_tofu_metrics_against_a_retain_model(monkeypatch):
+    from tests.test_eval_pulse import NEUTRAL, _cfg, tiny_fictitious
+    from unlearnopt.eval.pulse import run_pulse
+    from unlearnopt.eval.tofu_metrics import TOFU_METRIC_NAMES
+
+    monkeypatch.setenv("UNLEARNOPT_BACKEND", "reference")
+    tok = tiny_tokenizer(all_texts())
+    model = tiny_llama(len(tok))
+    lines = []
+    report = run_pulse(model, tok, _cfg(methods=("ga", "simnpo"), phases=("finetuned",),
+                                        requests=1, steps=2),
+                       None, real_facts=tiny_facts(), fictitious=tiny_fictitious(),
+                       neutral=NEUTRAL, log=lines.append)
+    data = report["phases"]["finetuned"]
+    assert set(data["tofu_before"]) == set(TOFU_METRIC_NAMES)
+    assert any("retain model" in line for line in lines)
+    for method in ("ga", "simnpo"):
+        tofu = data["methods"][method][-1]["tofu"]
+        assert set(tofu) == set(TOFU_METRIC_NAMES)
+        assert 0.0 <= tofu["forget_quality"] <= 1.0
+        assert 0.0 <= tofu["exact_memorization"] <= 1.0
+    off = run_pulse(model, tok, _cfg(methods=("ga",), phases=("finetuned",), requests=1,
+                                     steps=1, retain_model=False),
+                    None, real_facts=tiny_facts(), fictitious=tiny_fictitious(),
+                    neutral=NEUTRAL, log=lambda s: None)
+    assert "tofu_before" not in off["phases"]["finetuned"]

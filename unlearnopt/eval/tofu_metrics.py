@@ -52,9 +52,23 @@ from unlearnopt.data import Fact
 from unlearnopt.eval.metrics import encode_qa, membership_auc
 from unlearnopt.objectives.shift import IGNORE_INDEX
 
-__all__ = ["answer_token_hits", "exact_memorization", "extraction_strength", "forget_quality",
-           "harmonic_mean", "membership_privacy_leakage", "model_utility", "privacy_leakage",
-           "rouge_l_recall", "truth_ratio", "truth_ratios", "wrong_answers"]
+__all__ = [
+    "TOFU_METRIC_NAMES",
+    "answer_token_hits",
+    "exact_memorization",
+    "extraction_strength",
+    "forget_quality",
+    "harmonic_mean",
+    "membership_privacy_leakage",
+    "model_utility",
+    "privacy_leakage",
+    "retain_reference",
+    "rouge_l_recall",
+    "tofu_metrics",
+    "truth_ratio",
+    "truth_ratios",
+    "wrong_answers",
+]
 
 
 # --------------------------------------------------------------------------- pure formulas
@@ -210,3 +224,65 @@ def membership_privacy_leakage(member_loss_unlearned: Sequence[float],
     """:func:`privacy_leakage` of the loss-based MIA AUCs of the two models."""
     return privacy_leakage(membership_auc(member_loss_unlearned, nonmember_loss_unlearned),
                            membership_auc(member_loss_retain, nonmember_loss_retain))
+
+
+# --------------------------------------------------------------------------- against a retain model
+
+TOFU_METRIC_NAMES = ("forget_quality", "model_utility", "privleak", "extraction_strength",
+                     "exact_memorization")
+
+
+def _mean_tr_score(ratios: np.ndarray) -> float:
+    r = ratios[~np.isnan(ratios)]
+    return float(np.maximum(0.0, 1.0 - r).mean()) if r.size else float("nan")
+
+
+def retain_reference(retain_model, tokenizer, forget: Sequence[Fact],
+                     nonmember: Sequence[Fact], pool: Sequence[Fact], *,
+                     batch_size: int = 32) -> dict[str, np.ndarray]:
+    """What the comparison needs from the retain model, computed once: the forget facts'
+    truth ratios and the answer losses of the forget and never-seen facts."""
+    from unlearnopt.eval.metrics import score_answers
+
+    def losses(facts):
+        return score_answers(retain_model, tokenizer, [f.prompt for f in facts],
+                             [f.answer for f in facts], batch_size=batch_size).loss
+
+    return {"truth_ratios": truth_ratios(retain_model, tokenizer, forget, pool),
+            "member_loss": losses(forget), "nonmember_loss": losses(nonmember)}
+
+
+def tofu_metrics(model, tokenizer, reference: dict[str, np.ndarray], *,
+                 forget: Sequence[Fact], retain: Sequence[Fact], neighbour: Sequence[Fact],
+                 nonmember: Sequence[Fact], pool: Sequence[Fact], max_new_tokens: int = 16,
+                 batch_size: int = 32) -> dict[str, float]:
+    """The :data:`TOFU_METRIC_NAMES` of ``model`` against the retain model's ``reference``
+    (:func:`retain_reference`); formulas in the module docstring. Model utility uses the
+    retain and neighbour facts (a set without facts is left out)."""
+    from unlearnopt.eval.metrics import generate_greedy, score_answers
+
+    def scores(facts):
+        return score_answers(model, tokenizer, [f.prompt for f in facts],
+                             [f.answer for f in facts], batch_size=batch_size)
+
+    tr = truth_ratios(model, tokenizer, forget, pool)
+    ok, ok_ref = tr[~np.isnan(tr)], reference["truth_ratios"][~np.isnan(reference["truth_ratios"])]
+    fq = forget_quality(ok, ok_ref) if ok.size and ok_ref.size else float("nan")
+    prob, rouge, trs = [], [], []
+    for facts in (retain, neighbour):
+        if not facts:
+            continue
+        prob.append(float(scores(facts).prob.mean()))
+        gens = generate_greedy(model, tokenizer, [f.prompt for f in facts],
+                               max_new_tokens=max_new_tokens)
+        rouge.append(float(np.mean([rouge_l_recall(tokenizer.decode(g), f.answer)
+                                    for g, f in zip(gens, facts)])))
+        trs.append(_mean_tr_score(truth_ratios(model, tokenizer, facts, pool)))
+    trs = [t for t in trs if not np.isnan(t)]
+    utility = model_utility(prob, rouge, trs) if prob else float("nan")
+    leak = membership_privacy_leakage(scores(forget).loss, scores(nonmember).loss,
+                                      reference["member_loss"], reference["nonmember_loss"])
+    hits = answer_token_hits(model, tokenizer, forget)
+    return {"forget_quality": fq, "model_utility": utility, "privleak": leak,
+            "extraction_strength": float(np.mean([extraction_strength(h) for h in hits])),
+            "exact_memorization": float(np.mean([exact_memorization(h) for h in hits]))}
