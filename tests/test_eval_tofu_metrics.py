@@ -104,7 +104,8 @@ def test_model_helpers_agree_with_the_answer_scorer():
         assert r == pytest.approx(np.mean(pw) / p, rel=1e-6)
 
 
-def test_pulse_finetuned_phase_reports_tofu_metrics_against_a_retain_model(monkeypatch):
+def test_pulse_finetuned_phase_reports_tofu_metrics_against_a_retain_model(monkeypatch,
+                                                                           tmp_path):
     from tests.test_eval_pulse import NEUTRAL, _cfg, tiny_fictitious
     from unlearnopt.eval.pulse import run_pulse
     from unlearnopt.eval.tofu_metrics import TOFU_METRIC_NAMES
@@ -115,7 +116,7 @@ def test_pulse_finetuned_phase_reports_tofu_metrics_against_a_retain_model(monke
     lines = []
     report = run_pulse(model, tok, _cfg(methods=("ga", "simnpo"), phases=("finetuned",),
                                         requests=1, steps=2),
-                       None, real_facts=tiny_facts(), fictitious=tiny_fictitious(),
+                       tmp_path, real_facts=tiny_facts(), fictitious=tiny_fictitious(),
                        neutral=NEUTRAL, log=lines.append)
     data = report["phases"]["finetuned"]
     assert set(data["tofu_before"]) == set(TOFU_METRIC_NAMES)
@@ -125,6 +126,8 @@ def test_pulse_finetuned_phase_reports_tofu_metrics_against_a_retain_model(monke
         assert set(tofu) == set(TOFU_METRIC_NAMES)
         assert 0.0 <= tofu["forget_quality"] <= 1.0
         assert 0.0 <= tofu["exact_memorization"] <= 1.0
+    table = (tmp_path / "finetuned_tofu_table.txt").read_text()
+    assert "forget quality" in table and "simnpo@end" in table and "before" in table
     off = run_pulse(model, tok, _cfg(methods=("ga",), phases=("finetuned",), requests=1,
                                      steps=1, retain_model=False),
                     None, real_facts=tiny_facts(), fictitious=tiny_fictitious(),
