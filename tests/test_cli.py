@@ -209,7 +209,10 @@ def test_help_names_every_default_and_the_methods(capsys):
         assert flag_default in text, flag_default
     main(["run", "--help"])
     text = " ".join(capsys.readouterr().out.split())
-    assert "ga, ga_kl, grad_diff, mollm, npo, ofmu, siu" in text
+    from unlearnopt.methods import available_methods
+
+    assert ", ".join(available_methods()) in text
+    assert "simnpo" in text and "idk_dpo" in text and "rmu" in text
     assert "optimizer steps (default: 20)" in text
 
 
