@@ -209,7 +209,10 @@ def test_help_names_every_default_and_the_methods(capsys):
         assert flag_default in text, flag_default
     main(["run", "--help"])
     text = " ".join(capsys.readouterr().out.split())
-    assert "ga, ga_kl, grad_diff, mollm, npo, ofmu, siu" in text
+    from unlearnopt.methods import available_methods
+
+    assert ", ".join(available_methods()) in text
+    assert "simnpo" in text and "idk_dpo" in text and "rmu" in text
     assert "optimizer steps (default: 20)" in text
 
 
@@ -255,3 +258,27 @@ def test_demo_is_sized_for_a_first_look():
     pulse = build_parser().parse_args(["pulse"])
     assert demo.methods == "ga,mollm" and demo.requests == 1 and demo.forget_size == 4
     assert pulse.requests == 5 and pulse.forget_size == 10 and pulse.retain_size == 24
+
+
+@pytest.mark.parametrize("method, options", [
+    ("simnpo", []), ("wga", []), ("satimp", []), ("ce_u", []), ("undial", []),
+    ("idk_dpo", []), ("rmu", ["--option", "layer=1", "--option", "depth=2",
+                              "--option", "steering_coeff=4"]),
+])
+def test_run_with_the_newer_methods(model_dir, data_files, tmp_path, capsys, method, options):
+    out = tmp_path / "out"
+    rc = main(["run", "--model", str(model_dir), "--method", method, "--forget",
+               str(data_files / "forget.jsonl"), "--retain", str(data_files / "retain.jsonl"),
+               "--out", str(out), "--steps", "2", "--lr", "5e-2", "--no-progress", *options])
+    assert rc == 0, capsys.readouterr().err
+    log = json.loads((out / "run.json").read_text())
+    assert log["method"] == method and len(log["history"]) == 2
+
+
+def test_methods_all_names_every_method():
+    from unlearnopt.cli import _methods_list
+    from unlearnopt.methods import available_methods
+
+    assert _methods_list("all", "--methods") == available_methods()
+    assert {"simnpo", "rmu", "idk_dpo", "wga", "satimp", "ce_u", "undial"} <= set(
+        _methods_list("all", "--methods"))

@@ -92,6 +92,8 @@ def _check_method_options(method: str, options: dict, flag: str):
 def _methods_list(text: str, flag: str) -> list[str]:
     from unlearnopt.methods import available_methods
 
+    if flag == "--methods" and text.strip() == "all":
+        return available_methods()
     names = [m.strip() for m in text.split(",") if m.strip()]
     if not names:
         raise CLIError(f"{flag} is empty; give a comma-separated list, e.g. ga,mollm")
@@ -399,7 +401,8 @@ def _add_pulse_args(p: argparse.ArgumentParser, methods: str, out: str,
     from unlearnopt.eval.pulse import FOCUS, PHASES
 
     _add_common(p)
-    p.add_argument("--methods", default=methods, help="methods to compare, comma-separated")
+    p.add_argument("--methods", default=methods,
+                   help="methods to compare, comma-separated, or 'all'")
     p.add_argument("--phases", default="pretrained",
                    help=f"comma-separated, of: {', '.join(PHASES)} (facts the model knows; "
                         "facts it is first fine-tuned on)")

@@ -30,8 +30,9 @@ if TYPE_CHECKING:  # pragma: no cover - imports for type checkers only
     from unlearnopt.aggregate.aggregator import Aggregator
     from unlearnopt.ops.grad_gram import GradGram
 
-__all__ = ["BATCH_KINDS", "UNITS", "AtomicUpdate", "Batch", "Forward", "Grads", "Objective",
-           "ObjectiveContext", "StepRecipe", "StepTools", "UnlearningStepError", "Weighed"]
+__all__ = ["AUX_PREFIX", "BATCH_KINDS", "UNITS", "AtomicUpdate", "Batch", "Forward", "Grads",
+           "LayerForward", "Objective", "ObjectiveContext", "StepRecipe", "StepTools",
+           "UnlearningStepError", "Weighed", "attach_aux"]
 
 BATCH_KINDS = ("forget", "retain")
 UNITS = ("token", "sequence")
@@ -40,6 +41,27 @@ Batch = Mapping[str, Any]
 #: ``forward(batch, kind) -> logits [B, T, V]``: the trained model's (with a graph) or the
 #: reference's (under ``torch.no_grad()``).
 Forward = Callable[[Batch, str], torch.Tensor]
+#: ``layer_forward(batch, kind, layer, train_from, reference) -> hidden [B, T, H]``: the output
+#: of decoder layer ``layer`` of the trained model (gradient only into layers
+#: ``train_from .. layer`` when ``train_from`` is not None) or, with ``reference=True``, of the
+#: reference (no grad).
+LayerForward = Callable[[Batch, str, int, "int | None", bool], torch.Tensor]
+#: Batch entries named ``aux_<name>_<key>`` travel with a batch (split into micro-batches with
+#: it) but are never given to the model; :meth:`ObjectiveContext.aux` reads them as a batch of
+#: their own, e.g. ``aux_idk_input_ids`` / ``aux_idk_attention_mask`` / ``aux_idk_labels``.
+AUX_PREFIX = "aux_"
+
+
+def attach_aux(batch: Mapping[str, Any], name: str, aux: Mapping[str, Any]) -> dict[str, Any]:
+    """``batch`` plus every entry of ``aux`` as ``aux_<name>_<key>`` (a new dict); the two must
+    have the same number of sequences (dim 0) so micro-batches split them together."""
+    if not name or not isinstance(name, str):
+        raise ValueError(f"name must be a non-empty string, got {name!r}")
+    rows, aux_rows = batch["labels"].shape[0], aux["labels"].shape[0]
+    if rows != aux_rows:
+        raise ValueError(f"the auxiliary batch {name!r} has {aux_rows} sequences but the batch "
+                         f"has {rows}; they must pair up row by row")
+    return {**batch, **{f"{AUX_PREFIX}{name}_{k}": v for k, v in aux.items()}}
 #: K lists of P gradients (one per trainable parameter, ``None`` = not reached).
 Grads = list[list[torch.Tensor | None]]
 
@@ -76,13 +98,16 @@ class ObjectiveContext:
             None (fused-linear path off); None: no fused-linear path.
         ref_head_forward: the same for the reference (no grad).
         ref_log_prob_forward: ``(batch, kind)`` -> the reference's ``[B]`` log-probabilities.
+        layer_forward: a :data:`LayerForward` for :meth:`hidden_at` / :meth:`ref_hidden_at`;
+            None when the runner cannot read decoder layers (those then raise ``ValueError``).
     """
 
     def __init__(self, batch: Batch, kind: str, forward: Forward,
                  ref_forward: Forward | None = None, *,
                  head_forward: Callable[[Batch, str], Any] | None = None,
                  ref_head_forward: Callable[[Batch, str], Any] | None = None,
-                 ref_log_prob_forward: Forward | None = None):
+                 ref_log_prob_forward: Forward | None = None,
+                 layer_forward: LayerForward | None = None):
         self.batch = batch
         self.kind = kind
         self._forward = forward
@@ -90,9 +115,12 @@ class ObjectiveContext:
         self._head_forward = head_forward
         self._ref_head_forward = ref_head_forward
         self._ref_log_prob_forward = ref_log_prob_forward
+        self._layer_forward = layer_forward
         self._logits: torch.Tensor | None = None
         self._ref_logits: torch.Tensor | None = None
         self._memo: dict[str, Any] = {}
+        self._hidden: dict[tuple, torch.Tensor] = {}
+        self._aux: dict[str, ObjectiveContext] = {}
 
     def _once(self, name: str, fn: Callable[[Batch, str], Any] | None) -> Any:
         if fn is None:
@@ -131,6 +159,43 @@ class ObjectiveContext:
                                  "was given")
             self._ref_logits = self._ref_forward(self.batch, self.kind)
         return self._ref_logits
+
+    def hidden_at(self, layer: int, train_from: int | None = None) -> torch.Tensor:
+        """The trained model's hidden states ``[B, T, H]`` after decoder layer ``layer``
+        (0-based, negative from the end); with ``train_from``, the gradient reaches only
+        layers ``train_from .. layer``. One (truncated) forward per distinct argument pair."""
+        return self._layer(layer, train_from, False)
+
+    def ref_hidden_at(self, layer: int) -> torch.Tensor:
+        """The reference's hidden states ``[B, T, H]`` after decoder layer ``layer`` (no grad)."""
+        return self._layer(layer, None, True)
+
+    def _layer(self, layer: int, train_from: int | None, reference: bool) -> torch.Tensor:
+        if self._layer_forward is None:
+            raise ValueError("this objective reads a decoder layer's hidden states, which "
+                             "this runner does not provide (no layer_forward)")
+        key = (layer, train_from, reference)
+        if key not in self._hidden:
+            self._hidden[key] = self._layer_forward(self.batch, self.kind, layer, train_from,
+                                                    reference)
+        return self._hidden[key]
+
+    def aux(self, name: str) -> ObjectiveContext:
+        """A context on the auxiliary batch ``name``: the entries ``aux_<name>_<key>`` of this
+        batch as ``<key>`` (same forward passes, its own cache).
+
+        Raises:
+            ValueError: when the batch has no ``aux_<name>_labels``.
+        """
+        if name not in self._aux:
+            prefix = f"{AUX_PREFIX}{name}_"
+            sub = {k[len(prefix):]: v for k, v in self.batch.items() if k.startswith(prefix)}
+            if "labels" not in sub:
+                raise ValueError(f"this objective reads the auxiliary batch {name!r}, but the "
+                                 f"batch has no {prefix}labels (keys: {sorted(self.batch)})")
+            self._aux[name] = ObjectiveContext(sub, self.kind, self._forward, self._ref_forward,
+                                               layer_forward=self._layer_forward)
+        return self._aux[name]
 
 
 @dataclass(frozen=True)

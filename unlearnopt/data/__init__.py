@@ -15,6 +15,9 @@ Shipped files (plain text, written for this package; no download):
   favourite food, instrument), same fields plus ``entity``; knowledge no pretrained model has,
   for the fine-tuned-knowledge part of PULSE.
 - ``neutral.txt``: everyday sentences, one per line, for perplexity (fluency).
+- ``idk.txt``: "I don't know"-style completions, one per line (written to follow a fact's
+  prompt, e.g. "The capital of France is" + " unknown to me."), the preferred answers of
+  ``idk_dpo``; read with :func:`idk_answers`.
 
 A user's own forget/retain file needs only ``prompt`` and ``answer`` on each line.
 """
@@ -130,3 +133,13 @@ __all__ = [
     "load_neutral_texts",
     "load_real_facts",
 ]
+
+
+def idk_answers() -> list[str]:
+    """The shipped "I don't know"-style completions (``idk.txt``), in file order."""
+    path = DATA_DIR / "idk.txt"
+    lines = [ln.strip() for ln in path.read_text(encoding="utf-8").splitlines()]
+    answers = [ln for ln in lines if ln]
+    if not answers:
+        raise DataFormatError(f"{path}: no answers")
+    return answers

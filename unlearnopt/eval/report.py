@@ -46,9 +46,38 @@ def format_table(summary: list[dict[str, Any]], legend: bool = False) -> str:
     return "\n".join(lines)
 
 
+TOFU_COLUMNS = (("forget_quality", "forget quality ↑", "{:.3g}"),
+                ("model_utility", "utility ↑", "{:.3f}"),
+                ("privleak", "privleak →0", "{:+.3f}"),
+                ("extraction_strength", "extraction ↓", "{:.3f}"),
+                ("exact_memorization", "exact mem ↓", "{:.3f}"))
+
+
+def format_tofu_table(data: dict[str, Any]) -> str | None:
+    """The TOFU/MUSE metrics of one phase (before, then each method at the end of its run)
+    as aligned plain text; None when the phase has none (no retain model)."""
+    if "tofu_before" not in data:
+        return None
+    runs = [("before", data["tofu_before"])]
+    runs += [(f"{m}@end", recs[-1]["tofu"]) for m, recs in data["methods"].items()
+             if recs and "tofu" in recs[-1]]
+    header = ["run"] + [label for _, label, _ in TOFU_COLUMNS]
+    rows = [[name] + [_fmt(vals.get(k), spec) for k, _, spec in TOFU_COLUMNS]
+            for name, vals in runs]
+    widths = [max(len(r[i]) for r in [header] + rows) for i in range(len(header))]
+    lines = ["  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in
+                       enumerate(zip(r, widths))) for r in [header] + rows]
+    lines.insert(1, "-" * len(lines[0]))
+    lines.append("Against a retain model fine-tuned without the forget facts: forget quality "
+                 "is a KS-test p-value (higher = closer to it), privleak its relative MIA-AUC "
+                 "gap.")
+    return "\n".join(lines)
+
+
 def write_report(report: dict[str, Any], out_dir: str | Path) -> dict[str, Path]:
-    """Write ``report.json``, ``<phase>_metrics.png``, ``<phase>_table.png`` and
-    ``<phase>_table.txt`` into ``out_dir`` (created); returns the paths written."""
+    """Write ``report.json``, ``<phase>_metrics.png``, ``<phase>_table.png``,
+    ``<phase>_table.txt`` and, with a retain model, ``<phase>_tofu_table.txt`` into
+    ``out_dir`` (created); returns the paths written."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     paths: dict[str, Path] = {"report": out / "report.json"}
@@ -57,6 +86,10 @@ def write_report(report: dict[str, Any], out_dir: str | Path) -> dict[str, Path]
         txt = out / f"{phase}_table.txt"
         txt.write_text(format_table(data["summary"], legend=True) + "\n")
         paths[f"{phase}_table_txt"] = txt
+        tofu = format_tofu_table(data)
+        if tofu is not None:
+            paths[f"{phase}_tofu_table_txt"] = out / f"{phase}_tofu_table.txt"
+            paths[f"{phase}_tofu_table_txt"].write_text(tofu + "\n")
         if "one_shot" in data:
             one = out / f"{phase}_one_shot_table.txt"
             one.write_text(format_table(data["one_shot"]["summary"], legend=True) + "\n")
@@ -128,4 +161,4 @@ def plot_table(phase: str, summary: list[dict[str, Any]], path: Path) -> Path:
     return path
 
 
-__all__ = ["format_table", "plot_metrics", "plot_table", "table_rows", "write_report"]
+__all__ = ["format_table", "format_tofu_table", "plot_metrics", "plot_table", "table_rows", "write_report"]

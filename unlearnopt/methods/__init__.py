@@ -1,6 +1,7 @@
 """Named unlearning recipes: objectives + aggregator + defaults.
 
-Built-in: ``ga``, ``grad_diff``, ``ga_kl``, ``npo``, ``mollm``, ``siu``, ``ofmu``; each is
+Built-in: ``ga``, ``grad_diff``, ``ga_kl``, ``npo``, ``mollm``, ``siu``, ``ofmu``, ``simnpo``,
+``wga``, ``satimp``, ``ce_u``, ``undial``, ``rmu``, ``idk_dpo``; each is
 imported on first use by :func:`get_method`. Register your own with
 :func:`register_method` (see ``unlearnopt.methods.base`` for how to write one, and
 ``unlearnopt.contract`` for what a method may rely on).

@@ -21,6 +21,13 @@ _BUILTIN_MODULES = {
     "mollm": "unlearnopt.methods.mollm",
     "siu": "unlearnopt.methods.siu",
     "ofmu": "unlearnopt.methods.ofmu",
+    "simnpo": "unlearnopt.methods.simnpo",
+    "wga": "unlearnopt.methods.token_forget",
+    "satimp": "unlearnopt.methods.token_forget",
+    "ce_u": "unlearnopt.methods.token_forget",
+    "undial": "unlearnopt.methods.token_forget",
+    "rmu": "unlearnopt.methods.rmu",
+    "idk_dpo": "unlearnopt.methods.idk_dpo",
 }
 
 

@@ -2,7 +2,8 @@
 
 Every loss takes the model's logits ``[B, T, V]`` and the *unshifted* labels ``[B, T]``
 (``-100`` = ignored) and aligns them for next-token prediction itself. Reductions: token
-losses and the KL are means over labelled tokens; NPO is a mean over sequences.
+losses (also ``wga``, ``satimp``, ``ce_u``, ``undial``) and the KL are means over labelled
+tokens; NPO, SimNPO and DPO are means over sequences (pairs).
 
 ``*_from_hidden`` (``unlearnopt.objectives.fused_linear``): the same losses from the output
 head's inputs (``unlearnopt.output_head.HeadInputs``) through the fused-linear ops, without
@@ -10,6 +11,7 @@ head's inputs (``unlearnopt.output_head.HeadInputs``) through the fused-linear o
 an objective context on whichever of the two paths it offers.
 """
 
+from unlearnopt.objectives.dpo import dpo_loss
 from unlearnopt.objectives.from_context import (
     kl_to_reference_of,
     masked_kl_of,
@@ -29,11 +31,15 @@ from unlearnopt.objectives.fused_linear import (
 from unlearnopt.objectives.kl import kl_to_reference
 from unlearnopt.objectives.npo import npo_loss
 from unlearnopt.objectives.shift import IGNORE_INDEX, shift_labels
+from unlearnopt.objectives.simnpo import simnpo_loss
 from unlearnopt.objectives.token import TOKEN_MODES, sequence_log_prob, token_loss
+from unlearnopt.objectives.weighted_token import ce_u_loss, satimp_loss, undial_loss, wga_loss
 
 __all__ = [
     "IGNORE_INDEX",
     "TOKEN_MODES",
+    "ce_u_loss",
+    "dpo_loss",
     "kl_to_reference",
     "kl_to_reference_from_hidden",
     "kl_to_reference_of",
@@ -44,11 +50,15 @@ __all__ = [
     "npo_loss_from_log_probs",
     "npo_loss_of",
     "reference_sequence_log_prob",
+    "satimp_loss",
     "sequence_log_prob",
     "sequence_log_prob_from_hidden",
     "shift_labels",
+    "simnpo_loss",
     "token_loss",
     "token_loss_from_hidden",
     "token_loss_of",
+    "undial_loss",
     "vocab_size_of",
+    "wga_loss",
 ]

@@ -89,12 +89,15 @@ class StepEngine:
     def context(self, batch: Batch, kind: str) -> ObjectiveContext:
         """The objective context of one micro-batch: the forward passes it may call (head
         inputs on the fused-linear path, the reference's outputs through its cache)."""
+        layers = self.forwards.layer_forward
         if self.heads is None:
-            return ObjectiveContext(batch, kind, self.forward, self.ref_forward)
+            return ObjectiveContext(batch, kind, self.forward, self.ref_forward,
+                                    layer_forward=layers)
         return ObjectiveContext(batch, kind, self.forward, self.heads.ref_logits,
                                 head_forward=self.heads.head,
                                 ref_head_forward=self.heads.ref_head,
-                                ref_log_prob_forward=self.heads.ref_sequence_log_prob)
+                                ref_log_prob_forward=self.heads.ref_sequence_log_prob,
+                                layer_forward=layers)
 
     def learning_rates(self) -> list[float]:
         group_lr = {}

@@ -9,8 +9,9 @@ from typing import Any
 
 import torch
 
-from unlearnopt.contract import Batch
+from unlearnopt.contract import AUX_PREFIX, Batch
 from unlearnopt.unlearner.distributed import unwrap
+from unlearnopt.unlearner.layers import layer_output
 
 
 def extract_logits(output: Any, who: str) -> torch.Tensor:
@@ -111,8 +112,9 @@ class Forwards:
 
     def inputs(self, batch: Batch) -> dict[str, Any]:
         """The model's keyword inputs: the batch without ``labels`` (so the model computes no
-        loss of its own)."""
-        inputs = {k: v for k, v in batch.items() if k != "labels"}
+        loss of its own) and without the auxiliary ``aux_*`` entries."""
+        inputs = {k: v for k, v in batch.items()
+                  if k != "labels" and not k.startswith(AUX_PREFIX)}
         if self._use_cache_kw:
             inputs.setdefault("use_cache", False)
         return inputs
@@ -120,6 +122,32 @@ class Forwards:
     def forward(self, batch: Batch, kind: str = "batch") -> torch.Tensor:
         """The trained model's logits ``[B, T, V]`` on ``batch``."""
         return extract_logits(self.model(**self.inputs(batch)), "model")
+
+    def layer_forward(self, batch: Batch, kind: str, layer: int, train_from: int | None = None,
+                      reference: bool = False) -> torch.Tensor:
+        """Hidden states ``[B, T, H]`` after decoder layer ``layer`` of the trained model
+        (gradient only into layers ``train_from .. layer`` when ``train_from`` is given) or,
+        with ``reference=True``, of the reference (no grad)."""
+        inputs = self.inputs(batch)
+        if not reference:
+            return layer_output(lambda: self.model(**inputs), unwrap(self.model), layer,
+                                train_from)
+        with torch.no_grad():
+            if self.ref_model is not None:
+                return layer_output(lambda: self.ref_model(**inputs), self.ref_model,
+                                    layer).detach()
+            model = unwrap(self.model)
+            if not hasattr(model, "disable_adapter"):
+                raise ValueError("no reference: pass ref_model= or use a PEFT model")
+            training = [m for m in model.modules() if m.training]
+            for m in training:
+                m.training = False
+            try:
+                with model.disable_adapter():
+                    return layer_output(lambda: model(**inputs), model, layer).detach()
+            finally:
+                for m in training:
+                    m.training = True
 
     @torch.no_grad()
     def ref_forward(self, batch: Batch, kind: str = "batch") -> torch.Tensor:

@@ -38,6 +38,9 @@ class PulseConfig:
     retain facts of the forget batch's relations (never a neighbour: neighbours are not in the
     retain set). ``compare_one_shot``: also serve the same forget facts as ONE request (step
     budget ``steps * requests``) and report it beside the sequential run.
+    ``retain_model``: in the fine-tuned phase, also fine-tune a *retain model* (the same
+    recipe without the forget facts) and report each method's TOFU/MUSE metrics against it at
+    the end of its run (``unlearnopt.eval.tofu_metrics``).
     Evaluation: ``nonmember_size`` never-seen facts (membership inference),
     ``diversity_prompts`` greedy generations of ``max_new_tokens``, batches of
     ``eval_batch_size``.
@@ -56,6 +59,7 @@ class PulseConfig:
     replay: bool = True
     fresh_optimizer: bool = True
     focus: str = "spread"
+    retain_model: bool = True
     retain_same_relation: bool = False
     compare_one_shot: bool = False
     seed: int = 0

@@ -257,6 +257,10 @@ def run_pulse(model, tokenizer, cfg: PulseConfig | None = None, out_dir: str | P
         else:
             base, split, extra = finetuned_setup(model, tokenizer, real_facts, fictitious, cfg,
                                                  log)
+        tofu = (retain_model_metrics(model, base, tokenizer, fictitious, split, cfg, log)
+                if phase == "finetuned" and cfg.retain_model else None)
+        if tofu is not None:
+            extra = {**extra, "tofu_before": tofu(base), "tofu_metric_doc": TOFU_DOC}
         log(f"  forget {len(split.forget)} facts in {len(split.requests)} requests, retain "
             f"{len(split.retain)}, neighbours {len(split.neighbour)}, never-seen "
             f"{len(split.nonmember)}")
@@ -264,7 +268,7 @@ def run_pulse(model, tokenizer, cfg: PulseConfig | None = None, out_dir: str | P
         log(f"  before: forget acc {before['forget_acc']:.2f}, retain acc "
             f"{before['retain_acc']:.2f}, neighbour acc {before['neighbour_acc']:.2f}, "
             f"ppl {before['ppl']:.1f}")
-        records = _run_methods(base, tokenizer, split, cfg, neutral, div_prompts, log)
+        records = _run_methods(base, tokenizer, split, cfg, neutral, div_prompts, log, tofu)
         summary = summarize(before, records)
         verdicts = {row["name"]: quality_verdict(before, row) for row in summary[1:]}
         report["phases"][phase] = {"split": split.ids(), "before": before, "methods": records,
@@ -293,8 +297,10 @@ def run_pulse(model, tokenizer, cfg: PulseConfig | None = None, out_dir: str | P
 
 
 def _run_methods(base, tokenizer, split: Split, cfg: PulseConfig, neutral, div_prompts,
-                 log) -> dict[str, list[dict]]:
-    """Every method of ``cfg`` over ``split``'s requests, each on its own copy of ``base``."""
+                 log, tofu: Callable[[Any], dict[str, float]] | None = None
+                 ) -> dict[str, list[dict]]:
+    """Every method of ``cfg`` over ``split``'s requests, each on its own copy of ``base``;
+    with ``tofu``, the last record of each method gets ``"tofu": tofu(unlearned model)``."""
     records: dict[str, list[dict]] = {}
     ref = copy.deepcopy(base).eval().requires_grad_(False)
     for method in cfg.methods:
@@ -303,6 +309,10 @@ def _run_methods(base, tokenizer, split: Split, cfg: PulseConfig, neutral, div_p
         work.requires_grad_(True)
         records[method] = run_method_sequence(work, ref, tokenizer, method, split, cfg,
                                               neutral, div_prompts, log)
+        if tofu is not None:
+            records[method][-1]["tofu"] = tofu(work)
+            log(f"  {method}: " + ", ".join(f"{k} {v:.3g}"
+                                           for k, v in records[method][-1]["tofu"].items()))
         del work
     del ref
     return records
@@ -323,6 +333,57 @@ def one_shot_rows(before: dict[str, float], sequential: dict[str, list[dict]],
                                                for r in recs if r["point"] == "end"),
                          **end["metrics"]})
     return rows
+
+
+TOFU_DOC = {
+    "forget_quality": "KS-test p-value, forget-set truth ratios vs the retain model (higher = "
+                      "closer to never having learned them)",
+    "model_utility": "harmonic mean of answer probability, ROUGE-L recall and truth-ratio "
+                     "score on the retain and neighbour facts",
+    "privleak": "(MIA AUC - retain model's MIA AUC) / retain model's (0 = ideal)",
+    "extraction_strength": "1 - shortest answer prefix that lets greedy decoding finish the "
+                           "answer / answer length, mean over forget facts (lower = better)",
+    "exact_memorization": "fraction of forget answer tokens predicted greedily under teacher "
+                          "forcing (lower = better)",
+}
+
+
+def _tuned_facts(fictitious: Sequence[Fact], cfg: PulseConfig) -> list[Fact]:
+    """The facts of the first ``cfg.finetune_entities`` invented people (seeded order)."""
+    facts = entity_shuffled(fictitious, cfg.seed)
+    entities = list(dict.fromkeys(entity_of(f) for f in facts))
+    tuned_names = set(entities[: cfg.finetune_entities])
+    return [f for f in facts if entity_of(f) in tuned_names]
+
+
+def retain_model_metrics(model, base, tokenizer, fictitious: Sequence[Fact], split: Split,
+                         cfg: PulseConfig, log: Callable[[str], None]
+                         ) -> Callable[[Any], dict[str, float]]:
+    """Fine-tune a retain model (a copy of the original ``model``, same recipe as ``base``,
+    without the forget facts) and return ``tofu(model) -> metrics`` against it."""
+    from unlearnopt.eval.tofu_metrics import retain_reference, tofu_metrics
+
+    forget_ids = {f.id for f in split.forget}
+    kept = [f for f in _tuned_facts(fictitious, cfg) if f.id not in forget_ids]
+    retain_model = copy.deepcopy(model)
+    retain_model.requires_grad_(True)
+    ft = finetune(retain_model, tokenizer, kept, lr=cfg.finetune_lr, epochs=cfg.finetune_epochs,
+                  seed=cfg.seed, progress=cfg.progress)
+    retain_model.eval()
+    log(f"  retain model: fine-tuned on {len(kept)} facts (the forget facts left out), "
+        f"accuracy {ft['finetune_acc']:.2f}")
+    pool = [*split.forget, *split.retain, *split.neighbour, *split.nonmember]
+    reference = retain_reference(retain_model, tokenizer, split.forget, split.nonmember, pool,
+                                 batch_size=cfg.eval_batch_size)
+    del retain_model
+
+    def tofu(unlearned) -> dict[str, float]:
+        return tofu_metrics(unlearned, tokenizer, reference, forget=split.forget,
+                            retain=split.retain, neighbour=split.neighbour,
+                            nonmember=split.nonmember, pool=pool,
+                            max_new_tokens=cfg.max_new_tokens, batch_size=cfg.eval_batch_size)
+
+    return tofu
 
 
 def finetuned_setup(model, tokenizer, real_facts: Sequence[Fact], fictitious: Sequence[Fact],
