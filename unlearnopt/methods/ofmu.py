@@ -72,7 +72,9 @@ Defaults: ``hvp="first_order"``, T = 1, β = 1 (the cosine is in [−1, 1], comm
 token-mean loss), γ = 1.05, ``inner_lr = 3e-5`` and ``rho = 0`` (the last two measured on
 SmolLM2-135M with the exact method, docs/method_measurements.md: the inner steps do the
 forgetting, and any ρ > 0 let the penalty's term dominate the outer direction and cost
-retain accuracy).
+retain accuracy). With first order, no inner_lr tried meets the quality bar on one PULSE
+request of ten facts: 3e-5 does not forget within 8 steps, 3e-4 forgets but loses most retain
+facts (docs/method_measurements.md).
 """
 
 from __future__ import annotations
