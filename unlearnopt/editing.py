@@ -135,7 +135,7 @@ def keyed_forget(model, tokenizer, facts: Sequence[Fact], module: torch.nn.Linea
     Returns ``{"value_norm": mean ||r_f||, "update_norm": ||dW||, "inner_steps": steps}``.
     Call it again (a new round) while some fact is still answered.
     """
-    from unlearnopt.eval.metrics import IGNORE_INDEX, encode_facts
+    from unlearnopt.answers import IGNORE_INDEX, encode_facts
 
     if not isinstance(module, torch.nn.Linear):
         raise TypeError(f"module must be a torch.nn.Linear, got {type(module).__name__}")

@@ -123,7 +123,7 @@ class UnlearningRun:
                                                  **self.options)
 
     def _encode(self, prompts: Sequence[str], answers: Sequence[str]) -> dict[str, torch.Tensor]:
-        from unlearnopt.eval.metrics import encode_qa
+        from unlearnopt.answers import encode_qa
 
         return encode_qa(self.tokenizer, prompts, answers, self.device)
 
@@ -162,7 +162,7 @@ def finetune(model, tokenizer, facts: Sequence[Fact], *, lr: float = 1e-4, epoch
     epochs; returns ``{"finetune_steps", "finetune_acc"}``."""
     from tqdm.auto import tqdm
 
-    from unlearnopt.eval.metrics import encode_facts, score_answers
+    from unlearnopt.answers import encode_facts, score_answers
 
     rng = random.Random(seed)
     device = next(model.parameters()).device
