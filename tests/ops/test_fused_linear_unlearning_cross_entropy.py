@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from tests.conftest import DEVICE, seeded
-from tests.test_unlearning_cross_entropy import assert_close_to_oracle
+from tests.ops.test_unlearning_cross_entropy import assert_close_to_oracle
 from unlearnopt.ops import fused_linear_unlearning_cross_entropy as fused
 from unlearnopt.ops._fused_linear import default_chunk_size
 from unlearnopt.reference.unlearning_cross_entropy import (

@@ -275,14 +275,14 @@ def test_errors():
 def test_distributed_matches_single_process(tmp_path):
     from unlearnopt.native import native_error
 
-    worker = Path(__file__).parent / "distributed" / "grad_gram_worker.py"
+    worker = Path(__file__).parents[1] / "distributed" / "grad_gram_worker.py"
     out = tmp_path / "result.pt"
     backend = "native" if native_error() is None else "reference"
     env = dict(os.environ, OMP_NUM_THREADS="1")
     env.pop("TRITON_INTERPRET", None)
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
            str(worker), str(out), backend]
-    proc = subprocess.run(cmd, cwd=Path(__file__).parents[1], env=env, capture_output=True,
+    proc = subprocess.run(cmd, cwd=Path(__file__).parents[2], env=env, capture_output=True,
                           text=True, timeout=120, check=False)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     res = torch.load(out, weights_only=False)

@@ -318,7 +318,7 @@ def check_big_row_stride(base: torch.Tensor) -> None:
 
 _BIG_STRIDE_SCRIPT = textwrap.dedent(f"""
     import mmap, torch
-    from tests.test_triton_unlearning_cross_entropy import check_big_row_stride
+    from tests.ops.test_triton_unlearning_cross_entropy import check_big_row_stride
     buf = mmap.mmap(-1, {BIG_SPAN} * 2)  # 4 GiB of address space; the pages of 3 rows touched
     check_big_row_stride(torch.frombuffer(buf, dtype=torch.bfloat16, count={BIG_SPAN}))
     print("ok")
@@ -334,7 +334,7 @@ def test_row_offsets_are_int64(device):
         return
     # On CPU the buffer is a lazily backed anonymous mmap, in a subprocess so that a
     # regression (a segfault) fails this test instead of killing the session.
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     proc = subprocess.run([sys.executable, "-c", _BIG_STRIDE_SCRIPT], check=False, cwd=root,
                           env=dict(os.environ, TRITON_INTERPRET="1"), text=True,
                           capture_output=True, timeout=300)
