@@ -15,6 +15,7 @@ import textwrap
 import pytest
 import torch
 
+from tests.assertions import assert_within
 from tests.conftest import backend_skip_reason, seeded
 from unlearnopt.kernels import interpreting
 
@@ -85,18 +86,6 @@ def oracle(logits: torch.Tensor, labels: torch.Tensor, mode: int, alpha: float,
         slack = (coef.abs()[:, None] * p * err_logp + grad.abs() * (dc * err_logp_y)[:, None]
                  + 1e-6 * grad.abs())
     return loss, lse, grad, slack
-
-
-def assert_within(name: str, actual: torch.Tensor, expected: torch.Tensor,
-                  tol: torch.Tensor) -> None:
-    err = (actual.double() - expected).abs()
-    bad = err > tol
-    if bad.any():
-        i = int((err - tol).argmax())
-        idx = tuple(int(k) for k in torch.unravel_index(torch.tensor(i), err.shape))
-        raise AssertionError(f"{name}: {int(bad.sum())} of {err.numel()} elements out of "
-                             f"tolerance; worst at {idx}: got {actual[idx].item()!r}, expected "
-                             f"{expected[idx].item()!r}, tol {tol[idx].item():.3g}")
 
 
 def one_minus_p_y(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
