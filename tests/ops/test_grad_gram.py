@@ -93,7 +93,7 @@ def test_large_tensor_many_chunks(backend, device):
 
 def test_many_objectives(backend, device):
     # 17 objectives: above the Triton kernel's 16, which refuses them when named (the
-    # fallback of ``auto`` is tested in tests/test_backend.py).
+    # fallback of ``auto`` is tested in tests/ops/test_backend.py).
     grads = [[g.to(device) for g in seq] for seq in make_grads(17, shapes=[(5,)], integer=True)]
     if backend == "triton":
         with pytest.raises(ValueError, match="cannot run more than 16 objectives"):
