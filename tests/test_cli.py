@@ -8,7 +8,7 @@ import json
 import pytest
 import torch
 
-from tests.test_eval_pulse import (
+from tests.pulse_fixtures import (
     NEUTRAL,
     all_texts,
     tiny_facts,

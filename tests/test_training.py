@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from tests.test_eval_pulse import all_texts, tiny_facts, tiny_llama, tiny_tokenizer
+from tests.pulse_fixtures import all_texts, tiny_facts, tiny_llama, tiny_tokenizer
 
 
 @pytest.fixture(autouse=True)

@@ -6,6 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from tests.assertions import assert_allclose
 from tests.conftest import seeded
 from unlearnopt.ops.masked_kl import (
     fused_linear_masked_kl,
@@ -53,18 +54,6 @@ def oracle(logits, ref_logits, **kw):
                          logits.double(), **kw)
 
 
-def assert_close_worst(actual, expected, rtol, atol, what):
-    diff = (actual.double() - expected.double()).abs()
-    bound = atol + rtol * expected.double().abs()
-    bad = diff > bound
-    if bool(bad.any()):
-        i = int((diff - bound).argmax())
-        raise AssertionError(f"{what}: {int(bad.sum())} elements off; worst at flat index {i}: "
-                             f"got {actual.flatten()[i].item()}, expected "
-                             f"{expected.flatten()[i].item()} "
-                             f"(diff {diff.flatten()[i].item():.3g})")
-
-
 def check_backend(backend, device, shape, direction, mask_kind, with_vocab, reduction="none",
                   temperature=1.0, seed=0):
     logits, ref_logits = make_inputs(shape, seed, device=device)
@@ -75,8 +64,8 @@ def check_backend(backend, device, shape, direction, mask_kind, with_vocab, redu
                                logits, **kw)
     want_loss, want_grad = oracle(logits, ref_logits, **kw)
     assert loss.dtype == torch.float32 and loss.shape == want_loss.shape
-    assert_close_worst(loss, want_loss, 1e-4, 2e-5, "loss")
-    assert_close_worst(grad, want_grad, 1e-3, 2e-6, "grad")
+    assert_allclose("loss", loss, want_loss, rtol=1e-4, atol=2e-5)
+    assert_allclose("grad", grad, want_grad, rtol=1e-3, atol=2e-6)
 
 
 @pytest.mark.parametrize("direction", DIRECTIONS)
@@ -138,7 +127,7 @@ def test_bf16(backend, device, direction):
     want_loss, want_grad = oracle(logits, ref_logits, **kw)
     assert grad.dtype == torch.bfloat16
     # fp32 math on exact bf16 inputs: only fp32 rounding in the loss.
-    assert_close_worst(loss, want_loss, 1e-4, 1e-5, "bf16 loss")
+    assert_allclose("bf16 loss", loss, want_loss, rtol=1e-4, atol=1e-5)
     rounding = (want_grad.to(torch.bfloat16).double() - want_grad).abs().max()
     err = (grad.double() - want_grad).abs().max()
     assert err <= 2 * rounding + 1e-6 * want_grad.abs().max(), (err, rounding)
@@ -231,7 +220,7 @@ def test_fused_linear(backend, device, reduction, with_bias):
     got = run(fused_linear_masked_kl, torch.float32, chunk_size=4, backend=backend)
     want = run(ref.fused_linear_masked_kl, torch.float64)
     for name, a, e in zip(("loss", "hidden", "weight", "bias"), got, want):
-        assert_close_worst(a, e, 1e-4, 1e-5, f"fused linear {name}")
+        assert_allclose(f"fused linear {name}", a, e, rtol=1e-4, atol=1e-5)
 
 
 def test_helpers(device):

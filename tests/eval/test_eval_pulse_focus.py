@@ -6,15 +6,7 @@ from __future__ import annotations
 
 import pytest
 
-from tests.test_eval_pulse import (
-    NEUTRAL,
-    _cfg,
-    _one_thread,  # noqa: F401 - autouse fixture
-    _reference_backend,  # noqa: F401 - autouse fixture
-    tiny_facts,
-    tiny_fictitious,
-    trained_tiny,  # noqa: F401 - fixture
-)
+from tests.pulse_fixtures import NEUTRAL, tiny_facts, tiny_fictitious, tiny_pulse_config
 from unlearnopt.data import Fact
 
 
@@ -96,7 +88,7 @@ def test_focus_is_validated():
 
 
 def test_retain_sampler_takes_same_relation_facts():
-    from tests.test_eval_pulse import all_texts, tiny_llama, tiny_tokenizer
+    from tests.pulse_fixtures import all_texts, tiny_llama, tiny_tokenizer
     from unlearnopt.training import UnlearningRun
 
     tok = tiny_tokenizer(all_texts())
@@ -122,11 +114,11 @@ def test_retain_sampler_takes_same_relation_facts():
     assert len(batch) == 4 and sum(f.relation == "capital" for f in batch) == 3
 
 
-def test_focused_pulse_with_one_shot_comparison(trained_tiny, tmp_path):  # noqa: F811
+def test_focused_pulse_with_one_shot_comparison(trained_tiny, tmp_path):
     from unlearnopt.eval.pulse import run_pulse
 
     model, tok = trained_tiny
-    cfg = _cfg(methods=("ga",), focus="relation", compare_one_shot=True,
+    cfg = tiny_pulse_config(methods=("ga",), focus="relation", compare_one_shot=True,
                retain_same_relation=True, lr=5e-2, steps=2)
     report = run_pulse(model, tok, cfg, tmp_path, real_facts=tiny_facts(),
                        fictitious=tiny_fictitious(), neutral=NEUTRAL, log=lambda s: None)
@@ -144,11 +136,11 @@ def test_focused_pulse_with_one_shot_comparison(trained_tiny, tmp_path):  # noqa
     assert (tmp_path / "pretrained_one_shot_table.txt").read_text().count("ga x") == 2
 
 
-def test_subject_focus_in_the_finetuned_phase(trained_tiny):  # noqa: F811
+def test_subject_focus_in_the_finetuned_phase(trained_tiny):
     from unlearnopt.eval.pulse import run_pulse
 
     model, tok = trained_tiny
-    cfg = _cfg(methods=("ga",), phases=("finetuned",), focus="subject", lr=5e-2, steps=2,
+    cfg = tiny_pulse_config(methods=("ga",), phases=("finetuned",), focus="subject", lr=5e-2, steps=2,
                finetune_entities=5)
     report = run_pulse(model, tok, cfg, None, real_facts=tiny_facts(),
                        fictitious=tiny_fictitious(), neutral=NEUTRAL, log=lambda s: None)

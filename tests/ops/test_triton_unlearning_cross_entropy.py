@@ -15,6 +15,7 @@ import textwrap
 import pytest
 import torch
 
+from tests.assertions import assert_within
 from tests.conftest import backend_skip_reason, seeded
 from unlearnopt.kernels import interpreting
 
@@ -85,18 +86,6 @@ def oracle(logits: torch.Tensor, labels: torch.Tensor, mode: int, alpha: float,
         slack = (coef.abs()[:, None] * p * err_logp + grad.abs() * (dc * err_logp_y)[:, None]
                  + 1e-6 * grad.abs())
     return loss, lse, grad, slack
-
-
-def assert_within(name: str, actual: torch.Tensor, expected: torch.Tensor,
-                  tol: torch.Tensor) -> None:
-    err = (actual.double() - expected).abs()
-    bad = err > tol
-    if bad.any():
-        i = int((err - tol).argmax())
-        idx = tuple(int(k) for k in torch.unravel_index(torch.tensor(i), err.shape))
-        raise AssertionError(f"{name}: {int(bad.sum())} of {err.numel()} elements out of "
-                             f"tolerance; worst at {idx}: got {actual[idx].item()!r}, expected "
-                             f"{expected[idx].item()!r}, tol {tol[idx].item():.3g}")
 
 
 def one_minus_p_y(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -318,7 +307,7 @@ def check_big_row_stride(base: torch.Tensor) -> None:
 
 _BIG_STRIDE_SCRIPT = textwrap.dedent(f"""
     import mmap, torch
-    from tests.test_triton_unlearning_cross_entropy import check_big_row_stride
+    from tests.ops.test_triton_unlearning_cross_entropy import check_big_row_stride
     buf = mmap.mmap(-1, {BIG_SPAN} * 2)  # 4 GiB of address space; the pages of 3 rows touched
     check_big_row_stride(torch.frombuffer(buf, dtype=torch.bfloat16, count={BIG_SPAN}))
     print("ok")
@@ -334,7 +323,7 @@ def test_row_offsets_are_int64(device):
         return
     # On CPU the buffer is a lazily backed anonymous mmap, in a subprocess so that a
     # regression (a segfault) fails this test instead of killing the session.
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     proc = subprocess.run([sys.executable, "-c", _BIG_STRIDE_SCRIPT], check=False, cwd=root,
                           env=dict(os.environ, TRITON_INTERPRET="1"), text=True,
                           capture_output=True, timeout=300)

@@ -11,6 +11,7 @@ import warnings
 import pytest
 import torch
 
+from tests.assertions import assert_allclose, assert_within
 from tests.tiny_models import KINDS, VOCAB, make_batch, make_model, perturb_lora
 from unlearnopt.unlearner import MultiObjectiveUnlearner
 
@@ -80,9 +81,11 @@ def _assert_same(got, expected, rtol=1e-9, atol=1e-12):
     for a, b in zip(s1, s2):
         assert a.keys() == b.keys()
         for k in b:
-            assert abs(a[k] - b[k]) <= rtol * (1 + abs(b[k])), (k, a[k], b[k])
-    for a, b in zip(p1, p2):
-        torch.testing.assert_close(a, b, rtol=rtol, atol=atol)
+            assert_within(f"stat {k}", torch.tensor(a[k]), torch.tensor(b[k]),
+                          rtol * (1 + abs(b[k])))
+    for i, (a, b) in enumerate(zip(p1, p2)):
+        assert a.dtype == b.dtype, (i, a.dtype, b.dtype)
+        assert_allclose(f"parameter {i}", a, b, rtol=rtol, atol=atol)
 
 
 @pytest.mark.parametrize("kind", ARCHS)

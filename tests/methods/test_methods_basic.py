@@ -15,6 +15,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from tests.assertions import assert_within
 from tests.hard_grams import nnls_min_norm
 from tests.tiny_models import make_batch, make_model
 from unlearnopt.unlearner import MultiObjectiveUnlearner
@@ -177,9 +178,8 @@ def setup(kind, dtype=torch.float64, perturb=True):
 def assert_update(actual, before, d, tol):
     """``actual == before - LR * d`` within ``tol`` relative to the largest step entry."""
     step = LR * d
-    err = float((actual - (before - step)).abs().max())
     bound = tol * (float(step.abs().max()) + 1e-300)
-    assert err <= bound, f"update differs by {err:.3e} (allowed {bound:.3e})"
+    assert_within("update", actual, before - step, bound)
 
 
 def check_step(kind, method, opts, dtype=torch.float64):

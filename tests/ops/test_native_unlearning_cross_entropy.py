@@ -36,6 +36,7 @@ import os
 import pytest
 import torch
 
+from tests.assertions import assert_within
 from unlearnopt.native import native_error
 
 EPS32 = torch.finfo(torch.float32).eps
@@ -79,17 +80,6 @@ def exact(logits, labels, mode, alpha):
             "q": torch.where(keep, q, zero), "c": c,
             "p_y": p_y, "p": p, "p_minus": torch.where(keep[:, None], p_minus, zero), "y": y,
             "keep": keep}
-
-
-def assert_within(name, got, want, tol):
-    err = (got.double() - want).abs()
-    bad = ~(err <= tol)
-    if bad.any():
-        idx = tuple(int(i) for i in bad.nonzero()[0])
-        ratio = (err / tol.clamp_min(1e-300)).max().item()
-        raise AssertionError(f"{name}: {int(bad.sum())} elements out of tolerance, first at "
-                             f"{idx}: got {got[idx].item()!r}, want {want[idx].item()!r}, "
-                             f"tol {tol[idx].item():.3g}; worst err/tol {ratio:.3g}")
 
 
 def check_rows(rows, logits, labels, mode, alpha, *, scale, grad=None, stats_in=None, ref=None):

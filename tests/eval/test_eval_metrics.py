@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from tests.test_eval_pulse import all_texts, tiny_facts, tiny_llama, tiny_tokenizer
+from tests.pulse_fixtures import all_texts, tiny_facts, tiny_llama, tiny_tokenizer
 from unlearnopt.eval.metrics import (
     encode_qa,
     evaluate,

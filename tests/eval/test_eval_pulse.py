@@ -14,113 +14,14 @@ import operator
 import pytest
 import torch
 
+from tests.pulse_fixtures import (
+    COLOURS,
+    NEUTRAL,
+    tiny_facts,
+    tiny_fictitious,
+    tiny_pulse_config,
+)
 from unlearnopt.data import Fact
-
-CAPITALS = [("Aland", "Bormo"), ("Cetis", "Dulan"), ("Eskar", "Fimmo"), ("Gorra", "Hulst"),
-            ("Ivar", "Jusk"), ("Kelm", "Lorra"), ("Mivo", "Nesk"), ("Opal", "Prenn")]
-COLOURS = [("apple", "red"), ("sky", "blue"), ("grass", "green"), ("snow", "white"),
-           ("coal", "black"), ("lemon", "yellow"), ("plum", "purple"), ("rust", "brown")]
-PEOPLE = [("Zarn", "baker", "violin"), ("Quill", "pilot", "harp"), ("Tovi", "nurse", "drums"),
-          ("Wexa", "tailor", "flute"), ("Ruvo", "farmer", "cello"), ("Sella", "chef", "banjo")]
-NEUTRAL = ["the dog walks to the park in the morning", "we like to read books at night",
-           "the train is late again today", "she plants red flowers in the garden",
-           "my friend makes good soup", "the children play near the river"]
-
-
-def tiny_facts() -> list[Fact]:
-    facts = []
-    for c, a in CAPITALS:
-        facts.append(Fact(prompt=f"the capital of {c} is", answer=a, relation="capital",
-                          paraphrases=(f"{c} has the capital", f"the main city of {c} is"),
-                          id=f"capital/{c}", subject=c))
-    for s, a in COLOURS:
-        facts.append(Fact(prompt=f"the colour of {s} is", answer=a, relation="colour",
-                          paraphrases=(f"{s} has the colour", f"the usual colour of {s} is"),
-                          id=f"colour/{s}", subject=s))
-    return facts
-
-
-def tiny_fictitious() -> list[Fact]:
-    facts = []
-    for name, job, instr in PEOPLE:
-        facts.append(Fact(prompt=f"{name} works as a", answer=job, relation="profession",
-                          paraphrases=(f"by profession {name} is a",), id=f"fict/{name}/job",
-                          subject=name, entity=name))
-        facts.append(Fact(prompt=f"{name} plays the", answer=instr, relation="instrument",
-                          paraphrases=(f"the instrument of {name} is the",),
-                          id=f"fict/{name}/instr", subject=name, entity=name))
-    return facts
-
-
-def tiny_tokenizer(texts):
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    pre = pre_tokenizers.Whitespace()
-    vocab = {"[PAD]": 0, "[UNK]": 1, "[EOS]": 2}
-    for t in texts:
-        for word, _ in pre.pre_tokenize_str(t):
-            vocab.setdefault(word, len(vocab))
-    tk = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
-    tk.pre_tokenizer = pre
-    return PreTrainedTokenizerFast(tokenizer_object=tk, pad_token="[PAD]", unk_token="[UNK]",
-                                   eos_token="[EOS]")
-
-
-def all_texts() -> list[str]:
-    out = list(NEUTRAL)
-    for f in tiny_facts() + tiny_fictitious():
-        out += [f.prompt, f.answer, *f.paraphrases]
-    return out
-
-
-def tiny_llama(vocab: int, seed: int = 0):
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(seed)
-    cfg = LlamaConfig(vocab_size=vocab, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
-                      tie_word_embeddings=False, pad_token_id=0, eos_token_id=2, bos_token_id=None)
-    return LlamaForCausalLM(cfg)
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    # tiny matrices: OpenMP threads only add synchronisation (10x slower on a busy machine)
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
-
-
-@pytest.fixture(scope="module")
-def trained_tiny(_one_thread):
-    """A tiny Llama that has learned ``tiny_facts()`` (its "pre-trained" knowledge)."""
-    from unlearnopt.eval.pulse import finetune
-
-    tok = tiny_tokenizer(all_texts())
-    model = tiny_llama(len(tok))
-    info = finetune(model, tok, tiny_facts(), lr=3e-2, epochs=60, batch_size=16,
-                    target_acc=1.0, progress=False)
-    assert info["finetune_acc"] >= 0.9, info
-    return model, tok
-
-
-@pytest.fixture(autouse=True)
-def _reference_backend(monkeypatch):
-    # keep these protocol tests independent of the C++ build; kernels have their own tests
-    monkeypatch.setenv("UNLEARNOPT_BACKEND", "reference")
-
-
-def _cfg(**kw):
-    from unlearnopt.eval.pulse import PulseConfig
-
-    base = {"methods": ("ga", "mollm"), "phases": ("pretrained",), "requests": 2, "forget_size": 4,
-                "retain_size": 6, "steps": 3, "lr": 1e-2, "retain_batch_size": 4, "nonmember_size": 4,
-                "diversity_prompts": 3, "max_new_tokens": 4, "progress": False, "finetune_entities": 4,
-                "finetune_lr": 3e-2, "finetune_epochs": 40}
-    base.update(kw)
-    return PulseConfig(**base)
 
 
 def test_pulse_end_to_end_writes_report_and_plots(trained_tiny, tmp_path):
@@ -128,7 +29,7 @@ def test_pulse_end_to_end_writes_report_and_plots(trained_tiny, tmp_path):
 
     model, tok = trained_tiny
     snapshot = copy.deepcopy(model.state_dict())
-    report = run_pulse(model, tok, _cfg(phases=("pretrained", "finetuned")), tmp_path,
+    report = run_pulse(model, tok, tiny_pulse_config(phases=("pretrained", "finetuned")), tmp_path,
                        real_facts=tiny_facts(), fictitious=tiny_fictitious(), neutral=NEUTRAL,
                        log=lambda s: None)
     # the caller's model is left untouched: every method works on its own copy
@@ -163,7 +64,7 @@ def _ga_records(trained_tiny, **kw) -> list[dict]:
     from unlearnopt.eval.pulse import run_pulse
 
     model, tok = trained_tiny
-    report = run_pulse(model, tok, _cfg(methods=("ga",), lr=5e-2, **kw), None,
+    report = run_pulse(model, tok, tiny_pulse_config(methods=("ga",), lr=5e-2, **kw), None,
                        real_facts=tiny_facts(), fictitious=tiny_fictitious(), neutral=NEUTRAL,
                        log=lambda s: None)
     return report["phases"]["pretrained"]["methods"]["ga"]
@@ -217,7 +118,7 @@ def test_requests_replay_relapsed_facts_with_a_fresh_optimizer(trained_tiny, mon
     for replay, fresh in ((True, True), (False, False)):
         batches.clear()
         optimizers.clear()
-        cfg = _cfg(methods=("ga",), steps=2, replay=replay, fresh_optimizer=fresh,
+        cfg = tiny_pulse_config(methods=("ga",), steps=2, replay=replay, fresh_optimizer=fresh,
                    method_options={"ga": {"lr": 0.125}})
         recs = pulse.run_method_sequence(work, None, tok, "ga", split, cfg, NEUTRAL, NEUTRAL[:2],
                                          log=lambda s: None)
