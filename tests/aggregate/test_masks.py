@@ -115,7 +115,7 @@ def test_inplace_combine_matches_out_of_place():
 
 def test_masked_step_leaves_unselected_entries_alone():
     from tests.tiny_models import make_batch, make_model
-    from unlearnopt.methods.base import make_method
+    from unlearnopt.methods import make_method
     from unlearnopt.unlearner import MultiObjectiveUnlearner
 
     model = make_model("llama")

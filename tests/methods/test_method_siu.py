@@ -20,8 +20,7 @@ from unlearnopt.methods.siu_targets import (
 )
 
 WORDS = tuple(dict.fromkeys(
-    "<pad> <unk> <s> </s> who is this ? donald trump jacob smith . a baker from ohio describe "
-    "the person in image where does live he lives washington joe biden".split()))
+    ["<pad>", "<unk>", "<s>", "</s>", "who", "is", "this", "?", "donald", "trump", "jacob", "smith", ".", "a", "baker", "from", "ohio", "describe", "the", "person", "in", "image", "where", "does", "live", "he", "lives", "washington", "joe", "biden"]))
 
 
 def word_tokenizer():

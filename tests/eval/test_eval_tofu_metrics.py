@@ -8,7 +8,7 @@ import math
 import numpy as np
 import pytest
 
-from tests.test_eval_pulse import all_texts, tiny_facts, tiny_llama, tiny_tokenizer
+from tests.pulse_fixtures import all_texts, tiny_facts, tiny_llama, tiny_tokenizer
 from unlearnopt.eval.metrics import score_answers
 from unlearnopt.eval.tofu_metrics import (
     answer_token_hits,
@@ -106,7 +106,7 @@ def test_model_helpers_agree_with_the_answer_scorer():
 
 def test_pulse_finetuned_phase_reports_tofu_metrics_against_a_retain_model(monkeypatch,
                                                                            tmp_path):
-    from tests.test_eval_pulse import NEUTRAL, _cfg, tiny_fictitious
+    from tests.pulse_fixtures import NEUTRAL, tiny_fictitious, tiny_pulse_config
     from unlearnopt.eval.pulse import run_pulse
     from unlearnopt.eval.tofu_metrics import TOFU_METRIC_NAMES
 
@@ -114,7 +114,7 @@ def test_pulse_finetuned_phase_reports_tofu_metrics_against_a_retain_model(monke
     tok = tiny_tokenizer(all_texts())
     model = tiny_llama(len(tok))
     lines = []
-    report = run_pulse(model, tok, _cfg(methods=("ga", "simnpo"), phases=("finetuned",),
+    report = run_pulse(model, tok, tiny_pulse_config(methods=("ga", "simnpo"), phases=("finetuned",),
                                         requests=1, steps=2),
                        tmp_path, real_facts=tiny_facts(), fictitious=tiny_fictitious(),
                        neutral=NEUTRAL, log=lines.append)
@@ -128,7 +128,7 @@ def test_pulse_finetuned_phase_reports_tofu_metrics_against_a_retain_model(monke
         assert 0.0 <= tofu["exact_memorization"] <= 1.0
     table = (tmp_path / "finetuned_tofu_table.txt").read_text()
     assert "forget quality" in table and "simnpo@end" in table and "before" in table
-    off = run_pulse(model, tok, _cfg(methods=("ga",), phases=("finetuned",), requests=1,
+    off = run_pulse(model, tok, tiny_pulse_config(methods=("ga",), phases=("finetuned",), requests=1,
                                      steps=1, retain_model=False),
                     None, real_facts=tiny_facts(), fictitious=tiny_fictitious(),
                     neutral=NEUTRAL, log=lambda s: None)

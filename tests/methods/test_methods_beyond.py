@@ -11,7 +11,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from tests.test_methods_basic import LR, TOL, assert_update, logits_of, ref_logits_of, setup
+from tests.methods.step_fixtures import LR, TOL, assert_update, logits_of, ref_logits_of, setup
 from unlearnopt.methods import available_methods, make_method
 from unlearnopt.objectives import ce_u_loss, satimp_loss, simnpo_loss, undial_loss, wga_loss
 from unlearnopt.unlearner import MultiObjectiveUnlearner

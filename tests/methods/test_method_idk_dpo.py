@@ -9,7 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from tests.test_methods_basic import LR, TOL, assert_update, logits_of, ref_logits_of, setup
+from tests.methods.step_fixtures import LR, TOL, assert_update, logits_of, ref_logits_of, setup
 from tests.tiny_models import make_batch
 from unlearnopt.contract import AUX_PREFIX, ObjectiveContext, attach_aux
 from unlearnopt.data import idk_answers

@@ -8,7 +8,7 @@ import copy
 import pytest
 import torch
 
-from tests.test_methods_basic import LR, TOL, assert_update, setup
+from tests.methods.step_fixtures import LR, TOL, assert_update, setup
 from tests.tiny_models import KINDS, make_batch, make_model
 from unlearnopt.methods import make_method
 from unlearnopt.unlearner import MultiObjectiveUnlearner
