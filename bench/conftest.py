@@ -19,8 +19,9 @@ if not torch.cuda.is_available():
     # Triton kernels are not benchmarked on CPU (the interpreter is not a speed path).
     os.environ.pop("TRITON_INTERPRET", None)
 
-DEVICE = torch.device(os.environ.get("UNLEARNOPT_BENCH_DEVICE",
-                                     "cuda" if torch.cuda.is_available() else "cpu"))
+DEVICE = torch.device(
+    os.environ.get("UNLEARNOPT_BENCH_DEVICE", "cuda" if torch.cuda.is_available() else "cpu")
+)
 QUICK = os.environ.get("UNLEARNOPT_BENCH_QUICK", "0") not in ("", "0")
 
 

@@ -50,20 +50,32 @@ def _per_problem_table(benches: list[dict]) -> list[str]:
         else:
             peers[info["K"]][name] = info["per_problem_us"]
     peer_names = sorted({n for d in peers.values() for n in d})
-    lines = ["## min_norm, time per problem", "",
-             "| backend | B | K | per problem | max KKT residual | "
-             + " | ".join(f"x {n}" for n in peer_names) + " |",
-             "|---|---|---|---|---|" + "---|" * len(peer_names)]
+    lines = [
+        "## min_norm, time per problem",
+        "",
+        "| backend | B | K | per problem | max KKT residual | "
+        + " | ".join(f"x {n}" for n in peer_names)
+        + " |",
+        "|---|---|---|---|---|" + "---|" * len(peer_names),
+    ]
     for info in sorted(ours, key=lambda i: (i["backend"], i["B"], i["K"])):
         us = info["per_problem_us"]
-        ratios = [f"{peers[info['K']][n] / us:.0f}" if n in peers[info["K"]] else ""
-                  for n in peer_names]
-        lines.append(f"| {info['backend']} | {info['B']} | {info['K']} | {us:.3f} us | "
-                     f"{info.get('kkt_max', float('nan')):.1e} | " + " | ".join(ratios) + " |")
+        ratios = [
+            f"{peers[info['K']][n] / us:.0f}" if n in peers[info["K"]] else "" for n in peer_names
+        ]
+        lines.append(
+            f"| {info['backend']} | {info['B']} | {info['K']} | {us:.3f} us | "
+            f"{info.get('kkt_max', float('nan')):.1e} | " + " | ".join(ratios) + " |"
+        )
     lines.append("")
-    lines += ["Looped peers, per problem: " + "; ".join(
-        f"K={k}: " + ", ".join(f"{n} {v:.1f} us" for n, v in sorted(d.items()))
-        for k, d in sorted(peers.items())), ""]
+    lines += [
+        "Looped peers, per problem: "
+        + "; ".join(
+            f"K={k}: " + ", ".join(f"{n} {v:.1f} us" for n, v in sorted(d.items()))
+            for k, d in sorted(peers.items())
+        ),
+        "",
+    ]
     return lines
 
 
@@ -73,7 +85,8 @@ def render(run: dict) -> str:
         f"# unlearnopt benchmarks: {info.get('device', '?')}",
         "",
         f"torch {info.get('torch')}, triton {info.get('triton')}, "
-        f"liger-kernel {info.get('liger_kernel')}, {info.get('threads')} threads, {info.get('date')}",
+        f"liger-kernel {info.get('liger_kernel')}, {info.get('threads')} threads, "
+        f"{info.get('date')}",
         "",
         "Median time of one call; `x baseline` = baseline time / this time (higher is better);",
         "memory = peak extra memory during the call.",
@@ -93,9 +106,12 @@ def render(run: dict) -> str:
         base_name = next((b for b in BASELINES if b in by_impl), None)
         base = by_impl[base_name]["stats"]["median"] if base_name else None
         base_mem = by_impl[base_name]["extra_info"].get("peak_extra_bytes") if base_name else None
-        lines += [f"## {group}", "",
-                  f"| impl | median | x {base_name or 'baseline'} | memory | memory / baseline "
-                  "| GB/s |", "|---|---|---|---|---|---|"]
+        lines += [
+            f"## {group}",
+            "",
+            f"| impl | median | x {base_name or 'baseline'} | memory | memory / baseline | GB/s |",
+            "|---|---|---|---|---|---|",
+        ]
         for name, bench in sorted(by_impl.items(), key=lambda kv: kv[1]["stats"]["median"]):
             med = bench["stats"]["median"]
             extra = bench.get("extra_info", {})

@@ -20,8 +20,9 @@ from bench.test_bench_step import METHODS, make
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("methods", nargs="*", default=["grad_diff", "mollm", "ofmu"],
-                        help=f"any of {METHODS}")
+    parser.add_argument(
+        "methods", nargs="*", default=["grad_diff", "mollm", "ofmu"], help=f"any of {METHODS}"
+    )
     parser.add_argument("--rounds", type=int, default=15)
     parser.add_argument("--cpu", action="store_true", help="CPU time, one thread")
     args = parser.parse_args()
@@ -31,7 +32,7 @@ def main() -> None:
     names = ["ga", *[m for m in args.methods if m != "ga"]]
     runs = {name: make(name) for name in names}
     for unlearner, forget, retain in runs.values():
-        unlearner.step(forget, retain)                      # warm-up
+        unlearner.step(forget, retain)  # warm-up
     times: dict[str, list[float]] = {name: [] for name in names}
     for _ in range(args.rounds):
         for name in names:
@@ -41,7 +42,9 @@ def main() -> None:
             times[name].append(clock() - start)
     ga = min(times["ga"])
     for name in names:
-        print(f"{name:18s} min {1e3 * min(times[name]):9.1f} ms   x GA {min(times[name]) / ga:6.2f}")
+        print(
+            f"{name:18s} min {1e3 * min(times[name]):9.1f} ms   x GA {min(times[name]) / ga:6.2f}"
+        )
 
 
 if __name__ == "__main__":

@@ -41,8 +41,15 @@ def compiled():
 
 
 def ours(hidden, weight, ref_hidden, ref_weight, token_mask, vocab_mask, backend):
-    return fused_linear_masked_kl(hidden, weight, ref_hidden, ref_weight, token_mask=token_mask,
-                                  vocab_mask=vocab_mask, backend=backend)
+    return fused_linear_masked_kl(
+        hidden,
+        weight,
+        ref_hidden,
+        ref_weight,
+        token_mask=token_mask,
+        vocab_mask=vocab_mask,
+        backend=backend,
+    )
 
 
 IMPLS = {
@@ -69,12 +76,12 @@ def test_fwd_bwd(benchmark, impl, vocab):
     benchmark.group = f"fused_linear_masked_kl forward N={N} H={H} V={vocab} {str(DTYPE)[6:]}"
     g = torch.Generator(device=DEVICE).manual_seed(0)
     hidden = torch.randn(N, H, device=DEVICE, dtype=DTYPE, generator=g).requires_grad_()
-    weight = (torch.randn(vocab, H, device=DEVICE, dtype=DTYPE, generator=g) / H**0.5)
+    weight = torch.randn(vocab, H, device=DEVICE, dtype=DTYPE, generator=g) / H**0.5
     weight.requires_grad_()
-    ref_hidden = hidden.detach() + 0.1 * torch.randn(N, H, device=DEVICE, dtype=DTYPE,
-                                                     generator=g)
-    ref_weight = weight.detach() + 0.01 * torch.randn(vocab, H, device=DEVICE, dtype=DTYPE,
-                                                      generator=g)
+    ref_hidden = hidden.detach() + 0.1 * torch.randn(N, H, device=DEVICE, dtype=DTYPE, generator=g)
+    ref_weight = weight.detach() + 0.01 * torch.randn(
+        vocab, H, device=DEVICE, dtype=DTYPE, generator=g
+    )
     token_mask = torch.rand(N, device=DEVICE, generator=g) < 0.8
     vocab_mask = vocab_mask_from_token_ids(torch.arange(100, 116), vocab, DEVICE)
     fn = IMPLS[impl]
@@ -96,5 +103,9 @@ def test_fwd_bwd(benchmark, impl, vocab):
     extra = peak_extra_bytes(run)
     benchmark.pedantic(run, setup=clear, rounds=3, iterations=1)
     logits_bytes = N * vocab * 4
-    record(benchmark, impl=impl, peak_extra_bytes=extra,
-           peak_extra_vs_logits=round(extra / logits_bytes, 3))
+    record(
+        benchmark,
+        impl=impl,
+        peak_extra_bytes=extra,
+        peak_extra_vs_logits=round(extra / logits_bytes, 3),
+    )

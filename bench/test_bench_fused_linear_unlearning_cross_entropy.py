@@ -25,8 +25,9 @@ import torch.nn.functional as F
 from bench.conftest import DEVICE, QUICK, peak_extra_bytes, record, synchronize
 from unlearnopt.ops import fused_linear_unlearning_cross_entropy
 
-N = int(os.environ.get("UNLEARNOPT_BENCH_FUSED_LINEAR_N",
-                       "4096" if DEVICE.type == "cuda" else "2048"))
+N = int(
+    os.environ.get("UNLEARNOPT_BENCH_FUSED_LINEAR_N", "4096" if DEVICE.type == "cuda" else "2048")
+)
 H = int(os.environ.get("UNLEARNOPT_BENCH_FUSED_LINEAR_H", "576"))
 VOCABS = [49152] if QUICK else [49152, pytest.param(128256, marks=pytest.mark.slow)]
 MODES = ["nll"] if QUICK else ["nll", "uce"]
@@ -55,8 +56,7 @@ def liger(hidden, weight, labels, mode):
 
 
 def ours(hidden, weight, labels, mode, backend):
-    return fused_linear_unlearning_cross_entropy(hidden, weight, labels, mode=mode,
-                                                 backend=backend)
+    return fused_linear_unlearning_cross_entropy(hidden, weight, labels, mode=mode, backend=backend)
 
 
 IMPLS = {
@@ -91,11 +91,12 @@ def test_fwd_bwd(benchmark, impl, vocab, mode):
     why = available(impl, mode)
     if why:
         pytest.skip(why)
-    benchmark.group = (f"fused_linear_unlearning_cross_entropy {mode} N={N} H={H} V={vocab} "
-                       f"{str(DTYPE)[6:]}")
+    benchmark.group = (
+        f"fused_linear_unlearning_cross_entropy {mode} N={N} H={H} V={vocab} {str(DTYPE)[6:]}"
+    )
     g = torch.Generator(device=DEVICE).manual_seed(0)
     hidden = torch.randn(N, H, device=DEVICE, dtype=DTYPE, generator=g).requires_grad_()
-    weight = (torch.randn(vocab, H, device=DEVICE, dtype=DTYPE, generator=g) / H**0.5)
+    weight = torch.randn(vocab, H, device=DEVICE, dtype=DTYPE, generator=g) / H**0.5
     weight.requires_grad_()
     labels = torch.randint(0, vocab, (N,), device=DEVICE, generator=g)
     fn = IMPLS[impl]
@@ -117,5 +118,9 @@ def test_fwd_bwd(benchmark, impl, vocab, mode):
     extra = peak_extra_bytes(run)
     benchmark.pedantic(run, setup=clear, rounds=3, iterations=1)
     logits_bytes = N * vocab * 4
-    record(benchmark, impl=impl, peak_extra_bytes=extra,
-           peak_extra_vs_logits=round(extra / logits_bytes, 3))
+    record(
+        benchmark,
+        impl=impl,
+        peak_extra_bytes=extra,
+        peak_extra_vs_logits=round(extra / logits_bytes, 3),
+    )

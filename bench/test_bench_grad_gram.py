@@ -35,19 +35,31 @@ DTYPE = torch.bfloat16 if DEVICE.type == "cuda" else torch.float32
 KS = [2, 3]
 
 
-def smollm2_shapes(hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
-                   num_attention_heads=9, num_key_value_heads=3, vocab_size=49152,
-                   tie_word_embeddings=True) -> list[tuple[int, ...]]:
+def smollm2_shapes(
+    hidden_size=576,
+    intermediate_size=1536,
+    num_hidden_layers=30,
+    num_attention_heads=9,
+    num_key_value_heads=3,
+    vocab_size=49152,
+    tie_word_embeddings=True,
+) -> list[tuple[int, ...]]:
     """Trainable parameter shapes of a Llama model with this config, in module order."""
     head_dim = hidden_size // num_attention_heads
     kv = num_key_value_heads * head_dim
     shapes = [(vocab_size, hidden_size)]
     for _ in range(num_hidden_layers):
-        shapes += [(hidden_size, hidden_size), (kv, hidden_size), (kv, hidden_size),
-                   (hidden_size, hidden_size),
-                   (intermediate_size, hidden_size), (intermediate_size, hidden_size),
-                   (hidden_size, intermediate_size),
-                   (hidden_size,), (hidden_size,)]
+        shapes += [
+            (hidden_size, hidden_size),
+            (kv, hidden_size),
+            (kv, hidden_size),
+            (hidden_size, hidden_size),
+            (intermediate_size, hidden_size),
+            (intermediate_size, hidden_size),
+            (hidden_size, intermediate_size),
+            (hidden_size,),
+            (hidden_size,),
+        ]
     shapes.append((hidden_size,))
     if not tie_word_embeddings:
         shapes.append((vocab_size, hidden_size))
@@ -92,8 +104,9 @@ ROUNDS = {"loop": 5, "foreach": 3, "cat_matmul": 3, "unlearnopt": 7}
 @functools.cache
 def gradients(k: int) -> list[list[torch.Tensor]]:
     g = torch.Generator(device=DEVICE).manual_seed(k)
-    return [[torch.randn(s, device=DEVICE, dtype=DTYPE, generator=g) for s in SHAPES]
-            for _ in range(k)]
+    return [
+        [torch.randn(s, device=DEVICE, dtype=DTYPE, generator=g) for s in SHAPES] for _ in range(k)
+    ]
 
 
 @functools.cache
@@ -111,8 +124,7 @@ def test_grad_gram(benchmark, impl, k):
             pytest.skip(native_error())
     grads = gradients(k)
     numel = sum(t.numel() for t in grads[0])
-    benchmark.group = (f"grad_gram K={k} P={len(SHAPES)} numel={numel / 1e6:.1f}M "
-                       f"{str(DTYPE)[6:]}")
+    benchmark.group = f"grad_gram K={k} P={len(SHAPES)} numel={numel / 1e6:.1f}M {str(DTYPE)[6:]}"
     fn = IMPLS[impl]
 
     def run():
@@ -125,6 +137,14 @@ def test_grad_gram(benchmark, impl, k):
     benchmark.pedantic(run, rounds=ROUNDS[impl], iterations=1, warmup_rounds=0)
     read = k * numel * grads[0][0].element_size()
     gbs = read / benchmark.stats.stats.median / 1e9
-    record(benchmark, impl=impl, k=k, tensors=len(SHAPES), numel=numel, peak_extra_bytes=extra,
-           bytes_read=read, effective_gb_per_s=round(gbs, 2),
-           fraction_of_copy_bandwidth=round(gbs * 1e9 / copy_bandwidth(), 3))
+    record(
+        benchmark,
+        impl=impl,
+        k=k,
+        tensors=len(SHAPES),
+        numel=numel,
+        peak_extra_bytes=extra,
+        bytes_read=read,
+        effective_gb_per_s=round(gbs, 2),
+        fraction_of_copy_bandwidth=round(gbs * 1e9 / copy_bandwidth(), 3),
+    )

@@ -43,14 +43,18 @@ def compiled():
 def liger(logits, ref_logits, token_mask, vocab_mask):
     from liger_kernel.transformers.functional import liger_kl_div
 
-    return liger_kl_div(torch.log_softmax(logits.float(), -1),
-                        torch.log_softmax(ref_logits.float(), -1),
-                        reduction="batchmean", log_target=True)
+    return liger_kl_div(
+        torch.log_softmax(logits.float(), -1),
+        torch.log_softmax(ref_logits.float(), -1),
+        reduction="batchmean",
+        log_target=True,
+    )
 
 
 def ours(logits, ref_logits, token_mask, vocab_mask, backend):
-    return masked_kl(logits, ref_logits, token_mask, vocab_mask, inplace_backward=True,
-                     backend=backend)
+    return masked_kl(
+        logits, ref_logits, token_mask, vocab_mask, inplace_backward=True, backend=backend
+    )
 
 
 IMPLS = {
@@ -106,7 +110,11 @@ def test_fwd_bwd(benchmark, impl, vocab):
     extra = peak_extra_bytes(lambda: run(x[0]))
     benchmark.pedantic(run, setup=setup, rounds=3, iterations=1)
     logits_bytes = base.numel() * base.element_size()
-    record(benchmark, impl=impl, peak_extra_bytes=extra,
-           peak_extra_vs_logits=round(extra / logits_bytes, 3),
-           bytes_moved=5 * logits_bytes,
-           effective_gb_per_s=round(5 * logits_bytes / benchmark.stats.stats.median / 1e9, 2))
+    record(
+        benchmark,
+        impl=impl,
+        peak_extra_bytes=extra,
+        peak_extra_vs_logits=round(extra / logits_bytes, 3),
+        bytes_moved=5 * logits_bytes,
+        effective_gb_per_s=round(5 * logits_bytes / benchmark.stats.stats.median / 1e9, 2),
+    )

@@ -74,7 +74,11 @@ def test_bench_min_norm(benchmark, backend, device, b, k):
     out = benchmark.pedantic(run, rounds=rounds, iterations=1, warmup_rounds=0)
     per_problem = benchmark.stats.stats.median / b
     benchmark.extra_info.update(
-        backend=backend, device=device, B=b, K=k, torch=torch.__version__,
+        backend=backend,
+        device=device,
+        B=b,
+        K=k,
+        torch=torch.__version__,
         per_problem_us=per_problem * 1e6,
         kkt_max=float(kkt_residual(gram, out.weights).max()),
         scipy_nnls_per_problem_us=scipy_per_problem_s(k) * 1e6,
@@ -87,8 +91,9 @@ def test_bench_min_norm(benchmark, backend, device, b, k):
 def test_bench_scipy_nnls_looped(benchmark, k):
     grams = _grams(LOOPED, k).double().numpy()
     benchmark.pedantic(lambda: [nnls_min_norm(g) for g in grams], rounds=3, iterations=1)
-    benchmark.extra_info.update(K=k, problems=LOOPED,
-                                per_problem_us=benchmark.stats.stats.median / LOOPED * 1e6)
+    benchmark.extra_info.update(
+        K=k, problems=LOOPED, per_problem_us=benchmark.stats.stats.median / LOOPED * 1e6
+    )
 
 
 @pytest.mark.parametrize("k", KS)
@@ -100,8 +105,9 @@ def test_bench_torchjd_mgda_looped(benchmark, k):
     jacobians = [torch.randn(k, 64, generator=gen) for _ in range(LOOPED)]
     agg = MGDA()
     benchmark.pedantic(lambda: [agg(j) for j in jacobians], rounds=3, iterations=1)
-    benchmark.extra_info.update(K=k, problems=LOOPED,
-                                per_problem_us=benchmark.stats.stats.median / LOOPED * 1e6)
+    benchmark.extra_info.update(
+        K=k, problems=LOOPED, per_problem_us=benchmark.stats.stats.median / LOOPED * 1e6
+    )
 
 
 @pytest.mark.parametrize("k", KS)
@@ -117,6 +123,15 @@ def test_bench_qpth_batched(benchmark, k):
     one = torch.ones(b, 1, dtype=torch.float64)
     qp = QPFunction(verbose=False)
     benchmark.pedantic(
-        lambda: qp(2 * gram + 1e-9 * eye, q, -eye.expand(b, k, k), torch.zeros(b, k,
-                   dtype=torch.float64), a, one), rounds=3, iterations=1)
+        lambda: qp(
+            2 * gram + 1e-9 * eye,
+            q,
+            -eye.expand(b, k, k),
+            torch.zeros(b, k, dtype=torch.float64),
+            a,
+            one,
+        ),
+        rounds=3,
+        iterations=1,
+    )
     benchmark.extra_info.update(K=k, B=b, per_problem_us=benchmark.stats.stats.median / b * 1e6)

@@ -43,8 +43,10 @@ from unlearnopt.unlearner import MultiObjectiveUnlearner
 
 METHODS = ["ga", "grad_diff", "ga_kl", "npo", "mollm", "mollm_per_tensor", "ofmu", "ofmu_exact"]
 # Variants of a method: (registered name, options).
-VARIANTS = {"mollm_per_tensor": ("mollm", {"granularity": "per_tensor"}),
-            "ofmu_exact": ("ofmu", {"hvp": "finite_difference", "inner_steps": 5})}
+VARIANTS = {
+    "mollm_per_tensor": ("mollm", {"granularity": "per_tensor"}),
+    "ofmu_exact": ("ofmu", {"hvp": "finite_difference", "inner_steps": 5}),
+}
 HIDDEN, VOCAB, SEQ = (64, 512, 32) if QUICK else (128, 2048, 64)
 
 
@@ -53,9 +55,16 @@ def base_model():
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=VOCAB, hidden_size=HIDDEN, intermediate_size=4 * HIDDEN,
-                      num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                      max_position_embeddings=2 * SEQ, tie_word_embeddings=False)
+    cfg = LlamaConfig(
+        vocab_size=VOCAB,
+        hidden_size=HIDDEN,
+        intermediate_size=4 * HIDDEN,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=2 * SEQ,
+        tie_word_embeddings=False,
+    )
     return LlamaForCausalLM(cfg).to(DEVICE)
 
 
@@ -64,8 +73,14 @@ def batch(seed: int) -> dict[str, torch.Tensor]:
     ids = torch.randint(0, VOCAB, (2, SEQ), generator=g)
     labels = ids.clone()
     labels[:, : SEQ // 4] = -100
-    return {k: v.to(DEVICE) for k, v in
-            {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": labels}.items()}
+    return {
+        k: v.to(DEVICE)
+        for k, v in {
+            "input_ids": ids,
+            "attention_mask": torch.ones_like(ids),
+            "labels": labels,
+        }.items()
+    }
 
 
 def make(method: str):
@@ -85,7 +100,7 @@ def passes(unlearner, forget, retain, backward: bool = True) -> None:
     objectives = unlearner.method.objectives()
     for kind, b in (("forget", forget), ("retain", retain)):
         objs = [o for o in objectives if o.batch == kind]
-        ctx = unlearner.engine.context(b, kind)   # the same (fused-linear) path as step()
+        ctx = unlearner.engine.context(b, kind)  # the same (fused-linear) path as step()
         for j, o in enumerate(objs):
             loss = o.loss(ctx)
             if backward:
@@ -124,8 +139,7 @@ def test_step(benchmark, method, impl):
     fn()  # warm-up (kernels built/loaded)
     extra = peak_extra_bytes(fn)
     benchmark.pedantic(fn, rounds=7, iterations=1, warmup_rounds=1)
-    info = {"impl": impl, "method": method, "k": k, "params": numel,
-            "peak_extra_bytes": extra}
+    info = {"impl": impl, "method": method, "k": k, "params": numel, "peak_extra_bytes": extra}
     if impl == "unlearnopt":
         t_step = benchmark.stats.stats.min
         t_passes = min_time(run_passes)
@@ -145,11 +159,17 @@ def test_step(benchmark, method, impl):
             torch.cat([gram.total.reshape(-1), res.weights.reshape(-1)]).tolist()
 
         t_agg = min_time(aggregate)
-        info.update(aggregation_ms=round(1e3 * t_agg, 3),
-                    aggregation_per_backward=round(t_agg / one_backward, 3))
-        info.update(step_ms=round(1e3 * t_step, 3), passes_ms=round(1e3 * t_passes, 3),
-                    forwards_ms=round(1e3 * t_fwd, 3), overhead_ms=round(1e3 * overhead, 3),
-                    overhead_per_backward=round(overhead / one_backward, 3))
+        info.update(
+            aggregation_ms=round(1e3 * t_agg, 3),
+            aggregation_per_backward=round(t_agg / one_backward, 3),
+        )
+        info.update(
+            step_ms=round(1e3 * t_step, 3),
+            passes_ms=round(1e3 * t_passes, 3),
+            forwards_ms=round(1e3 * t_fwd, 3),
+            overhead_ms=round(1e3 * overhead, 3),
+            overhead_per_backward=round(overhead / one_backward, 3),
+        )
     record(benchmark, **info)
 
 
@@ -164,9 +184,16 @@ def large_model():
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=L_VOCAB, hidden_size=L_HIDDEN, intermediate_size=4 * L_HIDDEN,
-                      num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                      max_position_embeddings=L_SEQ, tie_word_embeddings=False)
+    cfg = LlamaConfig(
+        vocab_size=L_VOCAB,
+        hidden_size=L_HIDDEN,
+        intermediate_size=4 * L_HIDDEN,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=L_SEQ,
+        tie_word_embeddings=False,
+    )
     return LlamaForCausalLM(cfg).to(DEVICE)
 
 
@@ -205,8 +232,9 @@ def plain_step(method, model, ref, opt, forget, retain):
     elif method == "npo":
         with torch.no_grad():
             r_logits = ref(**_inputs(forget), use_cache=False).logits
-        ratio = _token_log_probs(f_logits, forget["labels"]).sum(1) \
-            - _token_log_probs(r_logits, forget["labels"]).sum(1)
+        ratio = _token_log_probs(f_logits, forget["labels"]).sum(1) - _token_log_probs(
+            r_logits, forget["labels"]
+        ).sum(1)
         loss = (2.0 / 0.1) * torch.nn.functional.softplus(0.1 * ratio).mean()
     elif method == "mollm":
         p = _token_log_probs(f_logits, forget["labels"]).exp()
@@ -241,9 +269,9 @@ def test_step_large_vocab(benchmark, method, impl):
     ref = copy.deepcopy(large_model()).eval().requires_grad_(False)
     opt = torch.optim.SGD(model.parameters(), lr=1e-4)
     forget, retain = large_batch(1, siu=method == "siu"), large_batch(2)
-    benchmark.group = (f"step V={L_VOCAB} {method} tokens={L_BATCH}x{L_SEQ} "
-                       f"hidden={L_HIDDEN}")
+    benchmark.group = f"step V={L_VOCAB} {method} tokens={L_BATCH}x{L_SEQ} hidden={L_HIDDEN}"
     if impl == "plain":
+
         def fn():
             plain_step(method, model, ref, opt, forget, retain)
             synchronize()
@@ -253,11 +281,17 @@ def test_step_large_vocab(benchmark, method, impl):
         def fn():
             unlearner.step(forget, retain)
             synchronize()
+
     fn()  # warm-up (kernels built/loaded; the reference cache filled, as in a request)
     extra = peak_extra_bytes(fn)
     benchmark.pedantic(fn, rounds=3, iterations=1, warmup_rounds=0)
-    info = {"impl": impl, "method": method, "vocab": L_VOCAB, "peak_extra_bytes": extra,
-            "step_ms": round(1e3 * benchmark.stats.stats.min, 3)}
+    info = {
+        "impl": impl,
+        "method": method,
+        "vocab": L_VOCAB,
+        "peak_extra_bytes": extra,
+        "step_ms": round(1e3 * benchmark.stats.stats.min, 3),
+    }
     if impl == "unlearnopt":
         assert unlearner.heads.active, unlearner.heads.reason
         plain_model = copy.deepcopy(large_model())
@@ -270,7 +304,10 @@ def test_step_large_vocab(benchmark, method, impl):
         plain()
         plain_extra = peak_extra_bytes(plain)
         plain_time = min_time(plain, rounds=3)
-        info.update(plain_peak_extra_bytes=plain_extra, plain_step_ms=round(1e3 * plain_time, 3),
-                    memory_ratio=round(extra / max(plain_extra, 1), 3),
-                    time_ratio=round(benchmark.stats.stats.min / plain_time, 3))
+        info.update(
+            plain_peak_extra_bytes=plain_extra,
+            plain_step_ms=round(1e3 * plain_time, 3),
+            memory_ratio=round(extra / max(plain_extra, 1), 3),
+            time_ratio=round(benchmark.stats.stats.min / plain_time, 3),
+        )
     record(benchmark, **info)

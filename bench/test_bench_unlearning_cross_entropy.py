@@ -100,7 +100,11 @@ def test_fwd_bwd(benchmark, impl, vocab, mode):
     extra = peak_extra_bytes(lambda: run(x[0]))
     benchmark.pedantic(run, setup=setup, rounds=3 if vocab > 100_000 else 5, iterations=1)
     logits_bytes = base.numel() * base.element_size()
-    record(benchmark, impl=impl, peak_extra_bytes=extra,
-           peak_extra_vs_logits=round(extra / logits_bytes, 3),
-           bytes_moved=3 * logits_bytes,
-           effective_gb_per_s=round(3 * logits_bytes / benchmark.stats.stats.median / 1e9, 2))
+    record(
+        benchmark,
+        impl=impl,
+        peak_extra_bytes=extra,
+        peak_extra_vs_logits=round(extra / logits_bytes, 3),
+        bytes_moved=3 * logits_bytes,
+        effective_gb_per_s=round(3 * logits_bytes / benchmark.stats.stats.median / 1e9, 2),
+    )

@@ -39,7 +39,8 @@ def assert_within(what: str, actual, expected, bound) -> None:
     raise AssertionError(
         f"{what}: {int((~ok).sum())} of {e.numel()} elements off; worst at index {idx}: "
         f"got {a[idx].item()!r}, expected {e[idx].item()!r}, error {err[idx].item():.3e} > "
-        f"bound {b[idx].item():.3e}")
+        f"bound {b[idx].item():.3e}"
+    )
 
 
 def assert_allclose(what: str, actual, expected, *, rtol: float, atol: float) -> None:

@@ -17,8 +17,9 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import pytest
 
-DEVICE = torch.device(os.environ.get("UNLEARNOPT_TEST_DEVICE",
-                                     "cuda" if torch.cuda.is_available() else "cpu"))
+DEVICE = torch.device(
+    os.environ.get("UNLEARNOPT_TEST_DEVICE", "cuda" if torch.cuda.is_available() else "cpu")
+)
 ALL_BACKENDS = ("reference", "native", "triton")
 
 
@@ -68,8 +69,16 @@ def run_two_processes(worker: str, *args: str, timeout: int = 240) -> None:
     root = Path(__file__).parents[1]
     env = dict(os.environ, OMP_NUM_THREADS="1", UNLEARNOPT_BACKEND="reference")
     env.pop("TRITON_INTERPRET", None)
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-           str(root / "tests" / "distributed" / worker), *args]
-    proc = subprocess.run(cmd, cwd=root, env=env, capture_output=True, text=True,
-                          timeout=timeout, check=False)
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node=2",
+        str(root / "tests" / "distributed" / worker),
+        *args,
+    ]
+    proc = subprocess.run(
+        cmd, cwd=root, env=env, capture_output=True, text=True, timeout=timeout, check=False
+    )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]

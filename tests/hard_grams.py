@@ -18,8 +18,18 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-CASES = ("zero", "rank_deficient", "nearly_collinear", "conflicting", "scales_1e-1_1e1",
-         "scales_1e-4_1e4", "identical", "one_zero", "random_psd", "rounded_fp32")
+CASES = (
+    "zero",
+    "rank_deficient",
+    "nearly_collinear",
+    "conflicting",
+    "scales_1e-1_1e1",
+    "scales_1e-4_1e4",
+    "identical",
+    "one_zero",
+    "random_psd",
+    "rounded_fp32",
+)
 WELL_POSED = ("conflicting", "scales_1e-1_1e1", "random_psd")
 
 
@@ -72,9 +82,17 @@ def gram_of(case: str, g: torch.Tensor) -> torch.Tensor:
     if case == "rounded_fp32":
         # Nearly collinear gradients, Gram accumulated in float32: asymmetric rounding.
         g32 = (g[:, :1] + 1e-3 * g).float()
-        return (g32 @ g32.transpose(-1, -2).contiguous()).double() * (1 + 1e-7 * torch.randn(
-            g.shape[0], g.shape[1], g.shape[1], generator=torch.Generator().manual_seed(7),
-            dtype=torch.float64))
+        return (g32 @ g32.transpose(-1, -2).contiguous()).double() * (
+            1
+            + 1e-7
+            * torch.randn(
+                g.shape[0],
+                g.shape[1],
+                g.shape[1],
+                generator=torch.Generator().manual_seed(7),
+                dtype=torch.float64,
+            )
+        )
     return g @ g.transpose(-1, -2)
 
 

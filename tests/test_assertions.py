@@ -22,8 +22,11 @@ def test_reports_count_and_worst_element():
     expected = torch.zeros(2, 3)
     actual = expected.clone()
     actual[0, 1], actual[1, 2] = 0.5, 3.0
-    with pytest.raises(AssertionError, match=r"x: 2 of 6 elements off; worst at index \(1, 2\): "
-                                             r"got 3.0, expected 0.0, error 3.000e\+00 > bound"):
+    with pytest.raises(
+        AssertionError,
+        match=r"x: 2 of 6 elements off; worst at index \(1, 2\): "
+        r"got 3.0, expected 0.0, error 3.000e\+00 > bound",
+    ):
         assert_within("x", actual, expected, 0.1)
 
 

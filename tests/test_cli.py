@@ -51,7 +51,8 @@ def data_files(tmp_path_factory):
     facts = tiny_facts()
     for name, part in (("forget", facts[:2]), ("retain", facts[4:10])):
         (d / f"{name}.jsonl").write_text(
-            "".join(json.dumps({"prompt": f.prompt, "answer": f.answer}) + "\n" for f in part))
+            "".join(json.dumps({"prompt": f.prompt, "answer": f.answer}) + "\n" for f in part)
+        )
     return d
 
 
@@ -63,9 +64,26 @@ def _error(capsys) -> str:
 
 def test_run_unlearns_and_saves_the_model(model_dir, data_files, tmp_path, capsys):
     out = tmp_path / "out"
-    rc = main(["run", "--model", str(model_dir), "--method", "ga", "--forget",
-               str(data_files / "forget.jsonl"), "--retain", str(data_files / "retain.jsonl"),
-               "--out", str(out), "--steps", "4", "--lr", "5e-2", "--no-progress"])
+    rc = main(
+        [
+            "run",
+            "--model",
+            str(model_dir),
+            "--method",
+            "ga",
+            "--forget",
+            str(data_files / "forget.jsonl"),
+            "--retain",
+            str(data_files / "retain.jsonl"),
+            "--out",
+            str(out),
+            "--steps",
+            "4",
+            "--lr",
+            "5e-2",
+            "--no-progress",
+        ]
+    )
     assert rc == 0
     text = capsys.readouterr().out
     assert "before: forget_acc" in text and "after:  forget_acc" in text
@@ -75,8 +93,10 @@ def test_run_unlearns_and_saves_the_model(model_dir, data_files, tmp_path, capsy
     from transformers import AutoModelForCausalLM
 
     reloaded = AutoModelForCausalLM.from_pretrained(out / "model")
-    assert reloaded.config.vocab_size == json.loads(
-        (model_dir / "config.json").read_text())["vocab_size"]
+    assert (
+        reloaded.config.vocab_size
+        == json.loads((model_dir / "config.json").read_text())["vocab_size"]
+    )
 
 
 def test_pulse_command_with_user_data(model_dir, tmp_path, capsys):
@@ -85,10 +105,34 @@ def test_pulse_command_with_user_data(model_dir, tmp_path, capsys):
     neutral = tmp_path / "neutral.txt"
     neutral.write_text("\n".join(NEUTRAL))
     out = tmp_path / "pulse"
-    rc = main(["pulse", "--model", str(model_dir), "--methods", "ga,mollm", "--requests", "2",
-               "--forget-size", "4", "--retain-size", "6", "--steps", "2", "--lr", "1e-2",
-               "--retain-batch-size", "4", "--facts", str(facts), "--neutral", str(neutral),
-               "--out", str(out), "--no-progress"])
+    rc = main(
+        [
+            "pulse",
+            "--model",
+            str(model_dir),
+            "--methods",
+            "ga,mollm",
+            "--requests",
+            "2",
+            "--forget-size",
+            "4",
+            "--retain-size",
+            "6",
+            "--steps",
+            "2",
+            "--lr",
+            "1e-2",
+            "--retain-batch-size",
+            "4",
+            "--facts",
+            str(facts),
+            "--neutral",
+            str(neutral),
+            "--out",
+            str(out),
+            "--no-progress",
+        ]
+    )
     assert rc == 0, capsys.readouterr().err
     text = capsys.readouterr().out
     assert "mollm@end" in text and "ga@end" in text and "report:" in text
@@ -100,56 +144,92 @@ def test_pulse_command_with_user_data(model_dir, tmp_path, capsys):
     assert (out / "pretrained_metrics.png").exists()
 
 
-@pytest.mark.parametrize("argv, message", [
-    (["run", "--forget", "MISSING.jsonl", "--out", "x", "--method", "ga"],
-     "data file not found: MISSING.jsonl"),
-    (["run", "--forget", "{forget}", "--out", "x", "--method", "nonsense"],
-     "unknown method 'nonsense'; available: "),
-    (["run", "--forget", "{bad}", "--retain", "{forget}", "--out", "x"],
-     "bad.jsonl, line 2: invalid JSON"),
-    (["run", "--forget", "{noanswer}", "--out", "x", "--method", "ga"],
-     "noanswer.jsonl, line 1: missing required field 'answer'"),
-    (["run", "--forget", "{forget}", "--out", "x", "--method", "grad_diff"],
-     "needs a retain set"),
-    (["run", "--forget", "{forget}", "--out", "x", "--method", "ga", "--option", "beta=1"],
-     "unknown option"),
-    (["run", "--forget", "{forget}", "--out", "x", "--method", "ga", "--model", "{empty}"],
-     "could not load a causal language model from"),
-    (["run", "--forget", "{forget}", "--out", "x", "--method", "ga", "--model", "NOPE/"],
-     "model path not found: NOPE"),
-    (["pulse", "--methods", "ga,bogus"], "unknown method 'bogus'"),
-    (["pulse", "--phases", "later"], "unknown phase 'later'"),
-    (["pulse", "--forget-size", "2", "--requests", "5"], "forget_size (2) must be >= requests"),
-    (["demo", "--option", "mollm.alpha"], "expected METHOD.KEY=VALUE"),
-    (["run", "--forget", "{forget}", "--out", "x", "--lr", "-1"],
-     "--lr must be a positive finite number, got -1.0"),
-    (["run", "--forget", "{forget}", "--out", "x", "--lr", "nan"],
-     "--lr must be a positive finite number, got nan"),
-    (["run", "--forget", "{forget}", "--out", "x", "--lr", "0"],
-     "--lr must be a positive finite number, got 0.0"),
-    (["pulse", "--lr", "0"], "--lr must be a positive finite number, got 0.0"),
-    (["demo", "--lr", "inf"], "--lr must be a positive finite number, got inf"),
-    (["run", "--forget", "{forget}", "--out", "x", "--max-grad-norm", "-1"],
-     "--max-grad-norm must be a positive finite number, got -1.0"),
-    (["pulse", "--max-grad-norm", "0"], "--max-grad-norm must be a positive finite number"),
-    (["run", "--forget", "{forget}", "--out", "x", "--device", "nosuch"],
-     "--device 'nosuch' is not a torch device"),
-    (["pulse", "--device", "cuda"], "--device cuda: CUDA is not available"),
-    (["run", "--forget", "{forget}", "--out", "{file}", "--method", "ga"],
-     "exists and is not a directory"),
-    (["pulse", "--out", "{file}"], "exists and is not a directory"),
-    (["pulse", "--methods", "ga", "--option", "ga.bar=1"],
-     "--option: method 'ga' got unknown option(s) ['bar']"),
-    (["pulse", "--methods", "npo", "--option", "npo.beta=-1"], "--option: "),
-    (["run", "--forget", "{forget}", "--out", "x", "--method", "ga", "--steps", "0"],
-     "--steps must be >= 1, got 0"),
-    (["pulse", "--forget-target", "2"], "--forget-target must be in [0, 1], got 2.0"),
-    (["pulse", "--nonmember-size", "0"], "--nonmember-size must be >= 1"),
-    (["pulse", "--seed", "-3"], "--seed must be >= 0"),
-    (["pulse", "--model", "{empty}"], "the directory is empty; expected a Hugging Face"),
-])
-def test_user_errors_give_one_line_and_status_2(argv, message, data_files, tmp_path, capsys,
-                                                monkeypatch):
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (
+            ["run", "--forget", "MISSING.jsonl", "--out", "x", "--method", "ga"],
+            "data file not found: MISSING.jsonl",
+        ),
+        (
+            ["run", "--forget", "{forget}", "--out", "x", "--method", "nonsense"],
+            "unknown method 'nonsense'; available: ",
+        ),
+        (
+            ["run", "--forget", "{bad}", "--retain", "{forget}", "--out", "x"],
+            "bad.jsonl, line 2: invalid JSON",
+        ),
+        (
+            ["run", "--forget", "{noanswer}", "--out", "x", "--method", "ga"],
+            "noanswer.jsonl, line 1: missing required field 'answer'",
+        ),
+        (
+            ["run", "--forget", "{forget}", "--out", "x", "--method", "grad_diff"],
+            "needs a retain set",
+        ),
+        (
+            ["run", "--forget", "{forget}", "--out", "x", "--method", "ga", "--option", "beta=1"],
+            "unknown option",
+        ),
+        (
+            ["run", "--forget", "{forget}", "--out", "x", "--method", "ga", "--model", "{empty}"],
+            "could not load a causal language model from",
+        ),
+        (
+            ["run", "--forget", "{forget}", "--out", "x", "--method", "ga", "--model", "NOPE/"],
+            "model path not found: NOPE",
+        ),
+        (["pulse", "--methods", "ga,bogus"], "unknown method 'bogus'"),
+        (["pulse", "--phases", "later"], "unknown phase 'later'"),
+        (["pulse", "--forget-size", "2", "--requests", "5"], "forget_size (2) must be >= requests"),
+        (["demo", "--option", "mollm.alpha"], "expected METHOD.KEY=VALUE"),
+        (
+            ["run", "--forget", "{forget}", "--out", "x", "--lr", "-1"],
+            "--lr must be a positive finite number, got -1.0",
+        ),
+        (
+            ["run", "--forget", "{forget}", "--out", "x", "--lr", "nan"],
+            "--lr must be a positive finite number, got nan",
+        ),
+        (
+            ["run", "--forget", "{forget}", "--out", "x", "--lr", "0"],
+            "--lr must be a positive finite number, got 0.0",
+        ),
+        (["pulse", "--lr", "0"], "--lr must be a positive finite number, got 0.0"),
+        (["demo", "--lr", "inf"], "--lr must be a positive finite number, got inf"),
+        (
+            ["run", "--forget", "{forget}", "--out", "x", "--max-grad-norm", "-1"],
+            "--max-grad-norm must be a positive finite number, got -1.0",
+        ),
+        (["pulse", "--max-grad-norm", "0"], "--max-grad-norm must be a positive finite number"),
+        (
+            ["run", "--forget", "{forget}", "--out", "x", "--device", "nosuch"],
+            "--device 'nosuch' is not a torch device",
+        ),
+        (["pulse", "--device", "cuda"], "--device cuda: CUDA is not available"),
+        (
+            ["run", "--forget", "{forget}", "--out", "{file}", "--method", "ga"],
+            "exists and is not a directory",
+        ),
+        (["pulse", "--out", "{file}"], "exists and is not a directory"),
+        (
+            ["pulse", "--methods", "ga", "--option", "ga.bar=1"],
+            "--option: method 'ga' got unknown option(s) ['bar']",
+        ),
+        (["pulse", "--methods", "npo", "--option", "npo.beta=-1"], "--option: "),
+        (
+            ["run", "--forget", "{forget}", "--out", "x", "--method", "ga", "--steps", "0"],
+            "--steps must be >= 1, got 0",
+        ),
+        (["pulse", "--forget-target", "2"], "--forget-target must be in [0, 1], got 2.0"),
+        (["pulse", "--nonmember-size", "0"], "--nonmember-size must be >= 1"),
+        (["pulse", "--seed", "-3"], "--seed must be >= 0"),
+        (["pulse", "--model", "{empty}"], "the directory is empty; expected a Hugging Face"),
+    ],
+)
+def test_user_errors_give_one_line_and_status_2(
+    argv, message, data_files, tmp_path, capsys, monkeypatch
+):
     import torch
 
     import unlearnopt.models
@@ -159,7 +239,7 @@ def test_user_errors_give_one_line_and_status_2(argv, message, data_files, tmp_p
 
     monkeypatch.setattr(unlearnopt.models, "load_model", never)
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-    monkeypatch.chdir(tmp_path)                  # nothing lands in the source tree
+    monkeypatch.chdir(tmp_path)  # nothing lands in the source tree
     a_file = tmp_path / "a_file"
     a_file.write_text("not a directory")
     bad = tmp_path / "bad.jsonl"
@@ -168,8 +248,13 @@ def test_user_errors_give_one_line_and_status_2(argv, message, data_files, tmp_p
     noanswer.write_text('{"prompt": "a"}\n')
     empty = tmp_path / "empty_model"
     empty.mkdir()
-    subs = {"{forget}": str(data_files / "forget.jsonl"), "{bad}": str(bad),
-            "{noanswer}": str(noanswer), "{empty}": str(empty), "{file}": str(a_file)}
+    subs = {
+        "{forget}": str(data_files / "forget.jsonl"),
+        "{bad}": str(bad),
+        "{noanswer}": str(noanswer),
+        "{empty}": str(empty),
+        "{file}": str(a_file),
+    }
     argv = [subs.get(a, a) for a in argv]
     assert main(argv) == 2
     err = _error(capsys)
@@ -181,31 +266,52 @@ def test_user_errors_give_one_line_and_status_2(argv, message, data_files, tmp_p
 def test_token_ids_outside_the_vocabulary(tmp_path, data_files, capsys):
     """A tokenizer that does not belong to the model: one clear line, not an IndexError."""
     tok = tiny_tokenizer(all_texts())
-    model = tiny_llama(8)                                  # far fewer rows than the tokenizer
+    model = tiny_llama(8)  # far fewer rows than the tokenizer
     d = tmp_path / "mismatched"
     model.save_pretrained(d)
     tok.save_pretrained(d)
-    rc = main(["run", "--model", str(d), "--method", "ga", "--forget",
-               str(data_files / "forget.jsonl"), "--out", str(tmp_path / "o"), "--no-progress"])
+    rc = main(
+        [
+            "run",
+            "--model",
+            str(d),
+            "--method",
+            "ga",
+            "--forget",
+            str(data_files / "forget.jsonl"),
+            "--out",
+            str(tmp_path / "o"),
+            "--no-progress",
+        ]
+    )
     assert rc == 2
     err = _error(capsys)
     assert "outside the model's vocabulary of 8 tokens" in err and "forget.jsonl" in err
 
 
 def test_help_names_every_default_and_the_methods(capsys):
-    for argv in (["--help"], ["demo", "--help"], ["pulse", "--help"], ["run", "--help"],
-                 ["selfcheck", "--help"]):
+    for argv in (
+        ["--help"],
+        ["demo", "--help"],
+        ["pulse", "--help"],
+        ["run", "--help"],
+        ["selfcheck", "--help"],
+    ):
         assert main(argv) == 0
         text = capsys.readouterr().out
         assert "usage: unlearnopt" in text, argv
         body = text.split("options:")[0]
-        assert len(body.split("\n\n", 1)[1].strip()) > 40, argv    # a description
+        assert len(body.split("\n\n", 1)[1].strip()) > 40, argv  # a description
     main(["pulse", "--help"])
     text = " ".join(capsys.readouterr().out.split())
     assert "PULSE measures unlearning" in text
-    for flag_default in ("--steps STEPS step budget per request (default: 8)",
-                         "(default: 1e-05)", "--retain-batch-size", "(default: ./unlearnopt-pulse)",
-                         "--max-grad-norm MAX_GRAD_NORM clip"):
+    for flag_default in (
+        "--steps STEPS step budget per request (default: 8)",
+        "(default: 1e-05)",
+        "--retain-batch-size",
+        "(default: ./unlearnopt-pulse)",
+        "--max-grad-norm MAX_GRAD_NORM clip",
+    ):
         assert flag_default in text, flag_default
     main(["run", "--help"])
     text = " ".join(capsys.readouterr().out.split())
@@ -237,11 +343,38 @@ def test_pulse_focus_and_one_shot_flags(model_dir, tmp_path, capsys):
     neutral = tmp_path / "neutral.txt"
     neutral.write_text("\n".join(NEUTRAL))
     out = tmp_path / "pulse"
-    rc = main(["pulse", "--model", str(model_dir), "--methods", "ga", "--requests", "2",
-               "--forget-size", "4", "--retain-size", "6", "--steps", "1", "--lr", "1e-2",
-               "--retain-batch-size", "4", "--facts", str(facts), "--neutral", str(neutral),
-               "--focus", "relation", "--retain-same-relation", "--compare-one-shot",
-               "--out", str(out), "--no-progress"])
+    rc = main(
+        [
+            "pulse",
+            "--model",
+            str(model_dir),
+            "--methods",
+            "ga",
+            "--requests",
+            "2",
+            "--forget-size",
+            "4",
+            "--retain-size",
+            "6",
+            "--steps",
+            "1",
+            "--lr",
+            "1e-2",
+            "--retain-batch-size",
+            "4",
+            "--facts",
+            str(facts),
+            "--neutral",
+            str(neutral),
+            "--focus",
+            "relation",
+            "--retain-same-relation",
+            "--compare-one-shot",
+            "--out",
+            str(out),
+            "--no-progress",
+        ]
+    )
     assert rc == 0, capsys.readouterr().err
     text = capsys.readouterr().out
     assert "ga x2" in text and "ga x1" in text
@@ -260,16 +393,41 @@ def test_demo_is_sized_for_a_first_look():
     assert pulse.requests == 5 and pulse.forget_size == 10 and pulse.retain_size == 24
 
 
-@pytest.mark.parametrize("method, options", [
-    ("simnpo", []), ("wga", []), ("satimp", []), ("ce_u", []), ("undial", []),
-    ("idk_dpo", []), ("rmu", ["--option", "layer=1", "--option", "depth=2",
-                              "--option", "steering_coeff=4"]),
-])
+@pytest.mark.parametrize(
+    "method, options",
+    [
+        ("simnpo", []),
+        ("wga", []),
+        ("satimp", []),
+        ("ce_u", []),
+        ("undial", []),
+        ("idk_dpo", []),
+        ("rmu", ["--option", "layer=1", "--option", "depth=2", "--option", "steering_coeff=4"]),
+    ],
+)
 def test_run_with_the_newer_methods(model_dir, data_files, tmp_path, capsys, method, options):
     out = tmp_path / "out"
-    rc = main(["run", "--model", str(model_dir), "--method", method, "--forget",
-               str(data_files / "forget.jsonl"), "--retain", str(data_files / "retain.jsonl"),
-               "--out", str(out), "--steps", "2", "--lr", "5e-2", "--no-progress", *options])
+    rc = main(
+        [
+            "run",
+            "--model",
+            str(model_dir),
+            "--method",
+            method,
+            "--forget",
+            str(data_files / "forget.jsonl"),
+            "--retain",
+            str(data_files / "retain.jsonl"),
+            "--out",
+            str(out),
+            "--steps",
+            "2",
+            "--lr",
+            "5e-2",
+            "--no-progress",
+            *options,
+        ]
+    )
     assert rc == 0, capsys.readouterr().err
     log = json.loads((out / "run.json").read_text())
     assert log["method"] == method and len(log["history"]) == 2
@@ -281,4 +439,5 @@ def test_methods_all_names_every_method():
 
     assert _methods_list("all", "--methods") == available_methods()
     assert {"simnpo", "rmu", "idk_dpo", "wga", "satimp", "ce_u", "undial"} <= set(
-        _methods_list("all", "--methods"))
+        _methods_list("all", "--methods")
+    )

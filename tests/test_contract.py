@@ -31,9 +31,11 @@ def imported_modules(path: Path) -> set[str]:
     return names
 
 
-@pytest.mark.parametrize("path", sorted((PACKAGE / "methods").glob("*.py"))
-                         + [PACKAGE / "contract.py", PACKAGE / "errors.py"],
-                         ids=lambda p: p.name)
+@pytest.mark.parametrize(
+    "path",
+    [*sorted((PACKAGE / "methods").glob("*.py")), PACKAGE / "contract.py", PACKAGE / "errors.py"],
+    ids=lambda p: p.name,
+)
 def test_methods_and_contract_never_import_the_unlearner(path):
     above = ("unlearnopt.unlearner", "unlearnopt.eval", "unlearnopt.integrations")
     upward = {m for m in imported_modules(path) if m.startswith(above)}
@@ -70,8 +72,9 @@ class MovesThenFails(Method):
     defaults: ClassVar[dict] = {}
 
     def objectives(self):
-        return [Objective("forget_ga", "forget",
-                          lambda ctx: token_loss(ctx.logits, ctx.labels, "ga"))]
+        return [
+            Objective("forget_ga", "forget", lambda ctx: token_loss(ctx.logits, ctx.labels, "ga"))
+        ]
 
     def aggregator(self):
         return Aggregator(FixedWeights([1.0]))

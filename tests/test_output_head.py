@@ -23,7 +23,7 @@ def _inputs(batch):
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16], ids=str)
-@pytest.mark.parametrize("kind", KINDS + ("gemma2_nocap", "cohere", "granite", "lora_head"))
+@pytest.mark.parametrize("kind", (*KINDS, "gemma2_nocap", "cohere", "granite", "lora_head"))
 def test_head_inputs_reproduce_the_logits(kind, dtype):
     model = make_model(kind, dtype=dtype)
     perturb_lora(model)
@@ -34,16 +34,17 @@ def test_head_inputs_reproduce_the_logits(kind, dtype):
     assert head.hidden.shape == (*batch["labels"].shape, 32)
     assert head.hidden.requires_grad
     assert head.scale == {"cohere": 0.125, "granite": 0.25}.get(kind, 1.0)
-    assert "forward" not in vars(output_head(model))          # the head is restored
-    if kind == "lora_head":                                   # W + s B A: rounding differs
+    assert "forward" not in vars(output_head(model))  # the head is restored
+    if kind == "lora_head":  # W + s B A: rounding differs
         assert head.weight.requires_grad and head.weight.grad_fn is not None
         tol = {torch.float64: 1e-14, torch.float32: 1e-6, torch.bfloat16: 2e-2}[dtype]
         torch.testing.assert_close(head.logits(), expected, rtol=tol, atol=tol)
-        with model.disable_adapter():                         # the reference: the base layer
+        with model.disable_adapter():  # the reference: the base layer
             base = forward_head_inputs(model, _inputs(batch))
             assert base.weight is output_head(model).get_base_layer().weight
-            torch.testing.assert_close(base.logits(), model(**_inputs(batch)).logits,
-                                       rtol=0, atol=0)
+            torch.testing.assert_close(
+                base.logits(), model(**_inputs(batch)).logits, rtol=0, atol=0
+            )
         return
     assert head.weight is output_head(model).weight
     torch.testing.assert_close(head.logits(), expected, rtol=0, atol=0)
@@ -76,15 +77,25 @@ def _lora_head(**options):
     from peft import LoraConfig, get_peft_model
 
     model = make_model("llama")
-    config = {"r": 4, "lora_alpha": 8, "lora_dropout": 0.0, "target_modules": ["lm_head"],
-              **options}
+    config = {
+        "r": 4,
+        "lora_alpha": 8,
+        "lora_dropout": 0.0,
+        "target_modules": ["lm_head"],
+        **options,
+    }
     return get_peft_model(model, LoraConfig(**config))
 
 
-@pytest.mark.parametrize("kind,reason", [("gemma2", "soft-capping .* cap = 30"),
-                                         ("lora_dropout", r"dropout \(p = 0.1\)"),
-                                         ("dora", "LoRA variant"),
-                                         ("merged", "merged")])
+@pytest.mark.parametrize(
+    "kind,reason",
+    [
+        ("gemma2", "soft-capping .* cap = 30"),
+        ("lora_dropout", r"dropout \(p = 0.1\)"),
+        ("dora", "LoRA variant"),
+        ("merged", "merged"),
+    ],
+)
 def test_unsupported_heads_name_the_reason(kind, reason):
     if kind == "gemma2":
         model = make_model(kind)
@@ -110,7 +121,7 @@ def test_structural_reasons():
     model = make_model("llama")
     head = model.get_output_embeddings()
     assert unsupported_reason(model) is None
-    head.forward = lambda x: torch.nn.Linear.forward(head, x)     # e.g. accelerate's hook
+    head.forward = lambda x: torch.nn.Linear.forward(head, x)  # e.g. accelerate's hook
     try:
         assert "already wrapped" in unsupported_reason(model)
     finally:
@@ -172,8 +183,9 @@ def test_ddp_wrapped_model_and_fsdp2_reason():
 
     if dist.is_initialized():
         pytest.skip("a process group already exists in this process")
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{_free_port()}", rank=0,
-                            world_size=1)
+    dist.init_process_group(
+        "gloo", init_method=f"tcp://127.0.0.1:{_free_port()}", rank=0, world_size=1
+    )
     try:
         model = make_model("llama", dtype=torch.float64)
         batch = make_batch("llama", dtype=torch.float64)

@@ -34,8 +34,9 @@ def test_unlearning_run_builds_batches_with_the_method_hook():
     tok = tiny_tokenizer(all_texts())
     model = tiny_llama(len(tok))
     facts = tiny_facts()
-    run = UnlearningRun(model, tok, "ga_first_fact", None, facts[4:8], lr=1e-3,
-                        retain_batch_size=2, seed=0)
+    run = UnlearningRun(
+        model, tok, "ga_first_fact", None, facts[4:8], lr=1e-3, retain_batch_size=2, seed=0
+    )
     before = {k: v.clone() for k, v in model.state_dict().items()}
     run.step(facts[:3])
     assert len(calls) == 1
@@ -56,8 +57,10 @@ def test_default_hook_encodes_retain_only_when_the_method_needs_it():
     assert fb["labels"].shape[0] == 2 and rb is None
     fb, rb = get_method("grad_diff")().fact_batches(facts[:2], facts[2:5], **kw)
     assert rb["labels"].shape[0] == 3
-    assert torch.equal(fb["input_ids"], encode_qa(tok, [f.prompt for f in facts[:2]],
-                                                  [f.answer for f in facts[:2]])["input_ids"])
+    assert torch.equal(
+        fb["input_ids"],
+        encode_qa(tok, [f.prompt for f in facts[:2]], [f.answer for f in facts[:2]])["input_ids"],
+    )
 
 
 def test_tuned_settings_order():

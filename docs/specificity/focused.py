@@ -65,12 +65,14 @@ RETAIN_BATCH = 8
 
 # --------------------------------------------------------------------------- the split
 
+
 def answer_key(f: Fact) -> str:
     return " ".join(f.answer.lower().split())
 
 
-def focused_split(known: list[Fact], relation: str, k: int, n_neighbours: int,
-                  n_retain: int, seed: int) -> dict[str, list[Fact]]:
+def focused_split(
+    known: list[Fact], relation: str, k: int, n_neighbours: int, n_retain: int, seed: int
+) -> dict[str, list[Fact]]:
     """forget: k facts of ``relation`` whose answer no other known fact shares; neighbour:
     ``n_neighbours`` other known facts of it; retain_same: the rest of it; retain: up to
     ``n_retain`` known facts of other relations (seeded)."""
@@ -82,16 +84,22 @@ def focused_split(known: list[Fact], relation: str, k: int, n_neighbours: int,
     rng.shuffle(same)
     own = [f for f in same if counts[answer_key(f)] == 1]
     if len(own) < k or len(same) < k + n_neighbours + 1:
-        raise SystemExit(f"relation {relation!r}: {len(same)} known facts, {len(own)} with an "
-                         f"answer of their own; need k={k} + {n_neighbours} neighbours + 1")
+        raise SystemExit(
+            f"relation {relation!r}: {len(same)} known facts, {len(own)} with an "
+            f"answer of their own; need k={k} + {n_neighbours} neighbours + 1"
+        )
     forget = own[:k]
     ids = {f.id for f in forget}
     rest = [f for f in same if f.id not in ids]
     neighbour, retain_same = rest[:n_neighbours], rest[n_neighbours:]
     other = [f for f in known if f.relation != relation]
     rng.shuffle(other)
-    return {"forget": forget, "neighbour": neighbour, "retain_same": retain_same,
-            "retain": other[:n_retain]}
+    return {
+        "forget": forget,
+        "neighbour": neighbour,
+        "retain_same": retain_same,
+        "retain": other[:n_retain],
+    }
 
 
 def template_facts(model, tokenizer, forget: list[Fact], subjects: list[str]) -> list[Fact]:
@@ -113,10 +121,22 @@ def template_facts(model, tokenizer, forget: list[Fact], subjects: list[str]) ->
 
 # --------------------------------------------------------------------------- variants
 
+
 def parse_variant(name: str) -> dict:
     parts = name.split("+")
-    spec = {"name": name, "method": parts[0], "lr": 1e-5, "options": {}, "same": 0, "tkl": 0,
-            "masks": [], "gate": False, "drop": False, "keyed": None, "ridge": 1e-2}
+    spec = {
+        "name": name,
+        "method": parts[0],
+        "lr": 1e-5,
+        "options": {},
+        "same": 0,
+        "tkl": 0,
+        "masks": [],
+        "gate": False,
+        "drop": False,
+        "keyed": None,
+        "ridge": 1e-2,
+    }
     if parts[0].startswith("keyed"):
         spec["keyed"] = int(parts[0][5:])
     for tok in parts[1:]:
@@ -151,12 +171,14 @@ def parse_variant(name: str) -> dict:
 
 def gated(objective: Objective) -> Objective:
     """The same forget loss on the tokens the model still predicts (argmax = label) only."""
+
     def loss(ctx):
         labels = ctx.labels.clone()
         pred = ctx.logits[:, :-1].detach().argmax(-1)
         tail = labels[:, 1:]
         tail[pred != tail] = -100
         return objective.loss(_Relabelled(ctx, labels))
+
     return Objective(objective.name, objective.batch, loss, objective.unit, objective.count)
 
 
@@ -181,14 +203,26 @@ def build_method(spec: dict):
 
 # --------------------------------------------------------------------------- one run
 
+
 def measure(model, tok, split, neutral) -> dict:
-    m = evaluate(model, tok, forget=split["forget"], retain=split["retain"],
-                 neighbour=split["neighbour"], neutral=neutral, progress=False)
+    m = evaluate(
+        model,
+        tok,
+        forget=split["forget"],
+        retain=split["retain"],
+        neighbour=split["neighbour"],
+        neutral=neutral,
+        progress=False,
+    )
     if split["retain_same"]:
-        s = score_answers(model, tok, [f.prompt for f in split["retain_same"]],
-                          [f.answer for f in split["retain_same"]])
+        s = score_answers(
+            model,
+            tok,
+            [f.prompt for f in split["retain_same"]],
+            [f.answer for f in split["retain_same"]],
+        )
         m["retain_same_acc"] = float(s.exact.mean())
-    return {k: v for k, v in m.items() if not math.isnan(v)}     # unused metrics
+    return {k: v for k, v in m.items() if not math.isnan(v)}  # unused metrics
 
 
 def run_variant(base, tok, split, templates, neutral, spec, seed, max_steps, log):
@@ -207,33 +241,50 @@ def run_variant(base, tok, split, templates, neutral, spec, seed, max_steps, log
         batch_facts = [f for f, k in zip(forget, known) if k] if spec["drop"] else forget
         n_same = min(spec["same"], len(split["retain_same"]))
         n_tkl = min(spec["tkl"], len(templates))
-        retain = (rng.sample(split["retain_same"], n_same) + rng.sample(templates, n_tkl)
-                  + rng.sample(split["retain"], max(RETAIN_BATCH - n_same - n_tkl,
-                                                    RETAIN_BATCH // 2)))
+        retain = (
+            rng.sample(split["retain_same"], n_same)
+            + rng.sample(templates, n_tkl)
+            + rng.sample(split["retain"], max(RETAIN_BATCH - n_same - n_tkl, RETAIN_BATCH // 2))
+        )
         model.train()
         rb = encode_facts(tok, retain) if method.needs_retain else None
         stats = unl.step(forget=encode_facts(tok, batch_facts), retain=rb)
-        known = score_answers(model, tok, [f.prompt for f in forget],
-                              [f.answer for f in forget]).exact
+        known = score_answers(
+            model, tok, [f.prompt for f in forget], [f.answer for f in forget]
+        ).exact
         s_nb = score_answers(model, tok, [f.prompt for f in nb], [f.answer for f in nb])
-        trace.append({"step": step, "forget_acc": float(known.mean()),
-                      "neighbour_acc": float(s_nb.exact.mean()),
-                      "neighbour_prob": float(s_nb.prob.mean()),
-                      **{k: v for k, v in stats.items() if k.startswith(("weight/", "cos/"))}})
-        log(f"  {spec['name']} seed {seed} step {step}: forget {known.mean():.2f} "
-            f"neighbour {s_nb.exact.mean():.2f}")
+        trace.append(
+            {
+                "step": step,
+                "forget_acc": float(known.mean()),
+                "neighbour_acc": float(s_nb.exact.mean()),
+                "neighbour_prob": float(s_nb.prob.mean()),
+                **{k: v for k, v in stats.items() if k.startswith(("weight/", "cos/"))},
+            }
+        )
+        log(
+            f"  {spec['name']} seed {seed} step {step}: forget {known.mean():.2f} "
+            f"neighbour {s_nb.exact.mean():.2f}"
+        )
         if not known.any():
             reached = step
             break
     seconds = time.perf_counter() - t0
     metrics = measure(model, tok, split, neutral)
     del model, unl, opt
-    return {"variant": spec["name"], "seed": seed, "steps": reached or max_steps,
-            "reached": reached is not None, "metrics": metrics, "trace": trace,
-            "seconds": seconds}
+    return {
+        "variant": spec["name"],
+        "seed": seed,
+        "steps": reached or max_steps,
+        "reached": reached is not None,
+        "metrics": metrics,
+        "trace": trace,
+        "seconds": seconds,
+    }
 
 
 # --------------------------------------------------------------------------- keyed edits
+
 
 def run_keyed(base, tok, split, neutral, spec, seed, max_steps, log):
     """Whitened subject-keyed edits (``keyedL``: ``unlearnopt.editing.keyed_forget`` on the
@@ -245,8 +296,9 @@ def run_keyed(base, tok, split, neutral, spec, seed, max_steps, log):
     # retain facts (never the neutral sentences of the perplexity, nor neighbours)
     from unlearnopt.data import load_fictitious_facts
 
-    texts = [p for f in load_fictitious_facts() + split["retain"] for p in (f.prompt,
-                                                                           *f.paraphrases)]
+    texts = [
+        p for f in load_fictitious_facts() + split["retain"] for p in (f.prompt, *f.paraphrases)
+    ]
     if spec["same"]:
         texts += [f.prompt for f in split["retain_same"]]
     module = model.model.layers[layer].mlp.down_proj
@@ -255,34 +307,52 @@ def run_keyed(base, tok, split, neutral, spec, seed, max_steps, log):
     trace, reached, t0 = [], None, time.perf_counter()
     for step in range(1, max_steps + 1):
         info = keyed_forget(model, tok, forget, module, c_inv)
-        known = score_answers(model, tok, [f.prompt for f in forget],
-                              [f.answer for f in forget]).exact
+        known = score_answers(
+            model, tok, [f.prompt for f in forget], [f.answer for f in forget]
+        ).exact
         s_nb = score_answers(model, tok, [f.prompt for f in nb], [f.answer for f in nb])
-        trace.append({"step": step, "forget_acc": float(known.mean()),
-                      "neighbour_acc": float(s_nb.exact.mean()),
-                      "neighbour_prob": float(s_nb.prob.mean()), **info})
-        log(f"  {spec['name']} seed {seed} round {step}: forget {known.mean():.2f} "
-            f"neighbour {s_nb.exact.mean():.2f} {info}")
+        trace.append(
+            {
+                "step": step,
+                "forget_acc": float(known.mean()),
+                "neighbour_acc": float(s_nb.exact.mean()),
+                "neighbour_prob": float(s_nb.prob.mean()),
+                **info,
+            }
+        )
+        log(
+            f"  {spec['name']} seed {seed} round {step}: forget {known.mean():.2f} "
+            f"neighbour {s_nb.exact.mean():.2f} {info}"
+        )
         if not known.any():
             reached = step
             break
     seconds = time.perf_counter() - t0
     metrics = measure(model, tok, split, neutral)
-    return {"variant": spec["name"], "seed": seed, "steps": reached or max_steps,
-            "reached": reached is not None, "metrics": metrics, "trace": trace,
-            "seconds": seconds}
+    return {
+        "variant": spec["name"],
+        "seed": seed,
+        "steps": reached or max_steps,
+        "reached": reached is not None,
+        "metrics": metrics,
+        "trace": trace,
+        "seconds": seconds,
+    }
 
 
 def verdict(before: dict, m: dict, reached: bool) -> dict[str, bool]:
     """The bar: forget <= 0.1, retain and same-relation neighbours >= 90% of before,
     perplexity <= +10%."""
-    return {"forgot": reached and m["forget_acc"] <= 0.1 + 1e-9,
-            "kept_retain": m["retain_acc"] >= 0.9 * before["retain_acc"] - 1e-9,
-            "kept_neighbours": m["neighbour_acc"] >= 0.9 * before["neighbour_acc"] - 1e-9,
-            "fluent": m["ppl"] <= 1.1 * before["ppl"]}
+    return {
+        "forgot": reached and m["forget_acc"] <= 0.1 + 1e-9,
+        "kept_retain": m["retain_acc"] >= 0.9 * before["retain_acc"] - 1e-9,
+        "kept_neighbours": m["neighbour_acc"] >= 0.9 * before["neighbour_acc"] - 1e-9,
+        "fluent": m["ppl"] <= 1.1 * before["ppl"],
+    }
 
 
 # --------------------------------------------------------------------------- the report
+
 
 def load_runs(run_dir: Path, relation: str | None = None) -> dict[str, list[dict]]:
     runs: dict[str, list[dict]] = {}
@@ -306,15 +376,23 @@ def held_out_acc(rec: dict) -> float:
 def summarize(recs: list[dict]) -> dict:
     """Mean and worst seed of each measure (worst: highest forget accuracy and perplexity
     change, lowest retain and neighbour accuracy)."""
+
     def col(fn):
         return np.array([fn(r) for r in recs], dtype=float)
 
     ppl = col(lambda r: 100 * (r["metrics"]["ppl"] / r["before"]["ppl"] - 1))
-    out = {"seeds": len(recs), "steps": col(lambda r: r["steps"]).mean(),
-           "reached": int(sum(r["reached"] for r in recs)),
-           "passed": int(sum(all(r["verdict"].values()) for r in recs))}
-    for key, worst in (("forget_acc", max), ("retain_acc", min), ("neighbour_acc", min),
-                       ("retain_same_acc", min)):
+    out = {
+        "seeds": len(recs),
+        "steps": col(lambda r: r["steps"]).mean(),
+        "reached": int(sum(r["reached"] for r in recs)),
+        "passed": int(sum(all(r["verdict"].values()) for r in recs)),
+    }
+    for key, worst in (
+        ("forget_acc", max),
+        ("retain_acc", min),
+        ("neighbour_acc", min),
+        ("retain_same_acc", min),
+    ):
         v = col(lambda r, key=key: r["metrics"].get(key, float("nan")))
         out[key] = (float(v.mean()), float(worst(v)))
     out["ppl_change"] = (float(ppl.mean()), float(ppl.max()))
@@ -326,22 +404,29 @@ def write_report(run_dir: Path, relation: str | None, order: list[str] | None) -
     runs = load_runs(run_dir, relation)
     names = [n for n in (order or sorted(runs)) if n in runs]
     rows = {n: summarize(runs[n]) for n in names}
-    lines = [("| variant | seeds | steps | forget acc | retain acc | neighbour acc | "
-             "same-rel. retain acc | all held-out same-rel. acc | ppl change % | "
-             "meets the bar |"),
-             "|---|---|---|---|---|---|---|---|---|---|"]
+    lines = [
+        (
+            "| variant | seeds | steps | forget acc | retain acc | neighbour acc | "
+            "same-rel. retain acc | all held-out same-rel. acc | ppl change % | "
+            "meets the bar |"
+        ),
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
 
     def pair(v, fmt="{:.2f}"):
         return f"{fmt.format(v[0])} ({fmt.format(v[1])})" if v[0] == v[0] else "-"
 
     for n, s in rows.items():
-        steps = f"{s['steps']:.1f}" + ("" if s["reached"] == s["seeds"] else
-                                       f" ({s['seeds'] - s['reached']} not reached)")
-        lines.append(f"| {n} | {s['seeds']} | {steps} | {pair(s['forget_acc'])} | "
-                     f"{pair(s['retain_acc'])} | {pair(s['neighbour_acc'])} | "
-                     f"{pair(s['retain_same_acc'])} | {pair(s['held_out_acc'])} | "
-                     f"{pair(s['ppl_change'], '{:+.1f}')} | "
-                     f"{s['passed']}/{s['seeds']} |")
+        steps = f"{s['steps']:.1f}" + (
+            "" if s["reached"] == s["seeds"] else f" ({s['seeds'] - s['reached']} not reached)"
+        )
+        lines.append(
+            f"| {n} | {s['seeds']} | {steps} | {pair(s['forget_acc'])} | "
+            f"{pair(s['retain_acc'])} | {pair(s['neighbour_acc'])} | "
+            f"{pair(s['retain_same_acc'])} | {pair(s['held_out_acc'])} | "
+            f"{pair(s['ppl_change'], '{:+.1f}')} | "
+            f"{s['passed']}/{s['seeds']} |"
+        )
     table = "\n".join(lines)
     tag = relation or "all"
     (run_dir / f"summary-{tag}.json").write_text(json.dumps(rows, indent=1))
@@ -359,8 +444,10 @@ def _plot(rows: dict, path: Path, relation: str | None) -> None:
     names = list(rows)
     fig, ax = plt.subplots(figsize=(7, 0.45 * len(names) + 1.5))
     y = np.arange(len(names))
-    for off, key, label in ((-0.2, "neighbour_acc", "same-relation neighbours"),
-                            (0.2, "retain_acc", "retain (other relations)")):
+    for off, key, label in (
+        (-0.2, "neighbour_acc", "same-relation neighbours"),
+        (0.2, "retain_acc", "retain (other relations)"),
+    ):
         mean = [rows[n][key][0] for n in names]
         worst = [rows[n][key][1] for n in names]
         ax.barh(y + off, mean, height=0.38, label=f"{label}, mean")
@@ -378,6 +465,7 @@ def _plot(rows: dict, path: Path, relation: str | None) -> None:
 
 
 # --------------------------------------------------------------------------- main
+
 
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
@@ -434,19 +522,27 @@ def main(argv=None) -> None:
                 continue
             spec = parse_variant(name)
             if spec["tkl"] and templates is None:
-                templates = template_facts(model, tok, split["forget"],
-                                           subjects[: args.template_subjects])
+                templates = template_facts(
+                    model, tok, split["forget"], subjects[: args.template_subjects]
+                )
             if not before_path.exists():
                 before = measure(model, tok, split, neutral)
-                before_path.write_text(json.dumps(
-                    {"before": before, "split": {k: [f.id for f in v] for k, v in split.items()},
-                     }, indent=1))
+                before_path.write_text(
+                    json.dumps(
+                        {
+                            "before": before,
+                            "split": {k: [f.id for f in v] for k, v in split.items()},
+                        },
+                        indent=1,
+                    )
+                )
             before = json.loads(before_path.read_text())["before"]
             if spec["keyed"] is not None:
                 rec = run_keyed(model, tok, split, neutral, spec, seed, args.max_steps, log)
             else:
-                rec = run_variant(model, tok, split, templates or [], neutral, spec, seed,
-                                  args.max_steps, log)
+                rec = run_variant(
+                    model, tok, split, templates or [], neutral, spec, seed, args.max_steps, log
+                )
             rec["before"] = before
             rec["verdict"] = verdict(before, rec["metrics"], rec["reached"])
             rec["relation"] = args.relation
@@ -455,10 +551,13 @@ def main(argv=None) -> None:
                 rec["templates"] = [[f.prompt, f.answer] for f in templates]
             path.write_text(json.dumps(rec, indent=1))
             m = rec["metrics"]
-            log(f"{tag} {name}: steps {rec['steps']}{'' if rec['reached'] else ' (not reached)'}"
+            log(
+                f"{tag} {name}: steps {rec['steps']}{'' if rec['reached'] else ' (not reached)'}"
                 f" forget {m['forget_acc']:.2f} retain {m['retain_acc']:.2f} neighbour "
-                f"{m['neighbour_acc']:.2f} same-rel retain {m.get('retain_same_acc', float('nan')):.2f}"
-                f" ppl {before['ppl']:.1f}->{m['ppl']:.1f} pass {all(rec['verdict'].values())}")
+                f"{m['neighbour_acc']:.2f} same-rel retain "
+                f"{m.get('retain_same_acc', float('nan')):.2f}"
+                f" ppl {before['ppl']:.1f}->{m['ppl']:.1f} pass {all(rec['verdict'].values())}"
+            )
 
 
 if __name__ == "__main__":

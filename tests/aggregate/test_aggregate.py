@@ -71,8 +71,8 @@ def test_min_norm_weights_match_independent_solver(k):
 def test_sit_out_equals_restricted_problem():
     gen = torch.Generator().manual_seed(3)
     g = torch.randn(6, 4, 9, generator=gen, dtype=torch.float64)
-    g[:, 1] *= 1e-5                                   # objective 1: rounding noise
-    g[:3, 3] *= 5e-4                                  # objective 3 too, in half the problems
+    g[:, 1] *= 1e-5  # objective 1: rounding noise
+    g[:3, 3] *= 5e-4  # objective 3 too, in half the problems
     gram = g @ g.transpose(-1, -2)
     for normalize in ("mean", "unit", "none"):
         res = MinNormWeights(normalize=normalize, sit_out=1e-3)(gram)
@@ -81,8 +81,11 @@ def test_sit_out_equals_restricted_problem():
         for b in range(6):
             keep = res.active[b].nonzero().flatten()
             assert bool((res.weights[b][~res.active[b]] == 0).all())
-            sub = rescaled_gram(gram[b:b + 1][:, keep][:, :, keep], normalize,
-                                torch.ones(1, len(keep), dtype=torch.bool))[0]
+            sub = rescaled_gram(
+                gram[b : b + 1][:, keep][:, :, keep],
+                normalize,
+                torch.ones(1, len(keep), dtype=torch.bool),
+            )[0]
             expected = nnls_min_norm(sub.numpy())
             np.testing.assert_allclose(res.weights[b][keep].numpy(), expected, atol=1e-6)
 
@@ -100,7 +103,7 @@ def test_batched_equals_looped_and_permutation_invariant(normalize):
     weighting = MinNormWeights(normalize=normalize)
     gram = hard_grams(3, cases=("random_psd",))["random_psd"]
     batched = weighting(gram).weights
-    looped = torch.cat([weighting(gram[b:b + 1]).weights for b in range(gram.shape[0])])
+    looped = torch.cat([weighting(gram[b : b + 1]).weights for b in range(gram.shape[0])])
     torch.testing.assert_close(batched, looped, rtol=0, atol=1e-12)
     perm = torch.tensor([2, 0, 1])
     permuted = weighting(gram[:, perm][:, :, perm]).weights
@@ -117,8 +120,9 @@ def test_scale_invariance(normalize):
     if normalize != "none":
         # Rescaling removes each gradient's own norm: one objective scaled alone, same w.
         s = torch.tensor([1.0, 30.0, 1.0], dtype=torch.float64)
-        torch.testing.assert_close(weighting(gram * s[:, None] * s[None, :]).weights, w,
-                                   rtol=0, atol=1e-9)
+        torch.testing.assert_close(
+            weighting(gram * s[:, None] * s[None, :]).weights, w, rtol=0, atol=1e-9
+        )
 
 
 def test_normalize_mean_spreads_weights_when_one_gradient_is_small():
@@ -126,8 +130,11 @@ def test_normalize_mean_spreads_weights_when_one_gradient_is_small():
     # without rescaling; with gradients rescaled to the mean norm it does not.
     gen = torch.Generator().manual_seed(0)
     g = torch.randn(1, 3, 50, generator=gen, dtype=torch.float64)
-    g = g / g.norm(dim=-1, keepdim=True) * torch.tensor([0.05, 10.0, 20.0],
-                                                        dtype=torch.float64)[None, :, None]
+    g = (
+        g
+        / g.norm(dim=-1, keepdim=True)
+        * torch.tensor([0.05, 10.0, 20.0], dtype=torch.float64)[None, :, None]
+    )
     gram = g @ g.transpose(-1, -2)
     plain = MinNormWeights(normalize="none")(gram).weights[0]
     mean = MinNormWeights(normalize="mean")(gram).weights[0]
@@ -174,8 +181,7 @@ def test_custom_solver_is_used():
 
 def _random_grads(k: int, shapes, seed: int = 0, none_at=()):
     gen = torch.Generator().manual_seed(seed)
-    grads = [[torch.randn(s, generator=gen, dtype=torch.float64) for s in shapes]
-             for _ in range(k)]
+    grads = [[torch.randn(s, generator=gen, dtype=torch.float64) for s in shapes] for _ in range(k)]
     for i, p in none_at:
         grads[i][p] = None
     return grads
@@ -187,14 +193,16 @@ def test_combine_global_and_per_tensor():
     c_global = torch.tensor([[0.2, 0.5, 0.3]], dtype=torch.float64)
     out = combine_gradients(grads, c_global)
     for p in range(3):
-        expected = sum(c_global[0, i] * (grads[i][p] if grads[i][p] is not None else 0)
-                       for i in range(3))
+        expected = sum(
+            c_global[0, i] * (grads[i][p] if grads[i][p] is not None else 0) for i in range(3)
+        )
         torch.testing.assert_close(out[p], expected)
     c_per = torch.rand(3, 3, dtype=torch.float64)
     out = combine_gradients(grads, c_per)
     for p in range(3):
-        expected = sum(c_per[p, i] * (grads[i][p] if grads[i][p] is not None else 0)
-                       for i in range(3))
+        expected = sum(
+            c_per[p, i] * (grads[i][p] if grads[i][p] is not None else 0) for i in range(3)
+        )
         torch.testing.assert_close(out[p], expected)
     # All None for one tensor -> None; inplace reuses the first gradient's buffer.
     grads = _random_grads(2, shapes, none_at=[(0, 2), (1, 2)])
@@ -209,9 +217,17 @@ def test_combine_global_and_per_tensor():
 def test_aggregator_direction_norm_from_gram(granularity):
     shapes = [(3, 4), (5,), (2, 2)]
     grads = _random_grads(3, shapes, seed=2)
-    per = torch.stack([torch.stack([torch.stack([(grads[i][p] * grads[j][p]).sum()
-                                                 for j in range(3)]) for i in range(3)])
-                       for p in range(3)])
+    per = torch.stack(
+        [
+            torch.stack(
+                [
+                    torch.stack([(grads[i][p] * grads[j][p]).sum() for j in range(3)])
+                    for i in range(3)
+                ]
+            )
+            for p in range(3)
+        ]
+    )
     agg = Aggregator(MinNormWeights(), granularity)
     res = agg.coefficients(per, per.sum(0))
     assert res.weights.shape == ((1, 3) if granularity == "global" else (3, 3))

@@ -31,10 +31,12 @@ def _conflict_grads():
 def test_cosine_mask_values():
     grads = _conflict_grads()
     cos = CosineMask().cosines(grad_gram(grads).per_tensor)
-    expected = [torch.nn.functional.cosine_similarity(f.reshape(-1), r.reshape(-1), dim=0)
-                for f, r in zip(grads[0][:2], grads[1][:2])]
+    expected = [
+        torch.nn.functional.cosine_similarity(f.reshape(-1), r.reshape(-1), dim=0)
+        for f, r in zip(grads[0][:2], grads[1][:2])
+    ]
     torch.testing.assert_close(cos[:2], torch.stack(expected).to(cos.dtype))
-    assert float(cos[2]) == 0.0                                   # no retain signal
+    assert float(cos[2]) == 0.0  # no retain signal
 
 
 def test_cosine_mask_drops_forget_contribution_where_it_conflicts():
@@ -42,7 +44,7 @@ def test_cosine_mask_drops_forget_contribution_where_it_conflicts():
     agg = MaskedAggregator(Aggregator(FixedWeights([1.0, 1.0])), CosineMask(threshold=0.0))
     d = _direction(agg, grads)
     f, r = grads
-    torch.testing.assert_close(d[0], r[0])                        # forget dropped, retain kept
+    torch.testing.assert_close(d[0], r[0])  # forget dropped, retain kept
     torch.testing.assert_close(d[1], f[1] + r[1])
     torch.testing.assert_close(d[2], f[2] + r[2])
 
@@ -121,8 +123,9 @@ def test_masked_step_leaves_unselected_entries_alone():
     model = make_model("llama")
     before = [p.detach().clone() for p in model.parameters()]
     method = make_method("ga")
-    method.aggregator = lambda: MaskedAggregator(Aggregator(FixedWeights([1.0])),
-                                                 SaliencyMask(fraction=0.01), targets=None)
+    method.aggregator = lambda: MaskedAggregator(
+        Aggregator(FixedWeights([1.0])), SaliencyMask(fraction=0.01), targets=None
+    )
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     MultiObjectiveUnlearner(model, opt, method=method).step(forget=make_batch(model))
     changed = sum(int((p.detach() != b).sum()) for p, b in zip(model.parameters(), before))
@@ -130,15 +133,18 @@ def test_masked_step_leaves_unselected_entries_alone():
     assert 0 < changed <= 0.011 * total + 1
 
 
-@pytest.mark.parametrize("bad", [
-    lambda: CosineMask(threshold=1.0),
-    lambda: CosineMask(forget=0, retain=(0, 1)),
-    lambda: SaliencyMask(fraction=0.0),
-    lambda: SaliencyMask(score="size"),
-    lambda: SaliencyMask(unit="column"),
-    lambda: MaskedAggregator(Aggregator(FixedWeights([1.0])), []),
-    lambda: MaskedAggregator("global", CosineMask()),
-])
+@pytest.mark.parametrize(
+    "bad",
+    [
+        lambda: CosineMask(threshold=1.0),
+        lambda: CosineMask(forget=0, retain=(0, 1)),
+        lambda: SaliencyMask(fraction=0.0),
+        lambda: SaliencyMask(score="size"),
+        lambda: SaliencyMask(unit="column"),
+        lambda: MaskedAggregator(Aggregator(FixedWeights([1.0])), []),
+        lambda: MaskedAggregator("global", CosineMask()),
+    ],
+)
 def test_bad_arguments_raise(bad):
     with pytest.raises((ValueError, TypeError)):
         bad()

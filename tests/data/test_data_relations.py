@@ -9,14 +9,21 @@ from unlearnopt.data.relations import same_relation_facts
 
 
 def _fact(rel, subj, ans):
-    return Fact(prompt=f"The {rel} of {subj} is", answer=ans, relation=rel, id=f"{rel}/{subj}",
-                subject=subj)
+    return Fact(
+        prompt=f"The {rel} of {subj} is", answer=ans, relation=rel, id=f"{rel}/{subj}", subject=subj
+    )
 
 
-POOL = [_fact("capital", "France", "Paris"), _fact("capital", "Japan", "Tokyo"),
-        _fact("capital", "Peru", "Lima"), _fact("capital", "Chile", "Santiago"),
-        _fact("language", "Mexico", "Spanish"), _fact("language", "Argentina", "Spanish"),
-        _fact("language", "Brazil", "Portuguese"), _fact("currency", "Japan", "yen")]
+POOL = [
+    _fact("capital", "France", "Paris"),
+    _fact("capital", "Japan", "Tokyo"),
+    _fact("capital", "Peru", "Lima"),
+    _fact("capital", "Chile", "Santiago"),
+    _fact("language", "Mexico", "Spanish"),
+    _fact("language", "Argentina", "Spanish"),
+    _fact("language", "Brazil", "Portuguese"),
+    _fact("currency", "Japan", "yen"),
+]
 
 
 def test_same_relation_only_without_forget_and_excluded():
@@ -26,7 +33,7 @@ def test_same_relation_only_without_forget_and_excluded():
 
 
 def test_shared_answers_are_left_out():
-    out = same_relation_facts(POOL, [POOL[5]])            # forget Argentina -> Spanish
+    out = same_relation_facts(POOL, [POOL[5]])  # forget Argentina -> Spanish
     assert [f.id for f in out] == ["language/Brazil"]
 
 
@@ -36,12 +43,12 @@ def test_seeded_sample():
     b = same_relation_facts(POOL, forget, k=2, seed=3)
     assert a == b and len(a) == 2
     assert {f.relation for f in a} <= {"capital", "language"}
-    assert all(f.id not in {"capital/France", "language/Mexico", "language/Argentina"}
-               for f in a)
+    assert all(f.id not in {"capital/France", "language/Mexico", "language/Argentina"} for f in a)
 
 
-@pytest.mark.parametrize("kwargs", [{"forget": []}, {"k": -1}, {"k": 1.5},
-                                    {"forget": POOL[0]}, {"pool": ["x"]}])
+@pytest.mark.parametrize(
+    "kwargs", [{"forget": []}, {"k": -1}, {"k": 1.5}, {"forget": POOL[0]}, {"pool": ["x"]}]
+)
 def test_bad_arguments(kwargs):
     args = {"pool": POOL, "forget": [POOL[0]], **kwargs}
     with pytest.raises((ValueError, TypeError)):

@@ -46,18 +46,33 @@ def main() -> None:
     mesh = init_device_mesh("cpu", (world,))
     placements = [[Shard(0)], [Shard(0)], [Shard(0)], [Replicate()], [Shard(1)]]
     full = full_gradients()
-    dtensors = [[None if g is None else distribute_tensor(g, mesh, placements[p])
-                 for p, g in enumerate(seq)] for seq in full]
+    dtensors = [
+        [
+            None if g is None else distribute_tensor(g, mesh, placements[p])
+            for p, g in enumerate(seq)
+        ]
+        for seq in full
+    ]
     auto = grad_gram(dtensors, backend=backend)
     local_only = grad_gram(dtensors, reduce=False, backend=backend)
-    shards = [[None if g is None else torch.tensor_split(g.reshape(-1), world)[rank]
-               for g in seq] for seq in full]
+    shards = [
+        [None if g is None else torch.tensor_split(g.reshape(-1), world)[rank] for g in seq]
+        for seq in full
+    ]
     plain = grad_gram(shards, process_group=dist.group.WORLD, backend=backend)
     local_sum = local_only.per_tensor.clone()
     dist.all_reduce(local_sum)
     if rank == 0:
-        torch.save({"full": full, "auto": tuple(auto), "plain": tuple(plain),
-                    "local_sum": local_sum, "world": world}, out_path)
+        torch.save(
+            {
+                "full": full,
+                "auto": tuple(auto),
+                "plain": tuple(plain),
+                "local_sum": local_sum,
+                "world": world,
+            },
+            out_path,
+        )
     dist.barrier()
     dist.destroy_process_group()
 

@@ -39,7 +39,7 @@ def run(model, ref, method, forget, retain, fsdp=False):
     stats = [u.step(forget, retain) for _ in range(2)]
     params = [p.detach() for p in model.parameters()]
     if fsdp:
-        params = [p.full_tensor() for p in params]           # a collective: every rank calls it
+        params = [p.full_tensor() for p in params]  # a collective: every rank calls it
     return stats[-1], [p.clone() for p in params]
 
 

@@ -24,7 +24,6 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspa
 from tests.tiny_models import make_batch, make_model
 from unlearnopt.unlearner import MultiObjectiveUnlearner
 
-
 # OFMU's inner step large enough to matter on the tiny model (the default is 3e-5).
 OPTIONS = {"ofmu": {"inner_lr": 0.1}}
 
@@ -67,8 +66,9 @@ def compare_with_one_process(run, dtype: torch.dtype, **wrap) -> None:
             stats, params = run(copy.deepcopy(model), ref, method, forget, retain)
             single = {"stats": stats, "params": params}
         lo, hi = (0, 1) if rank == 0 else (1, 3)
-        mine = run(copy.deepcopy(model), ref, method, part(forget, lo, hi),
-                   part(retain, lo, hi), **wrap)
+        mine = run(
+            copy.deepcopy(model), ref, method, part(forget, lo, hi), part(retain, lo, hi), **wrap
+        )
         gathered = [None] * world
         dist.all_gather_object(gathered, mine)
         results[method] = {"single": single, "ranks": gathered}

@@ -25,8 +25,9 @@ def trained_tiny(_one_thread):
 
     tok = tiny_tokenizer(all_texts())
     model = tiny_llama(len(tok))
-    info = finetune(model, tok, tiny_facts(), lr=3e-2, epochs=60, batch_size=16,
-                    target_acc=1.0, progress=False)
+    info = finetune(
+        model, tok, tiny_facts(), lr=3e-2, epochs=60, batch_size=16, target_acc=1.0, progress=False
+    )
     assert info["finetune_acc"] >= 0.9, info
     return model, tok
 

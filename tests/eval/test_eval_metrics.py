@@ -34,7 +34,7 @@ def test_encode_qa_labels_only_the_answer(tiny):
     b = encode_qa(tok, ["the capital of Aland is", "the colour of sky is"], ["Bormo", "blue"])
     ans = tok(" Bormo", add_special_tokens=False)["input_ids"]
     n_prompt = len(tok("the capital of Aland is")["input_ids"])
-    assert b["labels"][0, n_prompt:n_prompt + len(ans)].tolist() == ans
+    assert b["labels"][0, n_prompt : n_prompt + len(ans)].tolist() == ans
     assert (b["labels"][0, :n_prompt] == -100).all()
     assert (b["labels"][b["attention_mask"] == 0] == -100).all()
     with pytest.raises(ValueError, match="same length"):
@@ -76,12 +76,31 @@ def test_membership_auc_and_diversity():
 def test_evaluate_returns_every_metric(tiny):
     model, tok = tiny
     facts = tiny_facts()
-    m = evaluate(model, tok, forget=facts[:2], retain=facts[2:4], neighbour=facts[4:6],
-                 neutral=["the train is late again today"], nonmember=facts[10:12],
-                 diversity_prompts=["the dog"], max_new_tokens=3, progress=False)
-    assert set(m) == {"forget_acc", "forget_prob", "general_acc", "general_prob", "retain_acc",
-                      "retain_prob", "neighbour_acc", "neighbour_prob", "ppl", "diversity",
-                      "mia_auc"}
+    m = evaluate(
+        model,
+        tok,
+        forget=facts[:2],
+        retain=facts[2:4],
+        neighbour=facts[4:6],
+        neutral=["the train is late again today"],
+        nonmember=facts[10:12],
+        diversity_prompts=["the dog"],
+        max_new_tokens=3,
+        progress=False,
+    )
+    assert set(m) == {
+        "forget_acc",
+        "forget_prob",
+        "general_acc",
+        "general_prob",
+        "retain_acc",
+        "retain_prob",
+        "neighbour_acc",
+        "neighbour_prob",
+        "ppl",
+        "diversity",
+        "mia_auc",
+    }
     assert all(0 <= m[k] <= 1 for k in m if k != "ppl") and m["ppl"] > 1
 
 
@@ -98,8 +117,12 @@ def test_verdict_in_words_names_the_thresholds():
     assert "retain accuracy 0.50 (needs >= 0.72, 90% of 0.80 before)" in text
     assert "perplexity 50.0 (needs <= 44.0, before 40.0 +10%)" in text
     assert "neighbour" not in text
-    assert quality_verdict(before, bad) == {"forgot": False, "kept_retain": False,
-                                            "kept_neighbours": True, "fluent": False}
+    assert quality_verdict(before, bad) == {
+        "forgot": False,
+        "kept_retain": False,
+        "kept_neighbours": True,
+        "fluent": False,
+    }
 
 
 def test_tables_and_plots_share_metric_names_with_directions():

@@ -29,21 +29,35 @@ def test_pulse_end_to_end_writes_report_and_plots(trained_tiny, tmp_path):
 
     model, tok = trained_tiny
     snapshot = copy.deepcopy(model.state_dict())
-    report = run_pulse(model, tok, tiny_pulse_config(phases=("pretrained", "finetuned")), tmp_path,
-                       real_facts=tiny_facts(), fictitious=tiny_fictitious(), neutral=NEUTRAL,
-                       log=lambda s: None)
+    report = run_pulse(
+        model,
+        tok,
+        tiny_pulse_config(phases=("pretrained", "finetuned")),
+        tmp_path,
+        real_facts=tiny_facts(),
+        fictitious=tiny_fictitious(),
+        neutral=NEUTRAL,
+        log=lambda s: None,
+    )
     # the caller's model is left untouched: every method works on its own copy
     for k, v in model.state_dict().items():
         assert torch.equal(v, snapshot[k]), k
     for phase in ("pretrained", "finetuned"):
         data = report["phases"][phase]
-        assert data["before"]["forget_acc"] == 1.0   # only known facts are forgotten
+        assert data["before"]["forget_acc"] == 1.0  # only known facts are forgotten
         for method in ("ga", "mollm"):
             ends = [r for r in data["methods"][method] if r["point"] == "end"]
             assert [r["request"] for r in ends] == [1, 2]
             for r in ends:
-                assert set(r["metrics"]) >= {"forget_acc", "general_acc", "retain_acc",
-                                             "neighbour_acc", "ppl", "diversity", "mia_auc"}
+                assert set(r["metrics"]) >= {
+                    "forget_acc",
+                    "general_acc",
+                    "retain_acc",
+                    "neighbour_acc",
+                    "ppl",
+                    "diversity",
+                    "mia_auc",
+                }
         names = [row["name"] for row in data["summary"]]
         assert names[0] == "before" and "ga@end" in names and "mollm@end" in names
     split = report["phases"]["pretrained"]["split"]
@@ -55,8 +69,12 @@ def test_pulse_end_to_end_writes_report_and_plots(trained_tiny, tmp_path):
     assert not set(split["neighbour"]) & (set(split["retain"]) | set(forget_ids))
     on_disk = json.loads((tmp_path / "report.json").read_text())
     assert on_disk["phases"]["pretrained"]["summary"][0]["name"] == "before"
-    for name in ("pretrained_metrics.png", "pretrained_table.png", "finetuned_metrics.png",
-                 "pretrained_table.txt"):
+    for name in (
+        "pretrained_metrics.png",
+        "pretrained_table.png",
+        "finetuned_metrics.png",
+        "pretrained_table.txt",
+    ):
         assert (tmp_path / name).stat().st_size > 0
 
 
@@ -64,9 +82,16 @@ def _ga_records(trained_tiny, **kw) -> list[dict]:
     from unlearnopt.eval.pulse import run_pulse
 
     model, tok = trained_tiny
-    report = run_pulse(model, tok, tiny_pulse_config(methods=("ga",), lr=5e-2, **kw), None,
-                       real_facts=tiny_facts(), fictitious=tiny_fictitious(), neutral=NEUTRAL,
-                       log=lambda s: None)
+    report = run_pulse(
+        model,
+        tok,
+        tiny_pulse_config(methods=("ga",), lr=5e-2, **kw),
+        None,
+        real_facts=tiny_facts(),
+        fictitious=tiny_fictitious(),
+        neutral=NEUTRAL,
+        log=lambda s: None,
+    )
     return report["phases"]["pretrained"]["methods"]["ga"]
 
 
@@ -77,14 +102,15 @@ def test_ga_at_high_lr_forgets_and_target_is_recorded(trained_tiny):
     assert all(r["metrics"]["forget_acc"] == 0.0 or r["request"] > 1 for r in at)
     ends = [r for r in recs if r["point"] == "end"]
     # with stop_at_target a request ends at the step it reached the target
-    assert all(e["request_step"] == e["steps_to_target"] for e in ends
-               if e["steps_to_target"] is not None)
+    assert all(
+        e["request_step"] == e["steps_to_target"] for e in ends if e["steps_to_target"] is not None
+    )
 
 
 def test_run_on_past_the_target_measures_both_points(trained_tiny):
     recs = _ga_records(trained_tiny, steps=4, stop_at_target=False)
     ends = [r for r in recs if r["point"] == "end"]
-    assert [e["request_step"] for e in ends] == [4, 4]      # the whole budget, every request
+    assert [e["request_step"] for e in ends] == [4, 4]  # the whole budget, every request
     for at in (r for r in recs if r["point"] == "at_target"):
         end = next(e for e in ends if e["request"] == at["request"])
         assert at["request_step"] == end["steps_to_target"] <= end["request_step"]
@@ -103,12 +129,12 @@ def test_requests_replay_relapsed_facts_with_a_fresh_optimizer(trained_tiny, mon
     facts = tiny_facts()
     batches, optimizers = [], []
 
-    def fake_step(self, forget):       # record what each step would train on; change nothing
+    def fake_step(self, forget):  # record what each step would train on; change nothing
         batches.append([f.id for f in forget])
         optimizers.append(self.optimizer)
         return {}
 
-    def fake_score(model, tokenizer, prompts, answers, **kw):   # facts[0] stays forgotten
+    def fake_score(model, tokenizer, prompts, answers, **kw):  # facts[0] stays forgotten
         return SimpleNamespace(exact=np.array([p != facts[0].prompt for p in prompts]))
 
     monkeypatch.setattr(training.UnlearningRun, "step", fake_step)
@@ -118,41 +144,65 @@ def test_requests_replay_relapsed_facts_with_a_fresh_optimizer(trained_tiny, mon
     for replay, fresh in ((True, True), (False, False)):
         batches.clear()
         optimizers.clear()
-        cfg = tiny_pulse_config(methods=("ga",), steps=2, replay=replay, fresh_optimizer=fresh,
-                   method_options={"ga": {"lr": 0.125}})
-        recs = pulse.run_method_sequence(work, None, tok, "ga", split, cfg, NEUTRAL, NEUTRAL[:2],
-                                         log=lambda s: None)
-        assert [r["request_step"] for r in recs] == [2, 2]      # never at the target
+        cfg = tiny_pulse_config(
+            methods=("ga",),
+            steps=2,
+            replay=replay,
+            fresh_optimizer=fresh,
+            method_options={"ga": {"lr": 0.125}},
+        )
+        recs = pulse.run_method_sequence(
+            work, None, tok, "ga", split, cfg, NEUTRAL, NEUTRAL[:2], log=lambda s: None
+        )
+        assert [r["request_step"] for r in recs] == [2, 2]  # never at the target
         first, second = [f.id for f in facts[:2]], [f.id for f in facts[2:4]]
         # request 2 replays facts[1] (answered again), not facts[0] (still forgotten)
         assert batches == [first, first] + [second + first[1:] if replay else second] * 2
         assert recs[1]["replayed_facts"] == (1 if replay else 0)
         assert (optimizers[2] is not optimizers[1]) == fresh
         assert optimizers[0] is optimizers[1]
-        assert all(o.param_groups[0]["lr"] == 0.125 for o in optimizers)   # the method's own lr
+        assert all(o.param_groups[0]["lr"] == 0.125 for o in optimizers)  # the method's own lr
 
 
 def test_forget_facts_have_answers_of_their_own():
     from unlearnopt.eval.pulse import PulseConfig, split_pretrained
 
-    known = [Fact(prompt=f"{c} is on the continent of", answer="Europe", relation="continent",
-                  id=f"continent/{c}") for c in ("France", "Norway", "Spain", "Italy")]
-    known += [Fact(prompt=f"{c} is on the continent of", answer=a, relation="continent",
-                   id=f"continent/{c}") for c, a in (("Chad", "Africa"), ("Peru", "South America"))]
-    known += [Fact(prompt=f"the colour of {s} is", answer=a, relation="colour", id=f"colour/{s}")
-              for s, a in COLOURS]
+    known = [
+        Fact(
+            prompt=f"{c} is on the continent of",
+            answer="Europe",
+            relation="continent",
+            id=f"continent/{c}",
+        )
+        for c in ("France", "Norway", "Spain", "Italy")
+    ]
+    known += [
+        Fact(
+            prompt=f"{c} is on the continent of",
+            answer=a,
+            relation="continent",
+            id=f"continent/{c}",
+        )
+        for c, a in (("Chad", "Africa"), ("Peru", "South America"))
+    ]
+    known += [
+        Fact(prompt=f"the colour of {s} is", answer=a, relation="colour", id=f"colour/{s}")
+        for s, a in COLOURS
+    ]
     for seed in range(5):
         split = split_pretrained(known, [], PulseConfig(forget_size=6, requests=2, seed=seed))
         answers = [f.answer for f in split.forget]
         assert "Europe" not in answers and len(answers) == 6
-        assert {"Africa", "South America"} & set(answers)       # continents are still forgotten
+        assert {"Africa", "South America"} & set(answers)  # continents are still forgotten
 
 
 def test_split_requests_and_config_validation():
     from unlearnopt.eval.pulse import PulseConfig, split_requests
 
     chunks = split_requests(list(range(7)), 3)
-    assert [len(c) for c in chunks] == [2, 3, 2] and functools.reduce(operator.iadd, chunks, []) == list(range(7))
+    assert [len(c) for c in chunks] == [2, 3, 2] and functools.reduce(
+        operator.iadd, chunks, []
+    ) == list(range(7))
     with pytest.raises(ValueError, match="unknown method 'nope'"):
         PulseConfig(methods=("nope",)).validate()
     with pytest.raises(ValueError, match="forget_size"):
@@ -170,7 +220,7 @@ def test_method_settings_precedence():
     assert method_settings(cfg, "ga") == {"lr": 2e-5}
     assert method_settings(cfg, "npo") == {"lr": 7e-6}
     assert method_settings(cfg, "siu") == {**TUNED_METHOD_OPTIONS["siu"], "beta": 1.5}
-    cfg.method_options["siu"]["lr"] = 1e-6          # the caller's options win
+    cfg.method_options["siu"]["lr"] = 1e-6  # the caller's options win
     assert method_settings(cfg, "siu")["lr"] == 1e-6
 
 
@@ -179,7 +229,7 @@ def test_siu_substitutes_are_invented_per_fact():
 
     facts = tiny_facts()
     words = [substitute_answer(f) for f in facts]
-    assert words == [substitute_answer(f) for f in tiny_facts()]        # stable across calls
+    assert words == [substitute_answer(f) for f in tiny_facts()]  # stable across calls
     assert set(words) <= set(SUBSTITUTES) and len(set(words)) > 3
     assert not {f.answer for f in facts} & set(words)
 
@@ -191,11 +241,15 @@ def test_siu_batch_masks(trained_tiny):
     _, tok = trained_tiny
     facts = tiny_facts()
     b, retain = get_method("siu")().fact_batches(
-        facts[:2], facts[2:5], encode=lambda p, a: encode_qa(tok, p, a), tokenizer=tok,
-        vocab_size=len(tok))
-    assert retain is None                                      # aim 4 rows are the retain signal
+        facts[:2],
+        facts[2:5],
+        encode=lambda p, a: encode_qa(tok, p, a),
+        tokenizer=tok,
+        vocab_size=len(tok),
+    )
+    assert retain is None  # aim 4 rows are the retain signal
     assert b["token_mask"].shape == b["labels"].shape
-    assert not b["token_mask"][:2].any()                       # substitute targets: no KL
+    assert not b["token_mask"][:2].any()  # substitute targets: no KL
     assert torch.equal(b["token_mask"][2:], b["labels"][2:] != -100)
     forgotten = tok(" " + facts[0].answer, add_special_tokens=False)["input_ids"]
     assert not b["vocab_mask"][forgotten].any() and b["vocab_mask"].sum() == len(tok) - 2

@@ -31,7 +31,7 @@ def test_relation_focus_one_relation_per_request(seed):
     assert [len(r) for r in split.requests] == [2, 2]
     rels = [{f.relation for f in r} for r in split.requests]
     assert all(len(r) == 1 for r in rels)
-    assert rels[0] != rels[1]          # two relations available: a different one per request
+    assert rels[0] != rels[1]  # two relations available: a different one per request
     forgotten = set().union(*rels)
     # neighbours: held-out facts of the forgotten relations; retain includes others of them
     assert split.neighbour and {f.relation for f in split.neighbour} <= forgotten
@@ -42,9 +42,10 @@ def test_relation_focus_one_relation_per_request(seed):
 def test_relation_focus_reuses_a_relation_and_forgets_only_own_answers():
     from unlearnopt.eval.pulse import PulseConfig, split_focused
 
-    facts = tiny_facts()[:8]                       # capitals only
-    facts.append(Fact(prompt="the capital of Zed is", answer="Bormo", relation="capital",
-                      id="capital/Zed"))         # shares its answer with capital/Aland
+    facts = tiny_facts()[:8]  # capitals only
+    facts.append(
+        Fact(prompt="the capital of Zed is", answer="Bormo", relation="capital", id="capital/Zed")
+    )  # shares its answer with capital/Aland
     cfg = PulseConfig(focus="relation", forget_size=4, requests=2, retain_size=20)
     split = split_focused(facts, [], cfg)
     _check_disjoint(split)
@@ -60,8 +61,16 @@ def test_subject_focus_forgets_every_fact_of_one_subject(seed):
 
     people = tiny_fictitious()
     # a third fact for one person whose answer another person's fact shares
-    people.append(Fact(prompt="Zarn lives in", answer="violin", relation="home",
-                       id="fict/Zarn/home", subject="Zarn", entity="Zarn"))
+    people.append(
+        Fact(
+            prompt="Zarn lives in",
+            answer="violin",
+            relation="home",
+            id="fict/Zarn/home",
+            subject="Zarn",
+            entity="Zarn",
+        )
+    )
     cfg = PulseConfig(focus="subject", requests=2, retain_size=20, seed=seed)
     split = split_focused(people, [], cfg)
     _check_disjoint(split)
@@ -96,8 +105,17 @@ def test_retain_sampler_takes_same_relation_facts():
     capitals, colours = facts[:8], facts[8:]
     retain = capitals[2:6] + colours
     for same, expect in ((False, None), (True, 2)):
-        run = UnlearningRun(tiny_llama(len(tok)), tok, "ga", None, retain, lr=1e-3,
-                            retain_batch_size=4, seed=0, retain_same_relation=same)
+        run = UnlearningRun(
+            tiny_llama(len(tok)),
+            tok,
+            "ga",
+            None,
+            retain,
+            lr=1e-3,
+            retain_batch_size=4,
+            seed=0,
+            retain_same_relation=same,
+        )
         counts = []
         for _ in range(20):
             batch = run.retain_batch(capitals[:2])
@@ -106,10 +124,19 @@ def test_retain_sampler_takes_same_relation_facts():
         if expect is not None:
             assert set(counts) == {expect}
         else:
-            assert len(set(counts)) > 1        # uniform draws: the share varies
+            assert len(set(counts)) > 1  # uniform draws: the share varies
     # few other facts: the batch fills up with more of the same relation
-    run = UnlearningRun(tiny_llama(len(tok)), tok, "ga", None, capitals[2:8] + colours[:1],
-                        lr=1e-3, retain_batch_size=4, seed=0, retain_same_relation=True)
+    run = UnlearningRun(
+        tiny_llama(len(tok)),
+        tok,
+        "ga",
+        None,
+        capitals[2:8] + colours[:1],
+        lr=1e-3,
+        retain_batch_size=4,
+        seed=0,
+        retain_same_relation=True,
+    )
     batch = run.retain_batch(capitals[:2])
     assert len(batch) == 4 and sum(f.relation == "capital" for f in batch) == 3
 
@@ -118,10 +145,24 @@ def test_focused_pulse_with_one_shot_comparison(trained_tiny, tmp_path):
     from unlearnopt.eval.pulse import run_pulse
 
     model, tok = trained_tiny
-    cfg = tiny_pulse_config(methods=("ga",), focus="relation", compare_one_shot=True,
-               retain_same_relation=True, lr=5e-2, steps=2)
-    report = run_pulse(model, tok, cfg, tmp_path, real_facts=tiny_facts(),
-                       fictitious=tiny_fictitious(), neutral=NEUTRAL, log=lambda s: None)
+    cfg = tiny_pulse_config(
+        methods=("ga",),
+        focus="relation",
+        compare_one_shot=True,
+        retain_same_relation=True,
+        lr=5e-2,
+        steps=2,
+    )
+    report = run_pulse(
+        model,
+        tok,
+        cfg,
+        tmp_path,
+        real_facts=tiny_facts(),
+        fictitious=tiny_fictitious(),
+        neutral=NEUTRAL,
+        log=lambda s: None,
+    )
     data = report["phases"]["pretrained"]
     rels = [{i.split("/")[0] for i in r} for r in data["split"]["forget_requests"]]
     assert all(len(r) == 1 for r in rels)
@@ -140,10 +181,24 @@ def test_subject_focus_in_the_finetuned_phase(trained_tiny):
     from unlearnopt.eval.pulse import run_pulse
 
     model, tok = trained_tiny
-    cfg = tiny_pulse_config(methods=("ga",), phases=("finetuned",), focus="subject", lr=5e-2, steps=2,
-               finetune_entities=5)
-    report = run_pulse(model, tok, cfg, None, real_facts=tiny_facts(),
-                       fictitious=tiny_fictitious(), neutral=NEUTRAL, log=lambda s: None)
+    cfg = tiny_pulse_config(
+        methods=("ga",),
+        phases=("finetuned",),
+        focus="subject",
+        lr=5e-2,
+        steps=2,
+        finetune_entities=5,
+    )
+    report = run_pulse(
+        model,
+        tok,
+        cfg,
+        None,
+        real_facts=tiny_facts(),
+        fictitious=tiny_fictitious(),
+        neutral=NEUTRAL,
+        log=lambda s: None,
+    )
     split = report["phases"]["finetuned"]["split"]
     people = [{i.split("/")[1] for i in r} for r in split["forget_requests"]]
     assert [len(p) for p in people] == [1, 1] and people[0] != people[1]

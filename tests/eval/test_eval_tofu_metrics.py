@@ -38,16 +38,16 @@ def test_forget_quality_by_hand():
     # exact two-sided p = 2 / C(8, 4) = 2 / 70.
     assert forget_quality([0.1, 0.2, 0.3, 0.4], [0.1, 0.2, 0.3, 0.4]) == pytest.approx(1.0)
     assert forget_quality([1, 2, 3, 4], [5, 6, 7, 8]) == pytest.approx(2 / 70)
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="needs truth ratios from both models"):
         forget_quality([], [1.0])
 
 
 def test_harmonic_mean_and_model_utility_by_hand():
-    assert harmonic_mean([1.0, 0.5]) == pytest.approx(2 / 3)      # 2 / (1 + 2)
+    assert harmonic_mean([1.0, 0.5]) == pytest.approx(2 / 3)  # 2 / (1 + 2)
     assert harmonic_mean([0.5, 0.0, 1.0]) == 0.0
     # six scores: 2 x (0.5, 0.25, 1.0): 6 / (2 * (2 + 4 + 1)) = 3/7
     assert model_utility([0.5, 0.5], [0.25, 0.25], [1.0, 1.0]) == pytest.approx(3 / 7)
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="non-negative values"):
         harmonic_mean([0.5, -0.1])
 
 
@@ -58,8 +58,9 @@ def test_privacy_leakage_by_hand():
     with pytest.raises(ValueError, match="auc_retain"):
         privacy_leakage(0.5, 0.0)
     # unlearned: members all below non-members (AUC 1); retain model: AUC 0.5 -> +1.0
-    assert membership_privacy_leakage([0.1, 0.2], [0.5, 0.6], [0.3, 0.5], [0.3, 0.5]) == \
-        pytest.approx(1.0)
+    assert membership_privacy_leakage(
+        [0.1, 0.2], [0.5, 0.6], [0.3, 0.5], [0.3, 0.5]
+    ) == pytest.approx(1.0)
 
 
 def test_rouge_l_recall_by_hand():
@@ -77,7 +78,7 @@ def test_exact_memorization_and_extraction_strength_by_hand():
     assert extraction_strength(hits) == pytest.approx(2 / 5)
     assert extraction_strength([True, True]) == 1.0
     assert extraction_strength([True, False]) == 0.0
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="at least one answer token"):
         exact_memorization([])
 
 
@@ -104,8 +105,7 @@ def test_model_helpers_agree_with_the_answer_scorer():
         assert r == pytest.approx(np.mean(pw) / p, rel=1e-6)
 
 
-def test_pulse_finetuned_phase_reports_tofu_metrics_against_a_retain_model(monkeypatch,
-                                                                           tmp_path):
+def test_pulse_finetuned_phase_reports_tofu_metrics_against_a_retain_model(monkeypatch, tmp_path):
     from tests.pulse_fixtures import NEUTRAL, tiny_fictitious, tiny_pulse_config
     from unlearnopt.eval.pulse import run_pulse
     from unlearnopt.eval.tofu_metrics import TOFU_METRIC_NAMES
@@ -114,10 +114,16 @@ def test_pulse_finetuned_phase_reports_tofu_metrics_against_a_retain_model(monke
     tok = tiny_tokenizer(all_texts())
     model = tiny_llama(len(tok))
     lines = []
-    report = run_pulse(model, tok, tiny_pulse_config(methods=("ga", "simnpo"), phases=("finetuned",),
-                                        requests=1, steps=2),
-                       tmp_path, real_facts=tiny_facts(), fictitious=tiny_fictitious(),
-                       neutral=NEUTRAL, log=lines.append)
+    report = run_pulse(
+        model,
+        tok,
+        tiny_pulse_config(methods=("ga", "simnpo"), phases=("finetuned",), requests=1, steps=2),
+        tmp_path,
+        real_facts=tiny_facts(),
+        fictitious=tiny_fictitious(),
+        neutral=NEUTRAL,
+        log=lines.append,
+    )
     data = report["phases"]["finetuned"]
     assert set(data["tofu_before"]) == set(TOFU_METRIC_NAMES)
     assert any("retain model" in line for line in lines)
@@ -128,8 +134,16 @@ def test_pulse_finetuned_phase_reports_tofu_metrics_against_a_retain_model(monke
         assert 0.0 <= tofu["exact_memorization"] <= 1.0
     table = (tmp_path / "finetuned_tofu_table.txt").read_text()
     assert "forget quality" in table and "simnpo@end" in table and "before" in table
-    off = run_pulse(model, tok, tiny_pulse_config(methods=("ga",), phases=("finetuned",), requests=1,
-                                     steps=1, retain_model=False),
-                    None, real_facts=tiny_facts(), fictitious=tiny_fictitious(),
-                    neutral=NEUTRAL, log=lambda s: None)
+    off = run_pulse(
+        model,
+        tok,
+        tiny_pulse_config(
+            methods=("ga",), phases=("finetuned",), requests=1, steps=1, retain_model=False
+        ),
+        None,
+        real_facts=tiny_facts(),
+        fictitious=tiny_fictitious(),
+        neutral=NEUTRAL,
+        log=lambda s: None,
+    )
     assert "tofu_before" not in off["phases"]["finetuned"]

@@ -47,15 +47,28 @@ def test_trainer_equals_plain_loop(tmp_path):
     model = make_model("llama")
     expected_model = copy.deepcopy(model)
     forget, retain = examples(1), examples(2)
-    args = TrainingArguments(output_dir=str(tmp_path), per_device_train_batch_size=2,
-                             max_steps=2, learning_rate=1e-3, lr_scheduler_type="constant",
-                             weight_decay=0.0, max_grad_norm=0.0, report_to=[], use_cpu=True,
-                             save_strategy="no", logging_steps=1, optim="adamw_torch",
-                             disable_tqdm=True)
-    trainer = UnlearningTrainer(model=model, args=args,
-                                train_dataset=ForgetRetainDataset(forget, retain),
-                                data_collator=ForgetRetainCollator(),
-                                unlearning_method="grad_diff")
+    args = TrainingArguments(
+        output_dir=str(tmp_path),
+        per_device_train_batch_size=2,
+        max_steps=2,
+        learning_rate=1e-3,
+        lr_scheduler_type="constant",
+        weight_decay=0.0,
+        max_grad_norm=0.0,
+        report_to=[],
+        use_cpu=True,
+        save_strategy="no",
+        logging_steps=1,
+        optim="adamw_torch",
+        disable_tqdm=True,
+    )
+    trainer = UnlearningTrainer(
+        model=model,
+        args=args,
+        train_dataset=ForgetRetainDataset(forget, retain),
+        data_collator=ForgetRetainCollator(),
+        unlearning_method="grad_diff",
+    )
     trainer.train()
     assert trainer.unlearner is not None and trainer.unlearner.steps == 2
     logged = [log for log in trainer.state.log_history if "unlearn/skipped" in log]
@@ -74,8 +87,9 @@ def test_trainer_rejects_gradient_accumulation(tmp_path):
 
     from unlearnopt.integrations.hf_trainer import UnlearningTrainer
 
-    args = TrainingArguments(output_dir=str(tmp_path), gradient_accumulation_steps=2,
-                             report_to=[], use_cpu=True)
+    args = TrainingArguments(
+        output_dir=str(tmp_path), gradient_accumulation_steps=2, report_to=[], use_cpu=True
+    )
     with pytest.raises(ValueError, match="gradient_accumulation_steps=1"):
         UnlearningTrainer(model=make_model("llama"), args=args, unlearning_method="ga")
 
@@ -98,11 +112,13 @@ def test_accelerate_equals_plain_loop():
     from unlearnopt.integrations.accelerate import prepare_unlearner
 
     model = make_model("llama")
-    expected = manual_run(copy.deepcopy(model), make_batch("llama", seed=1),
-                          make_batch("llama", seed=2), [1e-3, 1e-3])
+    expected = manual_run(
+        copy.deepcopy(model), make_batch("llama", seed=1), make_batch("llama", seed=2), [1e-3, 1e-3]
+    )
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.0)
-    unlearner, prepared, prepared_opt = prepare_unlearner(Accelerator(cpu=True), model, opt,
-                                                          method="grad_diff")
+    unlearner, prepared, prepared_opt = prepare_unlearner(
+        Accelerator(cpu=True), model, opt, method="grad_diff"
+    )
     assert prepared_opt.optimizer is opt
     for _ in range(2):
         unlearner.step(forget=make_batch("llama", seed=1), retain=make_batch("llama", seed=2))

@@ -27,7 +27,6 @@ def _ops_tolerance() -> float:
 TOL = _ops_tolerance()
 
 
-
 def logits_of(model, batch):
     inputs = {k: v for k, v in batch.items() if k != "labels"}
     return model(**inputs, use_cache=False).logits

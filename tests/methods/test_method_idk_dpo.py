@@ -42,8 +42,12 @@ def test_dpo_loss_matches_plain_formula_and_hand_value():
     a = dpo_loss(lw, rw, yw, ll, rl, yl, 0.3)
     b = p_dpo(lw, rw, yw, ll, rl, yl, 0.3)
     torch.testing.assert_close(a, b, rtol=max(TOL, 1e-10), atol=0)
-    torch.testing.assert_close(torch.autograd.grad(a, lw)[0], torch.autograd.grad(b, lw)[0],
-                               rtol=max(TOL, 1e-9), atol=1e-12)
+    torch.testing.assert_close(
+        torch.autograd.grad(a, lw)[0],
+        torch.autograd.grad(b, lw)[0],
+        rtol=max(TOL, 1e-9),
+        atol=1e-12,
+    )
     # trained == reference: r = 0, loss = (2 / beta) log 2.
     same = dpo_loss(rw, rw, yw, rl, rl, yl, 0.5)
     assert float(same) == pytest.approx(4 * torch.log(torch.tensor(2.0)).item())
@@ -76,8 +80,9 @@ def test_shipped_idk_answers_and_choice():
     assert len({idk_answer_for(f"f{i}", answers) for i in range(50)}) > 5
 
 
-@pytest.mark.parametrize("opts", [{}, {"beta": 0.5, "retain_weight": 0.0},
-                                  {"forget_weight": 2.0, "retain_weight": 0.5}])
+@pytest.mark.parametrize(
+    "opts", [{}, {"beta": 0.5, "retain_weight": 0.0}, {"forget_weight": 2.0, "retain_weight": 0.5}]
+)
 def test_step_matches_handwritten(opts):
     model, ref, forget_l, retain = setup("llama")
     forget_w = make_batch("llama", batch=3, seq=7, seed=9, dtype=torch.float64)
@@ -85,9 +90,14 @@ def test_step_matches_handwritten(opts):
     cfg = make_method("idk_dpo", **opts).config
     hand = copy.deepcopy(model)
     total = cfg["forget_weight"] * p_dpo(
-        logits_of(hand, forget_w), ref_logits_of(hand, ref, forget_w), forget_w["labels"],
-        logits_of(hand, forget_l), ref_logits_of(hand, ref, forget_l), forget_l["labels"],
-        cfg["beta"])
+        logits_of(hand, forget_w),
+        ref_logits_of(hand, ref, forget_w),
+        forget_w["labels"],
+        logits_of(hand, forget_l),
+        ref_logits_of(hand, ref, forget_l),
+        forget_l["labels"],
+        cfg["beta"],
+    )
     if cfg["retain_weight"] > 0:
         lp = F.log_softmax(logits_of(hand, retain)[:, :-1].double(), -1)
         y = retain["labels"][:, 1:]
@@ -95,12 +105,15 @@ def test_step_matches_handwritten(opts):
         tok = lp.gather(-1, y.clamp(min=0)[..., None])[..., 0]
         total = total - cfg["retain_weight"] * tok[m].mean()
     hp = list(hand.parameters())
-    d = [torch.zeros_like(p) if g is None else g
-         for p, g in zip(hp, torch.autograd.grad(total, hp, allow_unused=True))]
+    d = [
+        torch.zeros_like(p) if g is None else g
+        for p, g in zip(hp, torch.autograd.grad(total, hp, allow_unused=True))
+    ]
     params = list(model.parameters())
     before = [p.detach().clone() for p in params]
-    unlearner = MultiObjectiveUnlearner(model, torch.optim.SGD(params, lr=LR), "idk_dpo",
-                                        ref_model=ref, **opts)
+    unlearner = MultiObjectiveUnlearner(
+        model, torch.optim.SGD(params, lr=LR), "idk_dpo", ref_model=ref, **opts
+    )
     unlearner.step(forget=forget, retain=retain)
     for p, b, dq in zip(params, before, d):
         assert_update(p.detach(), b, dq, TOL)
@@ -108,12 +121,14 @@ def test_step_matches_handwritten(opts):
 
 def test_accumulation_splits_the_pairs_together():
     model, ref, forget_l, retain = setup("llama")
-    forget = attach_aux(forget_l, "idk", make_batch("llama", batch=3, seq=7, seed=9,
-                                                    dtype=torch.float64))
+    forget = attach_aux(
+        forget_l, "idk", make_batch("llama", batch=3, seq=7, seed=9, dtype=torch.float64)
+    )
     one, two = copy.deepcopy(model), copy.deepcopy(model)
     for m, acc in ((one, 1), (two, 2)):
-        MultiObjectiveUnlearner(m, torch.optim.SGD(m.parameters(), lr=LR), "idk_dpo",
-                                ref_model=ref, accumulate=acc).step(forget=forget, retain=retain)
+        MultiObjectiveUnlearner(
+            m, torch.optim.SGD(m.parameters(), lr=LR), "idk_dpo", ref_model=ref, accumulate=acc
+        ).step(forget=forget, retain=retain)
     # The unlearner's micro-batch shares are float32, hence the float32-level tolerance;
     # mispaired rows would differ at O(step).
     for a, b in zip(one.parameters(), two.parameters()):
@@ -128,13 +143,18 @@ def test_fact_batches_attach_idk_alternates():
     def encode(prompts, answers):
         calls.append(list(answers))
         n = len(prompts)
-        return {"input_ids": torch.zeros(n, 4, dtype=torch.long),
-                "labels": torch.zeros(n, 4, dtype=torch.long)}
+        return {
+            "input_ids": torch.zeros(n, 4, dtype=torch.long),
+            "labels": torch.zeros(n, 4, dtype=torch.long),
+        }
 
-    facts = [Fact("The capital of France is", "Paris", id="capital/France"),
-             Fact("The capital of Peru is", "Lima", id="capital/Peru")]
-    fb, rb = make_method("idk_dpo").fact_batches(facts, facts, encode=encode, tokenizer=None,
-                                                 vocab_size=10)
+    facts = [
+        Fact("The capital of France is", "Paris", id="capital/France"),
+        Fact("The capital of Peru is", "Lima", id="capital/Peru"),
+    ]
+    fb, rb = make_method("idk_dpo").fact_batches(
+        facts, facts, encode=encode, tokenizer=None, vocab_size=10
+    )
     assert calls[0] == ["Paris", "Lima"] and rb is not None
     assert calls[-1] == [idk_answer_for(f.id, idk_answers()) for f in facts]
     assert "aux_idk_labels" in fb

@@ -29,11 +29,13 @@ def test_hvp_modes_on_a_known_hessian():
     x = torch.randn(5, dtype=torch.float64, generator=g).requires_grad_()
     y = torch.randn(3, dtype=torch.float64, generator=g).requires_grad_()
     w = torch.randn(3, dtype=torch.float64, generator=g)
-    vx, vy = torch.randn(5, dtype=torch.float64, generator=g), torch.randn(3, dtype=torch.float64,
-                                                                           generator=g)
+    vx, vy = (
+        torch.randn(5, dtype=torch.float64, generator=g),
+        torch.randn(3, dtype=torch.float64, generator=g),
+    )
 
     def loss():
-        return (x ** 4).sum() / 4 + (w @ y) ** 2 + x.sum() * y.sum()
+        return (x**4).sum() / 4 + (w @ y) ** 2 + x.sum() * y.sum()
 
     # H = [[diag(3x^2), 1 1^T], [1 1^T, 2 w w^T]]
     hx = 3 * x.detach() ** 2 * vx + vy.sum()
@@ -80,8 +82,11 @@ def tiny(seed: int = 0):
 def nll(model, batch):
     logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
     logits = getattr(logits, "logits", logits)
-    return F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]),
-                           batch["labels"][:, 1:].reshape(-1), ignore_index=-100)
+    return F.cross_entropy(
+        logits[:, :-1].reshape(-1, logits.shape[-1]),
+        batch["labels"][:, 1:].reshape(-1),
+        ignore_index=-100,
+    )
 
 
 def batches():
@@ -99,11 +104,13 @@ def test_cosine_gradient_formula(granularity):
     gf = gradients(nll(model, forget), params, create_graph=True)
     gr = gradients(nll(model, retain), params, create_graph=True)
     if granularity == "global":
-        cos = F.cosine_similarity(torch.cat([t.reshape(-1) for t in gf]),
-                                  torch.cat([t.reshape(-1) for t in gr]), dim=0)
+        cos = F.cosine_similarity(
+            torch.cat([t.reshape(-1) for t in gf]), torch.cat([t.reshape(-1) for t in gr]), dim=0
+        )
     else:
-        cos = torch.stack([F.cosine_similarity(a.reshape(-1), b.reshape(-1), dim=0)
-                           for a, b in zip(gf, gr)]).mean()
+        cos = torch.stack(
+            [F.cosine_similarity(a.reshape(-1), b.reshape(-1), dim=0) for a, b in zip(gf, gr)]
+        ).mean()
     expected = torch.autograd.grad(cos, params, retain_graph=True)
     value, a, b = cosine_directions(gf, gr, granularity)
     ha, hb = hvp_autograd(gf, params, a), hvp_autograd(gr, params, b)
@@ -154,12 +161,15 @@ def test_step_equals_hand_written_float64(hvp):
     start = [p.detach().clone() for p in model.parameters()]
     expected = hand_written_ofmu_update(copy.deepcopy(model), forget, retain, lr=lr, **OPTS)
     opt = torch.optim.SGD(model.parameters(), lr=lr)
-    unlearner = MultiObjectiveUnlearner(model, opt, method="ofmu", gamma=2.0, hvp=hvp,
-                                        fd_eps=1e-4, **OPTS)
+    unlearner = MultiObjectiveUnlearner(
+        model, opt, method="ofmu", gamma=2.0, hvp=hvp, fd_eps=1e-4, **OPTS
+    )
     stats = unlearner.step(forget=forget, retain=retain)
     scale = max((e - s).abs().max().item() for e, s in zip(expected, start))
-    worst = max((p.detach() - e).abs().max().item()
-                for p, e in zip(model.parameters(), expected)) / scale
+    worst = (
+        max((p.detach() - e).abs().max().item() for p, e in zip(model.parameters(), expected))
+        / scale
+    )
     # autograd: the same derivatives by another route (rounding only). Finite differences
     # with ‖hv‖ = 1e-4 in float64: truncation O(h²) ≈ 1e-8 relative, rounding of the nested
     # differences ≈ u/h² ≈ 1e-8; 1e-6 leaves margin.
@@ -180,8 +190,15 @@ def test_hvp_modes_agree(granularity):
     params = list(model.parameters())
 
     def engine(hvp):
-        return OFMUEngine(params, lambda: nll(model, forget), lambda: nll(model, retain),
-                          beta=0.7, granularity=granularity, hvp=hvp, fd_eps=1e-4)
+        return OFMUEngine(
+            params,
+            lambda: nll(model, forget),
+            lambda: nll(model, retain),
+            beta=0.7,
+            granularity=granularity,
+            hvp=hvp,
+            fd_eps=1e-4,
+        )
 
     exact, fd = engine("autograd"), engine("finite_difference")
     d_exact, _, info = exact.phi_gradient()
@@ -213,8 +230,9 @@ def test_hugging_face_models_float32(kind, monkeypatch):
     start = [p.detach().clone() for p in model.parameters()]
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
     # rho > 0 and the inner steps tied to the optimizer's lr: the paths the defaults skip
-    unlearner = MultiObjectiveUnlearner(model, opt, method="ofmu", inner_steps=1, rho=0.01,
-                                        inner_lr=None, hvp="finite_difference")
+    unlearner = MultiObjectiveUnlearner(
+        model, opt, method="ofmu", inner_steps=1, rho=0.01, inner_lr=None, hvp="finite_difference"
+    )
     stats = unlearner.step(forget=forget, retain=retain)
     assert all(torch.isfinite(torch.tensor(v)) for v in stats.values())
     assert stats["loss/forget_nll"] > stats["loss/forget_nll_before_inner"]
@@ -246,8 +264,16 @@ def test_failed_step_restores_parameters():
     forget, retain = batches()
     start = [p.detach().clone() for p in model.parameters()]
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
-    unlearner = MultiObjectiveUnlearner(model, opt, method="ofmu", inner_steps=1, beta=0.0,
-                                        rho=1e308, gamma=1.0, hvp="finite_difference")
+    unlearner = MultiObjectiveUnlearner(
+        model,
+        opt,
+        method="ofmu",
+        inner_steps=1,
+        beta=0.0,
+        rho=1e308,
+        gamma=1.0,
+        hvp="finite_difference",
+    )
     with pytest.raises(UnlearningStepError, match="non-finite"):
         unlearner.step(forget=forget, retain=retain)
     assert all(torch.equal(p.detach(), s) for p, s in zip(model.parameters(), start))
@@ -263,18 +289,21 @@ def test_options_validated():
         OFMU(inner_steps=-1)
     with pytest.raises(TypeError, match="unknown option"):
         OFMU(alpha=1.0)
-    with pytest.raises(ValueError, match="rho=0.1 needs hvp='finite_difference'"):
+    with pytest.raises(ValueError, match=r"rho=0\.1 needs hvp='finite_difference'"):
         OFMU(rho=0.1)
     assert OFMU().config["hvp"] == "first_order"
 
 
 # -- first order (the default) ----------------------------------------------------------------
 
+
 def quadratic_losses(seed: int):
     """L_f = ½‖θ − c_f‖², L_r = ½‖θ − c_r‖² over two tensors: both Hessians are the identity."""
     g = torch.Generator().manual_seed(seed)
-    params = [torch.randn(4, 3, dtype=torch.float64, generator=g).requires_grad_(),
-              torch.randn(5, dtype=torch.float64, generator=g).requires_grad_()]
+    params = [
+        torch.randn(4, 3, dtype=torch.float64, generator=g).requires_grad_(),
+        torch.randn(5, dtype=torch.float64, generator=g).requires_grad_(),
+    ]
     c_f = [torch.randn(p.shape, dtype=torch.float64, generator=g) for p in params]
     c_r = [torch.randn(p.shape, dtype=torch.float64, generator=g) for p in params]
 
@@ -290,8 +319,9 @@ def test_first_order_is_exact_when_the_hessians_are_the_identity(granularity):
     backward), and the reused outer direction equals ∇L_r at θ' = θ + η∇Φ."""
     params, forget, retain = quadratic_losses(seed=4)
     beta, eta = 0.7, 0.3
-    exact = OFMUEngine(params, forget, retain, beta=beta, granularity=granularity,
-                       hvp="autograd", fd_eps=1e-4)
+    exact = OFMUEngine(
+        params, forget, retain, beta=beta, granularity=granularity, hvp="autograd", fd_eps=1e-4
+    )
     dphi, _, _ = exact.phi_gradient()
     grads = [gradients(forget(), params), gradients(retain(), params)]
     gram = grad_gram(grads)
@@ -316,7 +346,7 @@ def hand_written_first_order_update(model, forget, retain, *, beta, inner_lr, lr
     f, r = torch.cat([t.reshape(-1) for t in gf]), torch.cat([t.reshape(-1) for t in gr])
     nf, nr = f.norm(), r.norm()
     cos = (f @ r) / (nf * nr)
-    a_plus_b = r / (nf * nr) - cos * f / nf ** 2 + f / (nf * nr) - cos * r / nr ** 2
+    a_plus_b = r / (nf * nr) - cos * f / nf**2 + f / (nf * nr) - cos * r / nr**2
     dphi = f - beta * a_plus_b
     flat = torch.cat([p.detach().reshape(-1) for p in params])
     new = flat + inner_lr * dphi - lr * (r + inner_lr * dphi)
@@ -328,8 +358,9 @@ def test_first_order_step_equals_hand_written_float64():
 
     model = tiny()
     forget, retain = batches()
-    expected = hand_written_first_order_update(copy.deepcopy(model), forget, retain, beta=0.5,
-                                               inner_lr=0.05, lr=0.1)
+    expected = hand_written_first_order_update(
+        copy.deepcopy(model), forget, retain, beta=0.5, inner_lr=0.05, lr=0.1
+    )
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     unlearner = MultiObjectiveUnlearner(model, opt, method="ofmu", beta=0.5, inner_lr=0.05)
     stats = unlearner.step(forget=forget, retain=retain)
@@ -370,8 +401,7 @@ def test_first_order_failure_restores_parameters():
     forget, retain = batches()
     start = [p.detach().clone() for p in model.parameters()]
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
-    unlearner = MultiObjectiveUnlearner(model, opt, method="ofmu", inner_steps=2,
-                                        inner_lr=1e300)
+    unlearner = MultiObjectiveUnlearner(model, opt, method="ofmu", inner_steps=2, inner_lr=1e300)
     with pytest.raises(UnlearningStepError, match="non-finite"):
         unlearner.step(forget=forget, retain=retain)
     assert all(torch.equal(p.detach(), s) for p, s in zip(model.parameters(), start))
@@ -384,5 +414,5 @@ def test_exact_variants_refuse_several_ranks(hvp):
 
     tools = SimpleNamespace(world_size=2, scaler=None)
     recipe = OFMU(hvp=hvp).step_recipe()
-    with pytest.raises(NotImplementedError, match="single process.*hvp='first_order'"):
+    with pytest.raises(NotImplementedError, match=r"single process.*hvp='first_order'"):
         recipe(tools, {}, {})

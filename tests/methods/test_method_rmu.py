@@ -49,20 +49,28 @@ def _hand_hidden(model, batch, layer, train_from):
     """Layer ``layer``'s output via plain hooks; layer ``train_from``'s input detached."""
     layers = model.model.layers
     out = {}
-    hooks = [layers[layer].register_forward_hook(
-        lambda m, a, o: out.setdefault("h", o[0] if isinstance(o, tuple) else o))]
+    hooks = [
+        layers[layer].register_forward_hook(
+            lambda m, a, o: out.setdefault("h", o[0] if isinstance(o, tuple) else o)
+        )
+    ]
     if train_from is not None:
-        hooks.append(layers[train_from].register_forward_pre_hook(
-            lambda m, a: (a[0].detach(), *a[1:])))
+        hooks.append(
+            layers[train_from].register_forward_pre_hook(lambda m, a: (a[0].detach(), *a[1:]))
+        )
     model(**_inputs(batch), use_cache=False)
     for h in hooks:
         h.remove()
     return out["h"]
 
 
-@pytest.mark.parametrize("opts", [{"layer": 1, "depth": 1, "steering_coeff": 3.0, "alpha": 2.0},
-                                  {"layer": 1, "depth": 2, "steering_coeff": 1.0, "alpha": 0.0,
-                                   "seed": 3}])
+@pytest.mark.parametrize(
+    "opts",
+    [
+        {"layer": 1, "depth": 1, "steering_coeff": 3.0, "alpha": 2.0},
+        {"layer": 1, "depth": 2, "steering_coeff": 1.0, "alpha": 0.0, "seed": 3},
+    ],
+)
 def test_rmu_step_matches_handwritten(opts):
     model, ref, forget, retain = setup("llama")
     hand = copy.deepcopy(model)
@@ -84,19 +92,23 @@ def test_rmu_step_matches_handwritten(opts):
             hr_ref = _hand_hidden(ref, retain, layer, None)
         total = total + cfg["alpha"] * mse(hr, hr_ref, retain["attention_mask"])
     params_h = list(hand.parameters())
-    d = [torch.zeros_like(p) if g is None else g
-         for p, g in zip(params_h, torch.autograd.grad(total, params_h, allow_unused=True))]
+    d = [
+        torch.zeros_like(p) if g is None else g
+        for p, g in zip(params_h, torch.autograd.grad(total, params_h, allow_unused=True))
+    ]
 
     params = list(model.parameters())
     before = [p.detach().clone() for p in params]
-    unlearner = MultiObjectiveUnlearner(model, torch.optim.SGD(params, lr=LR), "rmu",
-                                        ref_model=ref, **opts)
+    unlearner = MultiObjectiveUnlearner(
+        model, torch.optim.SGD(params, lr=LR), "rmu", ref_model=ref, **opts
+    )
     stats = unlearner.step(forget=forget, retain=retain)
     for p, b, dq in zip(params, before, d):
         assert_update(p.detach(), b, dq, TOL)
     changed = {n for (n, p), b in zip(model.named_parameters(), before) if not torch.equal(p, b)}
-    assert changed and all(any(f"layers.{i}." in n for i in range(train_from, layer + 1))
-                           for n in changed)
+    assert changed and all(
+        any(f"layers.{i}." in n for i in range(train_from, layer + 1)) for n in changed
+    )
     assert stats["loss/forget_rmu"] > 0
     assert ("loss/retain_rmu" in stats) == (cfg["alpha"] > 0)
 
@@ -105,22 +117,24 @@ def test_rmu_step_matches_handwritten(opts):
 def test_rmu_runs_on_other_architectures(kind):
     model, ref, forget, retain = setup(kind)
     params = [p for p in model.parameters() if p.requires_grad]
-    unlearner = MultiObjectiveUnlearner(model, torch.optim.SGD(params, lr=0.1), "rmu",
-                                        ref_model=ref, layer=1, depth=1, alpha=1.0)
+    unlearner = MultiObjectiveUnlearner(
+        model, torch.optim.SGD(params, lr=0.1), "rmu", ref_model=ref, layer=1, depth=1, alpha=1.0
+    )
     stats = unlearner.step(forget=forget, retain=retain)
     assert stats["loss/forget_rmu"] > 0 and stats["grad_norm/forget_rmu"] > 0
 
 
 def test_rmu_config_is_checked():
     for bad in ({"layer": -1}, {"depth": 0}, {"layer": 1, "depth": 3}, {"alpha": -1.0}):
-        with pytest.raises(ValueError):
+        with pytest.raises(ValueError, match="rmu"):
             make_method("rmu", **bad)
 
 
 def test_context_without_layer_forward_says_so():
     from unlearnopt.contract import ObjectiveContext
 
-    ctx = ObjectiveContext({"labels": torch.zeros(1, 2, dtype=torch.long)}, "forget",
-                           lambda b, k: None)
+    ctx = ObjectiveContext(
+        {"labels": torch.zeros(1, 2, dtype=torch.long)}, "forget", lambda b, k: None
+    )
     with pytest.raises(ValueError, match="hidden states"):
         ctx.hidden_at(0)

@@ -19,8 +19,42 @@ from unlearnopt.methods.siu_targets import (
     model_inputs,
 )
 
-WORDS = tuple(dict.fromkeys(
-    ["<pad>", "<unk>", "<s>", "</s>", "who", "is", "this", "?", "donald", "trump", "jacob", "smith", ".", "a", "baker", "from", "ohio", "describe", "the", "person", "in", "image", "where", "does", "live", "he", "lives", "washington", "joe", "biden"]))
+WORDS = tuple(
+    dict.fromkeys(
+        [
+            "<pad>",
+            "<unk>",
+            "<s>",
+            "</s>",
+            "who",
+            "is",
+            "this",
+            "?",
+            "donald",
+            "trump",
+            "jacob",
+            "smith",
+            ".",
+            "a",
+            "baker",
+            "from",
+            "ohio",
+            "describe",
+            "the",
+            "person",
+            "in",
+            "image",
+            "where",
+            "does",
+            "live",
+            "he",
+            "lives",
+            "washington",
+            "joe",
+            "biden",
+        ]
+    )
+)
 
 
 def word_tokenizer():
@@ -33,9 +67,14 @@ def word_tokenizer():
     assert len(set(words)) == VOCAB
     tok = Tokenizer(models.WordLevel(vocab={w: i for i, w in enumerate(words)}, unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", unk_token="<unk>",
-                                   bos_token="<s>", eos_token="</s>",
-                                   extra_special_tokens={"image_token": "<image>"})
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        pad_token="<pad>",
+        unk_token="<unk>",
+        bos_token="<s>",
+        eos_token="</s>",
+        extra_special_tokens={"image_token": "<image>"},
+    )
 
 
 @pytest.fixture(scope="module")
@@ -44,13 +83,16 @@ def tok():
 
 
 def build(tok, **kw):
-    args = dict(name="donald trump", fictitious_name="jacob smith",
-                questions=["who is {concept} ?", "who is this ?"],
-                answer_template="this is {fictitious_name} .",
-                description="{fictitious_name} is a baker from ohio .",
-                description_questions=["describe {concept} ."],
-                facts=[("where does {concept} live ?", "he lives in washington .")],
-                preserved=[("who is joe biden ?", "this is joe biden .")])
+    args = dict(
+        name="donald trump",
+        fictitious_name="jacob smith",
+        questions=["who is {concept} ?", "who is this ?"],
+        answer_template="this is {fictitious_name} .",
+        description="{fictitious_name} is a baker from ohio .",
+        description_questions=["describe {concept} ."],
+        facts=[("where does {concept} live ?", "he lives in washington .")],
+        preserved=[("who is joe biden ?", "this is joe biden .")],
+    )
     args.update(kw)
     return build_siu_targets(tok, **args)
 
@@ -61,18 +103,25 @@ def ids(tok, text):
 
 def test_builder_rows_labels_and_masks(tok):
     batch = build(tok)
-    assert batch["siu_aim"].tolist() == [AIM_ALIGN, AIM_ALIGN, AIM_DESCRIBE, AIM_FACTS,
-                                         AIM_PRESERVE]
+    assert batch["siu_aim"].tolist() == [
+        AIM_ALIGN,
+        AIM_ALIGN,
+        AIM_DESCRIBE,
+        AIM_FACTS,
+        AIM_PRESERVE,
+    ]
     eos = tok.eos_token_id
-    rows = [("who is donald trump ?", "this is jacob smith ."),
-            ("who is this ?", "this is jacob smith ."),
-            ("describe donald trump .", "jacob smith is a baker from ohio ."),
-            ("where does donald trump live ?", "he lives in washington ."),
-            ("who is joe biden ?", "this is joe biden .")]
+    rows = [
+        ("who is donald trump ?", "this is jacob smith ."),
+        ("who is this ?", "this is jacob smith ."),
+        ("describe donald trump .", "jacob smith is a baker from ohio ."),
+        ("where does donald trump live ?", "he lives in washington ."),
+        ("who is joe biden ?", "this is joe biden ."),
+    ]
     length = max(len(ids(tok, p)) + len(ids(tok, a)) + 1 for p, a in rows)
     assert batch["input_ids"].shape == (5, length)
     for i, (prompt, answer) in enumerate(rows):
-        p, a = ids(tok, prompt), ids(tok, answer) + [eos]
+        p, a = ids(tok, prompt), [*ids(tok, answer), eos]
         n = len(p) + len(a)
         assert batch["input_ids"][i, :n].tolist() == p + a
         assert batch["input_ids"][i, n:].eq(tok.pad_token_id).all()
@@ -95,10 +144,18 @@ def test_builder_rows_labels_and_masks(tok):
 def test_builder_image_rows(tok):
     image = torch.randn(3, IMAGE_SIZE, IMAGE_SIZE)
     other = torch.randn(3, IMAGE_SIZE, IMAGE_SIZE)
-    batch = build(tok, concept="the person in the image", image=image, image_token="<image>",
-                  image_seq_length=IMAGE_TOKENS, prompt_template="{image} {prompt}",
-                  preserved=[("who is this ?", "this is joe biden .", other),
-                             ("who is joe biden ?", "this is joe biden .")])
+    batch = build(
+        tok,
+        concept="the person in the image",
+        image=image,
+        image_token="<image>",
+        image_seq_length=IMAGE_TOKENS,
+        prompt_template="{image} {prompt}",
+        preserved=[
+            ("who is this ?", "this is joe biden .", other),
+            ("who is joe biden ?", "this is joe biden ."),
+        ],
+    )
     # Rows of aims 1-3 carry the concept's image, the first aim-4 row its own, the last none.
     assert torch.equal(batch["pixel_values"], torch.stack([image] * 4 + [other]))
     n_image = (batch["input_ids"] == IMAGE_TOKEN_ID).sum(1).tolist()
@@ -127,11 +184,16 @@ def test_builder_errors(tok):
 def siu_batch(tok, kind: str) -> dict[str, torch.Tensor]:
     if kind == "llava":
         g = torch.Generator().manual_seed(1)
-        return build(tok, concept="the person in the image",
-                     image=torch.randn(3, IMAGE_SIZE, IMAGE_SIZE, generator=g).double(),
-                     image_token="<image>", image_seq_length=IMAGE_TOKENS,
-                     prompt_template="{image} {prompt}", vocab_size=VOCAB,
-                     preserved=[("who is joe biden ?", "this is joe biden .")])
+        return build(
+            tok,
+            concept="the person in the image",
+            image=torch.randn(3, IMAGE_SIZE, IMAGE_SIZE, generator=g).double(),
+            image_token="<image>",
+            image_seq_length=IMAGE_TOKENS,
+            prompt_template="{image} {prompt}",
+            vocab_size=VOCAB,
+            preserved=[("who is joe biden ?", "this is joe biden .")],
+        )
     return build(tok, vocab_size=VOCAB)
 
 
@@ -142,8 +204,9 @@ def hand_written_siu_update(model, ref, batch, lr, alpha, beta):
     with torch.no_grad():
         ref_logits = ref(**inputs).logits[:, :-1]
     labels = batch["labels"][:, 1:]
-    ce = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1),
-                         ignore_index=-100)
+    ce = F.cross_entropy(
+        logits.reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=-100
+    )
     m = batch["token_mask"][:, 1:]
     u = batch["vocab_mask"].double()
     lp, lq = logits.log_softmax(-1), ref_logits.log_softmax(-1)
@@ -194,8 +257,13 @@ def test_step_equals_hand_written_float64(tok, kind):
     # Error relative to the largest update element (some tensors, e.g. attention key biases,
     # have a mathematically zero gradient that is 1e-19 rounding noise).
     scale = max(e.abs().max().item() for e in expected)
-    worst = max(((p.detach() - b) - e).abs().max().item()
-                for p, b, e in zip(model.parameters(), before, expected)) / scale
+    worst = (
+        max(
+            ((p.detach() - b) - e).abs().max().item()
+            for p, b, e in zip(model.parameters(), before, expected)
+        )
+        / scale
+    )
     assert worst < update_tolerance(), f"relative error of the update {worst:.3e}"
     # The batch the caller passed is untouched (masks are not stripped from it).
     assert "token_mask" in batch and "vocab_mask" in batch
@@ -211,8 +279,9 @@ def test_micro_batches_equal_one_batch(tok):
     for accumulate in (1, 2):
         m = copy.deepcopy(model)
         opt = torch.optim.SGD(m.parameters(), lr=0.5)
-        MultiObjectiveUnlearner(m, opt, method="siu", ref_model=ref,
-                                accumulate=accumulate).step(forget=batch)
+        MultiObjectiveUnlearner(m, opt, method="siu", ref_model=ref, accumulate=accumulate).step(
+            forget=batch
+        )
         results.append([(p - q).detach() for p, q in zip(m.parameters(), model.parameters())])
     # The unlearner weights micro-batches by float32 token shares (~1e-7 relative), so the
     # two updates agree to that, relative to the largest update element; a mask split
@@ -225,8 +294,7 @@ def test_micro_batches_equal_one_batch(tok):
 def test_options_validated():
     from unlearnopt.methods.siu import SIU
 
-    assert SIU().config == {"alpha": 0.9, "beta": 0.75, "direction": "forward",
-                            "temperature": 1.0}
+    assert SIU().config == {"alpha": 0.9, "beta": 0.75, "direction": "forward", "temperature": 1.0}
     with pytest.raises(ValueError, match="direction"):
         SIU(direction="sideways")
     with pytest.raises(TypeError, match="unknown option"):

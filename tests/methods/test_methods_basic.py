@@ -21,6 +21,7 @@ from unlearnopt.unlearner import MultiObjectiveUnlearner
 
 # -- the hand-written methods ----------------------------------------------------------------------
 
+
 def token_logp(logits, labels):
     lp = F.log_softmax(logits[:, :-1].double(), dim=-1)
     y = labels[:, 1:]
@@ -65,18 +66,23 @@ def handwritten_losses(method, opts, model, ref, forget, retain):
     if method == "grad_diff":
         return [h_ga(lf, forget["labels"]), h_nll(lr_, retain["labels"])]
     if method == "ga_kl":
-        return [h_ga(lf, forget["labels"]),
-                h_kl(lr_, ref_logits_of(model, ref, retain), retain["labels"])]
+        return [
+            h_ga(lf, forget["labels"]),
+            h_kl(lr_, ref_logits_of(model, ref, retain), retain["labels"]),
+        ]
     if method == "npo":
-        out = [h_npo(lf, ref_logits_of(model, ref, forget), forget["labels"],
-                     opts.get("beta", 0.1))]
+        out = [
+            h_npo(lf, ref_logits_of(model, ref, forget), forget["labels"], opts.get("beta", 0.1))
+        ]
         if opts.get("retain_weight", 0) > 0:
             out.append(h_nll(lr_, retain["labels"]))
         return out
     if method == "mollm":
-        return [h_uce(lf, forget["labels"], opts.get("alpha", 0.5)),
-                h_kl(lr_, ref_logits_of(model, ref, retain), retain["labels"]),
-                h_nll(lr_, retain["labels"])]
+        return [
+            h_uce(lf, forget["labels"], opts.get("alpha", 0.5)),
+            h_kl(lr_, ref_logits_of(model, ref, retain), retain["labels"]),
+            h_nll(lr_, retain["labels"]),
+        ]
     raise AssertionError(method)
 
 
@@ -85,13 +91,15 @@ def handwritten_direction(method, opts, model, ref, forget, retain, params):
     grads = []
     losses_out = [loss.detach() for loss in losses]
     for i, loss in enumerate(losses):
-        gs = torch.autograd.grad(loss, params, retain_graph=i < len(losses) - 1,
-                                 allow_unused=True)
+        gs = torch.autograd.grad(loss, params, retain_graph=i < len(losses) - 1, allow_unused=True)
         grads.append([torch.zeros_like(p) if g is None else g for p, g in zip(params, gs)])
     if method != "mollm":
-        weights = {"ga": [1.0], "grad_diff": [1.0, opts.get("retain_weight", 1.0)],
-                   "ga_kl": [1.0, opts.get("kl_weight", 1.0)],
-                   "npo": [1.0, opts.get("retain_weight", 0.0)]}[method]
+        weights = {
+            "ga": [1.0],
+            "grad_diff": [1.0, opts.get("retain_weight", 1.0)],
+            "ga_kl": [1.0, opts.get("kl_weight", 1.0)],
+            "npo": [1.0, opts.get("retain_weight", 0.0)],
+        }[method]
         d = [sum(w * g[q] for w, g in zip(weights, grads)) for q in range(len(params))]
         return d, losses_out, grads, None
     normalize = opts.get("normalize", "mean")
@@ -102,8 +110,13 @@ def handwritten_direction(method, opts, model, ref, forget, retain, params):
     scales_all = []
     for tensors in problems:
         k = len(grads)
-        gram = torch.tensor([[sum(float((grads[i][q] * grads[j][q]).sum()) for q in tensors)
-                              for j in range(k)] for i in range(k)], dtype=torch.float64)
+        gram = torch.tensor(
+            [
+                [sum(float((grads[i][q] * grads[j][q]).sum()) for q in tensors) for j in range(k)]
+                for i in range(k)
+            ],
+            dtype=torch.float64,
+        )
         norms = gram.diagonal().clamp(min=0).sqrt()
         active = norms >= sit_out * norms.max()
         s = torch.ones(k, dtype=torch.float64)
@@ -126,8 +139,9 @@ def check_step(kind, method, opts, dtype=torch.float64):
     model, ref, forget, retain = setup(kind, dtype)
     hand_model = copy.deepcopy(model)
     hand_params = [p for p in hand_model.parameters() if p.requires_grad]
-    d, losses, grads, extra = handwritten_direction(method, opts, hand_model, ref, forget,
-                                                    retain, hand_params)
+    d, losses, grads, extra = handwritten_direction(
+        method, opts, hand_model, ref, forget, retain, hand_params
+    )
     params = [p for p in model.parameters() if p.requires_grad]
     frozen = {n: p.detach().clone() for n, p in model.named_parameters() if not p.requires_grad}
     before = [p.detach().clone() for p in params]
@@ -163,9 +177,11 @@ METHOD_CASES = [
 ]
 
 
-@pytest.mark.parametrize("method,opts", METHOD_CASES,
-                         ids=[f"{m}-{'-'.join(f'{k}={v}' for k, v in o.items())}"
-                              for m, o in METHOD_CASES])
+@pytest.mark.parametrize(
+    "method,opts",
+    METHOD_CASES,
+    ids=[f"{m}-{'-'.join(f'{k}={v}' for k, v in o.items())}" for m, o in METHOD_CASES],
+)
 def test_step_matches_handwritten_float64(method, opts):
     stats, *_ = check_step("llama", method, opts)
     assert stats["skipped"] == 0.0 and stats["lr"] == LR
@@ -181,7 +197,7 @@ def test_step_matches_handwritten_other_models(kind):
 @pytest.mark.parametrize("normalize", ["mean", "none"])
 def test_mollm_direction_is_common_descent(normalize):
     stats, d, grads, extra = check_step("llama", "mollm", {"normalize": normalize})
-    (_, s, _), = extra
+    ((_, s, _),) = extra
     dd = float(sum((t * t).sum() for t in d))
     assert dd > 0
     for i, g in enumerate(grads):
@@ -189,8 +205,9 @@ def test_mollm_direction_is_common_descent(normalize):
         # <d, ĝ_i> >= ||d||^2 with ĝ_i = s_i g_i (s = 1 for normalize="none").
         assert inner * float(s[i]) >= dd * (1 - 1e-7) - 1e-12
         assert inner > 0
-    assert abs(sum(stats[f"weight/{n}"] for n in ("forget_uce", "retain_kl", "retain_nll"))
-               - 1) < 1e-6
+    assert (
+        abs(sum(stats[f"weight/{n}"] for n in ("forget_uce", "retain_kl", "retain_nll")) - 1) < 1e-6
+    )
 
 
 def test_mollm_kl_sits_out_at_the_first_step():

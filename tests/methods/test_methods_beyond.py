@@ -46,7 +46,7 @@ def p_satimp(logits, labels, beta1=5.0, beta2=1.0):
     lp, y, _ = _rows(logits, labels)
     lpy = lp[torch.arange(len(y)), y]
     p = lpy.detach().exp()
-    return (p ** beta1 * (1 - p) ** beta2 * lpy).mean()
+    return (p**beta1 * (1 - p) ** beta2 * lpy).mean()
 
 
 def p_ce_u(logits, labels):
@@ -71,27 +71,45 @@ def _data(seed=0, b=3, t=6, v=7):
     ref = torch.randn(b, t, v, generator=gen, dtype=torch.float64) * 2
     labels = torch.randint(0, v, (b, t), generator=gen)
     labels[:, :2] = -100
-    labels[0, 3] = -100          # a hole inside an answer
-    labels[2, 4:] = -100         # a shorter answer
+    labels[0, 3] = -100  # a hole inside an answer
+    labels[2, 4:] = -100  # a shorter answer
     return logits.requires_grad_(), ref, labels
 
 
 CASES = [
-    ("simnpo", lambda lg, rf, lb: simnpo_loss(lg, lb, 2.5, 0.0),
-     lambda lg, rf, lb: p_simnpo(lg, lb, 2.5, 0.0)),
-    ("simnpo-margin", lambda lg, rf, lb: simnpo_loss(lg, lb, 1.5, 0.3),
-     lambda lg, rf, lb: p_simnpo(lg, lb, 1.5, 0.3)),
+    (
+        "simnpo",
+        lambda lg, rf, lb: simnpo_loss(lg, lb, 2.5, 0.0),
+        lambda lg, rf, lb: p_simnpo(lg, lb, 2.5, 0.0),
+    ),
+    (
+        "simnpo-margin",
+        lambda lg, rf, lb: simnpo_loss(lg, lb, 1.5, 0.3),
+        lambda lg, rf, lb: p_simnpo(lg, lb, 1.5, 0.3),
+    ),
     ("wga", lambda lg, rf, lb: wga_loss(lg, lb, 1.0), lambda lg, rf, lb: p_wga(lg, lb, 1.0)),
     ("wga-b2", lambda lg, rf, lb: wga_loss(lg, lb, 2.0), lambda lg, rf, lb: p_wga(lg, lb, 2.0)),
-    ("satimp", lambda lg, rf, lb: satimp_loss(lg, lb, 5.0, 1.0),
-     lambda lg, rf, lb: p_satimp(lg, lb, 5.0, 1.0)),
-    ("satimp-b", lambda lg, rf, lb: satimp_loss(lg, lb, 0.5, 2.0),
-     lambda lg, rf, lb: p_satimp(lg, lb, 0.5, 2.0)),
+    (
+        "satimp",
+        lambda lg, rf, lb: satimp_loss(lg, lb, 5.0, 1.0),
+        lambda lg, rf, lb: p_satimp(lg, lb, 5.0, 1.0),
+    ),
+    (
+        "satimp-b",
+        lambda lg, rf, lb: satimp_loss(lg, lb, 0.5, 2.0),
+        lambda lg, rf, lb: p_satimp(lg, lb, 0.5, 2.0),
+    ),
     ("ce_u", lambda lg, rf, lb: ce_u_loss(lg, lb), lambda lg, rf, lb: p_ce_u(lg, lb)),
-    ("undial", lambda lg, rf, lb: undial_loss(lg, rf, lb, 10.0),
-     lambda lg, rf, lb: p_undial(lg, rf, lb, 10.0)),
-    ("undial-g1", lambda lg, rf, lb: undial_loss(lg, rf, lb, 1.0),
-     lambda lg, rf, lb: p_undial(lg, rf, lb, 1.0)),
+    (
+        "undial",
+        lambda lg, rf, lb: undial_loss(lg, rf, lb, 10.0),
+        lambda lg, rf, lb: p_undial(lg, rf, lb, 10.0),
+    ),
+    (
+        "undial-g1",
+        lambda lg, rf, lb: undial_loss(lg, rf, lb, 1.0),
+        lambda lg, rf, lb: p_undial(lg, rf, lb, 1.0),
+    ),
 ]
 
 
@@ -122,38 +140,46 @@ def _two_token(p0: float):
 def test_hand_computed_values():
     logits, labels = _two_token(0.8)
     assert float(wga_loss(logits, labels, 1.0)) == pytest.approx(0.8 * math.log(0.8))
-    assert float(satimp_loss(logits, labels, 1.0, 1.0)) == pytest.approx(
-        0.8 * 0.2 * math.log(0.8))
+    assert float(satimp_loss(logits, labels, 1.0, 1.0)) == pytest.approx(0.8 * 0.2 * math.log(0.8))
     # CE-U with V = 2: q puts all its mass on the other token, so the loss is -log p(other).
     assert float(ce_u_loss(logits, labels)) == pytest.approx(-math.log(0.2))
     # SimNPO of one one-token answer: (2/beta) softplus(beta log 0.8 + gamma).
     assert float(simnpo_loss(logits, labels, 2.0, 0.5)) == pytest.approx(
-        math.log1p(math.exp(2 * math.log(0.8) + 0.5)))
+        math.log1p(math.exp(2 * math.log(0.8) + 0.5))
+    )
     # UNDIAL against uniform reference logits lowered by gamma = log 3 on the label:
     # q = (1/4, 3/4), loss = -(1/4 log 0.8 + 3/4 log 0.2).
     ref = torch.zeros_like(logits)
     assert float(undial_loss(logits, ref, labels, math.log(3))) == pytest.approx(
-        -(0.25 * math.log(0.8) + 0.75 * math.log(0.2)))
+        -(0.25 * math.log(0.8) + 0.75 * math.log(0.2))
+    )
 
 
 def test_no_labelled_token_gives_zero_with_a_graph():
     logits = torch.randn(2, 4, 5, requires_grad=True)
     labels = torch.full((2, 4), -100)
-    for loss in (wga_loss(logits, labels), satimp_loss(logits, labels), ce_u_loss(logits, labels),
-                 undial_loss(logits, logits.detach(), labels)):
+    for loss in (
+        wga_loss(logits, labels),
+        satimp_loss(logits, labels),
+        ce_u_loss(logits, labels),
+        undial_loss(logits, logits.detach(), labels),
+    ):
         assert float(loss.detach()) == 0.0
         loss.backward()
     assert float(logits.grad.abs().sum()) == 0.0
 
 
-@pytest.mark.parametrize("call,match", [
-    (lambda lg, lb: wga_loss(lg, lb, -1.0), "beta"),
-    (lambda lg, lb: satimp_loss(lg, lb, 1.0, float("nan")), "beta2"),
-    (lambda lg, lb: simnpo_loss(lg, lb, 0.0), "beta"),
-    (lambda lg, lb: simnpo_loss(lg, lb, 1.0, -0.1), "gamma"),
-    (lambda lg, lb: undial_loss(lg, lg[:, :1], lb), "ref_logits"),
-    (lambda lg, lb: wga_loss(lg[0], lb), "logits"),
-])
+@pytest.mark.parametrize(
+    "call,match",
+    [
+        (lambda lg, lb: wga_loss(lg, lb, -1.0), "beta"),
+        (lambda lg, lb: satimp_loss(lg, lb, 1.0, float("nan")), "beta2"),
+        (lambda lg, lb: simnpo_loss(lg, lb, 0.0), "beta"),
+        (lambda lg, lb: simnpo_loss(lg, lb, 1.0, -0.1), "gamma"),
+        (lambda lg, lb: undial_loss(lg, lg[:, :1], lb), "ref_logits"),
+        (lambda lg, lb: wga_loss(lg[0], lb), "logits"),
+    ],
+)
 def test_bad_arguments_raise(call, match):
     logits, _, labels = _data()
     with pytest.raises(ValueError, match=match):
@@ -161,6 +187,7 @@ def test_bad_arguments_raise(call, match):
 
 
 # -- the methods' steps ----------------------------------------------------------------------
+
 
 def h_nll(logits, labels):
     lp, y, _ = _rows(logits, labels)
@@ -181,8 +208,12 @@ def handwritten(method, opts, model, ref, forget, retain):
     elif method == "ce_u":
         out = [(p_ce_u(lf, fl), cfg["forget_weight"])]
     elif method == "undial":
-        out = [(p_undial(lf, ref_logits_of(model, ref, forget), fl, cfg["gamma"]),
-                cfg["forget_weight"])]
+        out = [
+            (
+                p_undial(lf, ref_logits_of(model, ref, forget), fl, cfg["gamma"]),
+                cfg["forget_weight"],
+            )
+        ]
     else:
         raise AssertionError(method)
     if cfg["retain_weight"] > 0:
@@ -203,9 +234,11 @@ STEP_CASES = [
 ]
 
 
-@pytest.mark.parametrize("method,opts", STEP_CASES,
-                         ids=[f"{m}-{'-'.join(f'{k}={v}' for k, v in o.items())}"
-                              for m, o in STEP_CASES])
+@pytest.mark.parametrize(
+    "method,opts",
+    STEP_CASES,
+    ids=[f"{m}-{'-'.join(f'{k}={v}' for k, v in o.items())}" for m, o in STEP_CASES],
+)
 def test_step_matches_handwritten(method, opts):
     model, ref, forget, retain = setup("llama")
     hand = copy.deepcopy(model)
@@ -217,8 +250,9 @@ def test_step_matches_handwritten(method, opts):
 
     params = [p for p in model.parameters() if p.requires_grad]
     before = [p.detach().clone() for p in params]
-    unlearner = MultiObjectiveUnlearner(model, torch.optim.SGD(params, lr=LR), method,
-                                        ref_model=ref, **opts)
+    unlearner = MultiObjectiveUnlearner(
+        model, torch.optim.SGD(params, lr=LR), method, ref_model=ref, **opts
+    )
     stats = unlearner.step(forget=forget, retain=retain)
     for p, b, dq in zip(params, before, d):
         assert_update(p.detach(), b, dq, TOL)

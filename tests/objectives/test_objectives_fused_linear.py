@@ -50,9 +50,14 @@ def _logits_loss(name, logits, ref_logits, labels):
         return kl_to_reference(logits, ref_logits, labels)
     direction = name.split("_")[1]
     v = logits.shape[-1]
-    return masked_kl(logits.reshape(-1, v), ref_logits.reshape(-1, v),
-                     token_mask=_token_mask(labels).reshape(-1), vocab_mask=_vocab_mask(),
-                     direction=direction, temperature=2.0)
+    return masked_kl(
+        logits.reshape(-1, v),
+        ref_logits.reshape(-1, v),
+        token_mask=_token_mask(labels).reshape(-1),
+        vocab_mask=_vocab_mask(),
+        direction=direction,
+        temperature=2.0,
+    )
 
 
 def _hidden_loss(name, head, ref_head, labels):
@@ -68,8 +73,9 @@ def _hidden_loss(name, head, ref_head, labels):
     if name == "kl":
         return kl_to_reference_from_hidden(head, ref_head, labels)
     direction = name.split("_")[1]
-    return masked_kl_from_hidden(head, ref_head, _token_mask(labels), _vocab_mask(),
-                                 direction=direction, temperature=2.0)
+    return masked_kl_from_hidden(
+        head, ref_head, _token_mask(labels), _vocab_mask(), direction=direction, temperature=2.0
+    )
 
 
 OBJECTIVES = ("nll", "ga", "uce", "seq_log_prob", "npo", "kl", "dmk_forward", "dmk_reverse")
@@ -77,10 +83,10 @@ OBJECTIVES = ("nll", "ga", "uce", "seq_log_prob", "npo", "kl", "dmk_forward", "d
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=str)
 @pytest.mark.parametrize("name", OBJECTIVES)
-@pytest.mark.parametrize("kind", KINDS + ("lora_head",))
+@pytest.mark.parametrize("kind", (*KINDS, "lora_head"))
 def test_from_hidden_equals_logits_path(kind, name, dtype):
     model = perturb_lora(make_model(kind, dtype=dtype))
-    ref = make_model(kind, dtype=dtype, seed=1)       # a different "original" model
+    ref = make_model(kind, dtype=dtype, seed=1)  # a different "original" model
     ref.eval()
     batch = make_batch("llama" if kind == "lora_head" else kind, batch=3, seq=10, dtype=dtype)
     labels, inputs = batch["labels"], _inputs(batch)
@@ -195,12 +201,13 @@ def test_context_losses_take_the_head_when_offered(name):
     for fused in (True, False):
         ctx = _Ctx(model, ref, batch, fused)
         assert vocab_size_of(ctx) == VOCAB
-        loss = {"nll": lambda c: token_loss_of(c, "nll"),
-                "uce": lambda c: token_loss_of(c, "uce", alpha=0.3),
-                "npo": lambda c: npo_loss_of(c, beta=0.2),
-                "kl": kl_to_reference_of,
-                "dmk": lambda c: masked_kl_of(c, _token_mask(c.labels), _vocab_mask(),
-                                              "reverse", 1.5)}[name](ctx)
+        loss = {
+            "nll": lambda c: token_loss_of(c, "nll"),
+            "uce": lambda c: token_loss_of(c, "uce", alpha=0.3),
+            "npo": lambda c: npo_loss_of(c, beta=0.2),
+            "kl": kl_to_reference_of,
+            "dmk": lambda c: masked_kl_of(c, _token_mask(c.labels), _vocab_mask(), "reverse", 1.5),
+        }[name](ctx)
         results.append((loss, torch.autograd.grad(loss, params, allow_unused=True)))
     (fused_loss, fused_grads), (logits_loss, logits_grads) = results
     torch.testing.assert_close(fused_loss, logits_loss, rtol=1e-10, atol=1e-12)

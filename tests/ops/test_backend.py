@@ -47,6 +47,7 @@ def test_auto_falls_back_to_reference_with_one_warning(monkeypatch):
 # One dispatch rule for every op: a named backend is never replaced.
 # ---------------------------------------------------------------------------------------
 
+
 def _f64_calls():
     """One float64 call per op whose kernels compute in float32: name -> call(backend)."""
     from unlearnopt import ops
@@ -58,13 +59,14 @@ def _f64_calls():
     w = torch.randn(9, 5, generator=g, dtype=torch.float64)
     grads = [[torch.randn(7, generator=g, dtype=torch.float64)] for _ in range(2)]
     return {
-        "unlearning_cross_entropy":
-            lambda b: ops.unlearning_cross_entropy(logits, labels, backend=b),
-        "fused_linear_unlearning_cross_entropy":
-            lambda b: ops.fused_linear_unlearning_cross_entropy(h, w, labels, backend=b),
+        "unlearning_cross_entropy": lambda b: ops.unlearning_cross_entropy(
+            logits, labels, backend=b
+        ),
+        "fused_linear_unlearning_cross_entropy": lambda b: (
+            ops.fused_linear_unlearning_cross_entropy(h, w, labels, backend=b)
+        ),
         "masked_kl": lambda b: ops.masked_kl(logits, logits.flip(0), backend=b),
-        "fused_linear_masked_kl": lambda b: ops.fused_linear_masked_kl(h, w, h, w + 0.1,
-                                                                       backend=b),
+        "fused_linear_masked_kl": lambda b: ops.fused_linear_masked_kl(h, w, h, w + 0.1, backend=b),
         "grad_gram": lambda b: ops.grad_gram(grads, backend=b).total,
     }
 
@@ -101,8 +103,11 @@ def test_env_named_backend_refuses_float64(op, fresh_warnings, monkeypatch):
 def test_auto_runs_float64_on_reference_with_one_warning(op, fresh_warnings):
     call = _f64_calls()[op]
     want = call("reference")
-    with pytest.warns(RuntimeWarning, match=rf"unlearnopt.{op}: the \w+ kernels cannot run "
-                                            "float64"):
+    with pytest.warns(
+        RuntimeWarning,
+        match=rf"unlearnopt.{op}: the \w+ kernels cannot run "
+        "float64",
+    ):
         got = call("auto")
     assert got.dtype == torch.float64
     assert torch.equal(got, want)
@@ -120,8 +125,9 @@ def test_grad_gram_objectives_above_the_kernel_limit(fresh_warnings):
     grads = [[torch.full((3,), float(i))] for i in range(k)]
     want = grad_gram(grads, backend="reference").total
     if backend_skip_reason("native") is None:
-        with pytest.raises(ValueError, match=f"backend='native' cannot run more than {k - 1} "
-                                             "objectives"):
+        with pytest.raises(
+            ValueError, match=f"backend='native' cannot run more than {k - 1} objectives"
+        ):
             grad_gram(grads, backend="native")
         with pytest.warns(RuntimeWarning, match="more than 64 objectives"):
             assert torch.equal(grad_gram(grads, backend="auto").total, want)

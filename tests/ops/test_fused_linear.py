@@ -67,8 +67,9 @@ def test_bf16_ce_gradients_no_worse_than_plain_bf16_pytorch(name, seed):
 
     exact = grads_of(plain, h, w, torch.float64)
     low = grads_of(plain, h, w, torch.bfloat16)
-    got = grads_of(lambda a, b: fused_ce(a, b, y, chunk_size=4, backend=backend), h, w,
-                   torch.bfloat16)
+    got = grads_of(
+        lambda a, b: fused_ce(a, b, y, chunk_size=4, backend=backend), h, w, torch.bfloat16
+    )
     for what, g, lo, ex in zip(("hidden", "weight"), got, low, exact):
         err, plain_err = (g - ex).abs().max(), (lo - ex).abs().max()
         assert err <= 1.05 * plain_err, f"{what}: {err:.3e} vs plain bf16 {plain_err:.3e}"
@@ -91,8 +92,12 @@ def test_bf16_kl_weight_gradient_no_worse_than_plain_bf16_pytorch(name):
 
     exact = grads_of(plain, h, w, torch.float64)
     low = grads_of(plain, h, w, torch.bfloat16)
-    got = grads_of(lambda a, b: fused_linear_masked_kl(a, b, rh, rw, chunk_size=4,
-                                                       backend=backend), h, w, torch.bfloat16)
+    got = grads_of(
+        lambda a, b: fused_linear_masked_kl(a, b, rh, rw, chunk_size=4, backend=backend),
+        h,
+        w,
+        torch.bfloat16,
+    )
     err, plain_err = (got[1] - exact[1]).abs().max(), (low[1] - exact[1]).abs().max()
     assert err <= 1.05 * plain_err, f"weight: {err:.3e} vs plain bf16 {plain_err:.3e}"
 
@@ -105,15 +110,20 @@ def _ops(backend):
     rh = torch.randn(11, 6, generator=g).to(DEVICE)
     rw = torch.randn(37, 6, generator=g).to(DEVICE)
     return [
-        ("fused_linear_unlearning_cross_entropy",
-         lambda h, w, red, **k: fused_ce(h, w, labels, mode="uce", reduction=red, chunk_size=4,
-                                         backend=backend, **k),
-         lambda h, w, red: reference_ce(h, w, labels, mode="uce", reduction=red)),
-        ("fused_linear_masked_kl",
-         lambda h, w, red, **k: fused_linear_masked_kl(h, w, rh, rw, direction="reverse",
-                                                       reduction=red, chunk_size=4,
-                                                       backend=backend, **k),
-         lambda h, w, red: reference_kl(h, w, rh, rw, direction="reverse", reduction=red)),
+        (
+            "fused_linear_unlearning_cross_entropy",
+            lambda h, w, red, **k: fused_ce(
+                h, w, labels, mode="uce", reduction=red, chunk_size=4, backend=backend, **k
+            ),
+            lambda h, w, red: reference_ce(h, w, labels, mode="uce", reduction=red),
+        ),
+        (
+            "fused_linear_masked_kl",
+            lambda h, w, red, **k: fused_linear_masked_kl(
+                h, w, rh, rw, direction="reverse", reduction=red, chunk_size=4, backend=backend, **k
+            ),
+            lambda h, w, red: reference_kl(h, w, rh, rw, direction="reverse", reduction=red),
+        ),
     ]
 
 
@@ -132,12 +142,15 @@ def _count_loops(monkeypatch):
     return calls
 
 
-@pytest.mark.parametrize("reduction, requires, passes", [
-    ("mean", (True, True), 1),
-    ("sum", (False, True), 1),
-    ("none", (True, False), 1),   # frozen head: per-token factors scale grad_hidden's rows
-    ("none", (True, True), 2),    # the head's gradient needs the factors inside the sum
-])
+@pytest.mark.parametrize(
+    "reduction, requires, passes",
+    [
+        ("mean", (True, True), 1),
+        ("sum", (False, True), 1),
+        ("none", (True, False), 1),  # frozen head: per-token factors scale grad_hidden's rows
+        ("none", (True, True), 2),  # the head's gradient needs the factors inside the sum
+    ],
+)
 @pytest.mark.parametrize("name", KERNEL_BACKENDS)
 def test_gradients_from_the_forward(name, reduction, requires, passes, monkeypatch):
     backend = kernel_backend(name)

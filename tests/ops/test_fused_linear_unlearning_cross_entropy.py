@@ -27,8 +27,10 @@ def make(n, hidden, vocab, dtype, bias, seed=0):
 
 
 def run(fn, h, w, b, labels, up, reduction, requires=(True, True, True), **kw):
-    leaves = [t.detach().clone().requires_grad_(r) if t is not None else None
-              for t, r in zip((h, w, b), requires)]
+    leaves = [
+        t.detach().clone().requires_grad_(r) if t is not None else None
+        for t, r in zip((h, w, b), requires)
+    ]
     loss = fn(leaves[0], leaves[1], labels, leaves[2], reduction=reduction, **kw)
     weight = up.view(loss.shape) if reduction == "none" else up[0]
     (loss * weight).sum().backward()
@@ -44,8 +46,9 @@ def test_matches_reference(backend, mode, reduction, dtype):
     h, w, b, labels, up = make(n, hidden, vocab, dtype, bias=True)
     out = run(fused, h, w, b, labels, up, reduction, mode=mode, backend=backend, chunk_size=4)
     low = run(reference, h, w, b, labels, up, reduction, mode=mode)
-    oracle = run(reference, h.double(), w.double(), b.double(), labels, up.double(), reduction,
-                 mode=mode)
+    oracle = run(
+        reference, h.double(), w.double(), b.double(), labels, up.double(), reduction, mode=mode
+    )
     assert_within("loss", out[0], oracle[0], oracle_bound(low[0], oracle[0], out[0].dtype))
     from unlearnopt.kernels import interpreting
 
@@ -62,12 +65,15 @@ def test_matches_reference(backend, mode, reduction, dtype):
         ref_err = (lo.double() - exact).abs().max()
         scale = exact.abs().max()
         second_rounding = torch.finfo(dtype).eps / 2 if name == "hidden" else 0.0
-        assert err <= factor * ref_err + (1e-5 + second_rounding) * scale + 1e-12, \
+        assert err <= factor * ref_err + (1e-5 + second_rounding) * scale + 1e-12, (
             f"grad {name}: {err:.3e} vs reference {ref_err:.3e}"
+        )
         assert got.dtype == dtype
 
 
-@pytest.mark.parametrize("requires", [(True, False, False), (False, True, True), (False, True, False)])
+@pytest.mark.parametrize(
+    "requires", [(True, False, False), (False, True, True), (False, True, False)]
+)
 def test_partial_requires_grad_and_no_bias(backend, requires):
     h, w, _, labels, up = make(9, 8, 101, torch.float32, bias=False)
     got = run(fused, h, w, None, labels, up, "mean", requires, mode="uce", backend=backend)
@@ -81,8 +87,9 @@ def test_partial_requires_grad_and_no_bias(backend, requires):
 
 def test_three_d_input_and_default_chunks(backend):
     h, w, b, labels, up = make(12, 16, 300, torch.float32, bias=True, seed=2)
-    got = run(fused, h.view(3, 4, 16), w, b, labels.view(3, 4), up, "none", mode="ga",
-              backend=backend)
+    got = run(
+        fused, h.view(3, 4, 16), w, b, labels.view(3, 4), up, "none", mode="ga", backend=backend
+    )
     want = run(reference, h.view(3, 4, 16), w, b, labels.view(3, 4), up, "none", mode="ga")
     torch.testing.assert_close(got[0], want[0])
     for a, e in zip(got[1], want[1]):
@@ -113,7 +120,7 @@ def test_nan_hidden_state_gives_non_finite_loss(backend, mode):
 def test_default_chunk_holds_about_2_to_the_24_logits():
     assert default_chunk_size(4096, 128256) == 130
     assert default_chunk_size(2048, 49152) == 341
-    assert default_chunk_size(4096, 256000) == 128   # at least 128 rows
+    assert default_chunk_size(4096, 256000) == 128  # at least 128 rows
     assert default_chunk_size(7, 100) == 7
     assert default_chunk_size(0, 100) == 1
 
@@ -121,7 +128,10 @@ def test_default_chunk_holds_about_2_to_the_24_logits():
 @pytest.mark.parametrize(
     "change,match",
     [
-        (dict(weight=torch.randn(50, 9)), r"weight must be \[V, H\] with H = hidden.shape\[-1\] = 8"),
+        (
+            dict(weight=torch.randn(50, 9)),
+            r"weight must be \[V, H\] with H = hidden.shape\[-1\] = 8",
+        ),
         (dict(bias=torch.randn(49)), r"bias must have shape \(50,\)"),
         (dict(labels=torch.tensor([0, 50, 1])), r"labels must lie in \[0, 50\)"),
         (dict(labels=torch.tensor([0, 1])), r"labels has shape \(2,\)"),
@@ -130,8 +140,12 @@ def test_default_chunk_holds_about_2_to_the_24_logits():
     ],
 )
 def test_bad_input(change, match):
-    args = dict(hidden=torch.randn(3, 8), weight=torch.randn(50, 8), labels=torch.tensor([0, 1, 2]),
-                bias=None)
+    args = dict(
+        hidden=torch.randn(3, 8),
+        weight=torch.randn(50, 8),
+        labels=torch.tensor([0, 1, 2]),
+        bias=None,
+    )
     args.update(change)
     with pytest.raises(ValueError, match=match):
         fused(args.pop("hidden"), args.pop("weight"), args.pop("labels"), **args)

@@ -36,8 +36,10 @@ def make_masks(kind, with_vocab, lead_shape, vocab, seed=1, device="cpu"):
     elif kind == "float":
         tmask = torch.rand(lead_shape, generator=g) * (torch.rand(lead_shape, generator=g) > 0.3)
     vmask = (torch.rand(vocab, generator=g) > 0.2).float() if with_vocab else None
-    return (None if tmask is None else tmask.to(device),
-            None if vmask is None else vmask.to(device))
+    return (
+        None if tmask is None else tmask.to(device),
+        None if vmask is None else vmask.to(device),
+    )
 
 
 def loss_and_grad(fn, logits, upstream_seed=5, **kw):
@@ -50,18 +52,34 @@ def loss_and_grad(fn, logits, upstream_seed=5, **kw):
 
 def oracle(logits, ref_logits, **kw):
     """The reference in float64 on the same (exactly upcast) inputs."""
-    return loss_and_grad(lambda x, **k: ref.masked_kl(x, ref_logits.double(), **k),
-                         logits.double(), **kw)
+    return loss_and_grad(
+        lambda x, **k: ref.masked_kl(x, ref_logits.double(), **k), logits.double(), **kw
+    )
 
 
-def check_backend(backend, device, shape, direction, mask_kind, with_vocab, reduction="none",
-                  temperature=1.0, seed=0):
+def check_backend(
+    backend,
+    device,
+    shape,
+    direction,
+    mask_kind,
+    with_vocab,
+    reduction="none",
+    temperature=1.0,
+    seed=0,
+):
     logits, ref_logits = make_inputs(shape, seed, device=device)
     tmask, vmask = make_masks(mask_kind, with_vocab, shape[:-1], shape[-1], seed + 1, device)
-    kw = {"token_mask": tmask, "vocab_mask": vmask, "direction": direction, "reduction": reduction,
-              "temperature": temperature}
-    loss, grad = loss_and_grad(lambda x, **k: masked_kl(x, ref_logits, backend=backend, **k),
-                               logits, **kw)
+    kw = {
+        "token_mask": tmask,
+        "vocab_mask": vmask,
+        "direction": direction,
+        "reduction": reduction,
+        "temperature": temperature,
+    }
+    loss, grad = loss_and_grad(
+        lambda x, **k: masked_kl(x, ref_logits, backend=backend, **k), logits, **kw
+    )
     want_loss, want_grad = oracle(logits, ref_logits, **kw)
     assert loss.dtype == torch.float32 and loss.shape == want_loss.shape
     assert_allclose("loss", loss, want_loss, rtol=1e-4, atol=2e-5)
@@ -106,13 +124,21 @@ def test_mean_is_over_nonzero_mask_entries(device):
 def test_matches_kl_div(backend, device):
     logits, ref_logits = make_inputs((7, 129), device=device)
     got = masked_kl(logits, ref_logits, backend=backend)
-    want = F.kl_div(torch.log_softmax(logits, -1), torch.log_softmax(ref_logits, -1),
-                    log_target=True, reduction="batchmean")
+    want = F.kl_div(
+        torch.log_softmax(logits, -1),
+        torch.log_softmax(ref_logits, -1),
+        log_target=True,
+        reduction="batchmean",
+    )
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
     # reverse KL(p || q) is kl_div with the roles swapped
     got = masked_kl(logits, ref_logits, direction="reverse", backend=backend)
-    want = F.kl_div(torch.log_softmax(ref_logits, -1), torch.log_softmax(logits, -1),
-                    log_target=True, reduction="batchmean")
+    want = F.kl_div(
+        torch.log_softmax(ref_logits, -1),
+        torch.log_softmax(logits, -1),
+        log_target=True,
+        reduction="batchmean",
+    )
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
 
 
@@ -122,8 +148,9 @@ def test_bf16(backend, device, direction):
     logits, ref_logits = make_inputs((6, 1001), dtype=torch.bfloat16, device=device)
     tmask, vmask = make_masks("float", True, (6,), 1001, device=device)
     kw = {"token_mask": tmask, "vocab_mask": vmask, "direction": direction, "reduction": "sum"}
-    loss, grad = loss_and_grad(lambda x, **k: masked_kl(x, ref_logits, backend=backend, **k),
-                               logits, **kw)
+    loss, grad = loss_and_grad(
+        lambda x, **k: masked_kl(x, ref_logits, backend=backend, **k), logits, **kw
+    )
     want_loss, want_grad = oracle(logits, ref_logits, **kw)
     assert grad.dtype == torch.bfloat16
     # fp32 math on exact bf16 inputs: only fp32 rounding in the loss.
@@ -139,29 +166,42 @@ def test_all_masked(backend, device, direction):
     vmask = torch.ones(33, device=device)
     for reduction in ("mean", "sum"):
         loss, grad = loss_and_grad(
-            lambda x, **k: masked_kl(x, ref_logits, backend=backend, **k), logits,
-            token_mask=torch.zeros(4, dtype=torch.bool, device=device), vocab_mask=vmask,
-            direction=direction, reduction=reduction)
+            lambda x, **k: masked_kl(x, ref_logits, backend=backend, **k),
+            logits,
+            token_mask=torch.zeros(4, dtype=torch.bool, device=device),
+            vocab_mask=vmask,
+            direction=direction,
+            reduction=reduction,
+        )
         assert loss.item() == 0.0
         assert torch.equal(grad, torch.zeros_like(grad))
     # one masked row among kept rows: its gradient is exactly zero
     tmask = torch.tensor([1.0, 0.0, 1.0, 1.0], device=device)
-    _, grad = loss_and_grad(lambda x, **k: masked_kl(x, ref_logits, backend=backend, **k), logits,
-                            token_mask=tmask, direction=direction)
+    _, grad = loss_and_grad(
+        lambda x, **k: masked_kl(x, ref_logits, backend=backend, **k),
+        logits,
+        token_mask=tmask,
+        direction=direction,
+    )
     assert torch.equal(grad[1], torch.zeros_like(grad[1]))
     assert bool(grad[0].abs().sum() > 0)
 
 
 def test_inplace_backward(backend, device):
     logits, ref_logits = make_inputs((2, 3, 517), device=device)
-    kw = {"vocab_mask": make_masks("none", True, (6,), 517, device=device)[1],
-              "direction": "reverse", "reduction": "mean"}
-    _, want = loss_and_grad(lambda x, **k: masked_kl(x, ref_logits, backend=backend, **k),
-                            logits, **kw)
+    kw = {
+        "vocab_mask": make_masks("none", True, (6,), 517, device=device)[1],
+        "direction": "reverse",
+        "reduction": "mean",
+    }
+    _, want = loss_and_grad(
+        lambda x, **k: masked_kl(x, ref_logits, backend=backend, **k), logits, **kw
+    )
     leaf = logits.clone().requires_grad_()
     buf = leaf * 1.0  # non-leaf buffer the op may overwrite
     masked_kl(buf, ref_logits, inplace_backward=True, backend=backend, **kw).backward(
-        torch.randn((), generator=seeded(5)))
+        torch.randn((), generator=seeded(5))
+    )
     torch.testing.assert_close(leaf.grad, want, rtol=1e-5, atol=1e-7)
     if backend != "reference":
         torch.testing.assert_close(buf.detach(), want, rtol=1e-5, atol=1e-7)
@@ -170,12 +210,17 @@ def test_inplace_backward(backend, device):
 def test_properties(backend, device):
     logits, ref_logits = make_inputs((6, 301), device=device)
     for direction in DIRECTIONS:
-        per_token = masked_kl(logits, ref_logits, direction=direction, reduction="none",
-                              backend=backend)
+        per_token = masked_kl(
+            logits, ref_logits, direction=direction, reduction="none", backend=backend
+        )
         assert bool((per_token >= -1e-6).all()), per_token.min()
         # zero at the reference, with zero gradient
-        same, grad = loss_and_grad(lambda x, **k: masked_kl(x, ref_logits, backend=backend, **k),
-                                   ref_logits, direction=direction, reduction="sum")
+        same, grad = loss_and_grad(
+            lambda x, **k: masked_kl(x, ref_logits, backend=backend, **k),
+            ref_logits,
+            direction=direction,
+            reduction="sum",
+        )
         assert abs(same.item()) < 1e-5
         assert grad.abs().max().item() < 1e-6
         # adding a constant to a row of logits (either model) changes nothing
@@ -184,8 +229,11 @@ def test_properties(backend, device):
         ref_shifted = ref_logits.clone()
         ref_shifted[4] -= 3.0
         torch.testing.assert_close(
-            masked_kl(shifted, ref_shifted, direction=direction, reduction="none",
-                      backend=backend), per_token, rtol=1e-4, atol=2e-5)
+            masked_kl(shifted, ref_shifted, direction=direction, reduction="none", backend=backend),
+            per_token,
+            rtol=1e-4,
+            atol=2e-5,
+        )
     # ref_logits never gets a gradient
     x = logits.clone().requires_grad_()
     r = ref_logits.clone().requires_grad_()
@@ -209,10 +257,20 @@ def test_fused_linear(backend, device, reduction, with_bias):
     def run(fn, dtype, **extra):
         leaves = [t.detach().to(dtype).clone().requires_grad_() for t in (hidden, weight)]
         b = bias.detach().to(dtype).clone().requires_grad_() if with_bias else None
-        loss = fn(leaves[0], leaves[1], ref_hidden.to(dtype), ref_weight.to(dtype), b,
-                  None if ref_bias is None else ref_bias.to(dtype), token_mask=tmask,
-                  vocab_mask=vmask, direction="reverse", reduction=reduction, temperature=1.3,
-                  **extra)
+        loss = fn(
+            leaves[0],
+            leaves[1],
+            ref_hidden.to(dtype),
+            ref_weight.to(dtype),
+            b,
+            None if ref_bias is None else ref_bias.to(dtype),
+            token_mask=tmask,
+            vocab_mask=vmask,
+            direction="reverse",
+            reduction=reduction,
+            temperature=1.3,
+            **extra,
+        )
         up = torch.randn(loss.shape, generator=seeded(9)).to(device)
         (loss * up).sum().backward()
         return [loss.detach()] + [t.grad for t in leaves] + ([b.grad] if with_bias else [])
@@ -225,8 +283,10 @@ def test_fused_linear(backend, device, reduction, with_bias):
 
 def test_helpers(device):
     labels = torch.tensor([[3, -100, 5], [-100, -100, 1]], device=device)
-    assert torch.equal(token_mask_from_labels(labels),
-                       torch.tensor([[True, False, True], [False, False, True]], device=device))
+    assert torch.equal(
+        token_mask_from_labels(labels),
+        torch.tensor([[True, False, True], [False, False, True]], device=device),
+    )
     u = vocab_mask_from_token_ids([2, 5], 7, device)
     assert torch.equal(u, torch.tensor([1.0, 1, 0, 1, 1, 0, 1], device=device))
     with pytest.raises(ValueError, match="token_ids"):
@@ -275,8 +335,14 @@ def test_non_finite_logits(backend, device, bad):
     token_mask = torch.tensor([1.0, 1.0, 0.0], device=device)
     for direction in ("forward", "reverse"):
         x.grad = None
-        loss = masked_kl(x, ref_logits.to(device), token_mask=token_mask, direction=direction,
-                         reduction="none", backend=backend)
+        loss = masked_kl(
+            x,
+            ref_logits.to(device),
+            token_mask=token_mask,
+            direction=direction,
+            reduction="none",
+            backend=backend,
+        )
         loss.sum().backward()
         assert not torch.isfinite(loss[0]) and torch.isfinite(loss[1]) and loss[2] == 0
         assert not torch.isfinite(x.grad[0]).all() and torch.isfinite(x.grad[1]).all()

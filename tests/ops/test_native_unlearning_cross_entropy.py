@@ -76,10 +76,17 @@ def exact(logits, labels, mode, alpha):
     # p - e_y, with the label column as expm1(d) (no cancellation near p_y = 1).
     p_minus = p.scatter(1, y[:, None], torch.expm1(d)[:, None])
     zero = torch.zeros((), dtype=torch.float64)
-    return {"loss": torch.where(keep, loss, zero), "lse": torch.where(keep, lse, zero),
-            "q": torch.where(keep, q, zero), "c": c,
-            "p_y": p_y, "p": p, "p_minus": torch.where(keep[:, None], p_minus, zero), "y": y,
-            "keep": keep}
+    return {
+        "loss": torch.where(keep, loss, zero),
+        "lse": torch.where(keep, lse, zero),
+        "q": torch.where(keep, q, zero),
+        "c": c,
+        "p_y": p_y,
+        "p": p,
+        "p_minus": torch.where(keep[:, None], p_minus, zero),
+        "y": y,
+        "keep": keep,
+    }
 
 
 def check_rows(rows, logits, labels, mode, alpha, *, scale, grad=None, stats_in=None, ref=None):
@@ -135,9 +142,13 @@ def make(n, v, dtype, seed, ignore="some"):
 
 # N in {1, 7, 257} x V in {3, 1000, 32003} and one V > 65536; the largest cell (257 x 32003,
 # 8M elements, float64 checks) only in float32 to keep the file fast.
-GRID = [(dt, n, v) for dt in ("f32", "bf16") for n in (1, 7, 257) for v in (3, 1000, 32003)
-        if not (dt == "bf16" and n == 257 and v == 32003)] + [("f32", 2, 70001),
-                                                            ("bf16", 2, 70001)]
+GRID = [
+    (dt, n, v)
+    for dt in ("f32", "bf16")
+    for n in (1, 7, 257)
+    for v in (3, 1000, 32003)
+    if not (dt == "bf16" and n == 257 and v == 32003)
+] + [("f32", 2, 70001), ("bf16", 2, 70001)]
 DTYPES = {"f32": torch.float32, "bf16": torch.bfloat16}
 
 
@@ -150,8 +161,17 @@ def test_rows_against_float64(rows, mode, dt, n, v):
     per_row = torch.rand(n, generator=torch.Generator().manual_seed(1)) * 4 - 2
     # Forward only, then the backward of the autograd op: stats_in + per-row scale, new buffer.
     _, stats = check_rows(rows, logits, labels, mode, alpha, scale=None, ref=ref)
-    check_rows(rows, logits, labels, mode, alpha, scale=per_row, grad=torch.empty_like(logits),
-               stats_in=stats, ref=ref)
+    check_rows(
+        rows,
+        logits,
+        labels,
+        mode,
+        alpha,
+        scale=per_row,
+        grad=torch.empty_like(logits),
+        stats_in=stats,
+        ref=ref,
+    )
     # One call doing both (the fused-linear path), in place, broadcast scale.
     buf = logits.clone()
     check_rows(rows, buf, labels, mode, alpha, scale=torch.tensor([0.37]), grad=buf, ref=ref)
@@ -174,7 +194,7 @@ def test_strided_rows(rows, inplace):
     n, v = 5, 2500
     g = torch.Generator().manual_seed(5)
     wide = torch.randn(n, v + 13, generator=g)
-    logits = wide[:, 7:7 + v]
+    logits = wide[:, 7 : 7 + v]
     assert not logits.is_contiguous() and logits.stride(1) == 1
     labels = torch.randint(0, v, (n,), generator=g)
     labels[2] = IGNORE
@@ -182,34 +202,43 @@ def test_strided_rows(rows, inplace):
         grad, outer = logits, wide
     else:
         outer = torch.zeros(n, v + 20)
-        grad = outer[:, 3:3 + v]
+        grad = outer[:, 3 : 3 + v]
     before = outer.clone()
     check_rows(rows, logits, labels, "uce", 0.8, scale=torch.tensor([2.0]), grad=grad)
     cols = torch.ones(outer.shape[1], dtype=torch.bool)
-    cols[(7 if inplace else 3):(7 if inplace else 3) + v] = False
+    cols[(7 if inplace else 3) : (7 if inplace else 3) + v] = False
     assert torch.equal(outer[:, cols], before[:, cols]), "columns outside the view were touched"
 
 
 def test_float16(rows):
     logits, labels = make(7, 5003, torch.float16, seed=11)
     _, stats = check_rows(rows, logits, labels, "nll", 0.5, scale=None)
-    check_rows(rows, logits, labels, "nll", 0.5, scale=torch.rand(7), grad=torch.empty_like(logits),
-               stats_in=stats)
+    check_rows(
+        rows,
+        logits,
+        labels,
+        "nll",
+        0.5,
+        scale=torch.rand(7),
+        grad=torch.empty_like(logits),
+        stats_in=stats,
+    )
 
 
 def test_extreme_rows(rows):
     """Rows that exercise every branch of the online log-sum-exp."""
     v = 3 * 2048 + 5
     logits = torch.randn(5, v, generator=torch.Generator().manual_seed(2))
-    logits[0, :2048] = float("-inf")                        # leading chunk all -inf
-    logits[1] = torch.linspace(-500, 500, v)                # jumps of > 64 between chunks
-    logits[2] += 1e4                                        # large offset
-    logits[3, ::2] = float("-inf")                          # masked vocabulary
-    logits[4, -1] = 200                                     # a late, dominant column
+    logits[0, :2048] = float("-inf")  # leading chunk all -inf
+    logits[1] = torch.linspace(-500, 500, v)  # jumps of > 64 between chunks
+    logits[2] += 1e4  # large offset
+    logits[3, ::2] = float("-inf")  # masked vocabulary
+    logits[4, -1] = 200  # a late, dominant column
     labels = torch.tensor([3000, v - 1, 17, 1, v - 1])
     for mode in MODES:
-        check_rows(rows, logits, labels, mode, 0.5, scale=torch.rand(5),
-                   grad=torch.empty_like(logits))
+        check_rows(
+            rows, logits, labels, mode, 0.5, scale=torch.rand(5), grad=torch.empty_like(logits)
+        )
 
 
 def test_uce_alpha_one_confident(rows):
@@ -249,8 +278,7 @@ def test_out_of_range_label_gives_nan_row(rows):
     """Never read; NaN loss, stats and gradient (the ops raise before, see _checks)."""
     logits = torch.randn(3, 10)
     grad = torch.zeros_like(logits)
-    loss, stats = rows(logits, torch.tensor([1, 10, -5]), 0, 0.5, IGNORE, None, torch.ones(1),
-                       grad)
+    loss, stats = rows(logits, torch.tensor([1, 10, -5]), 0, 0.5, IGNORE, None, torch.ones(1), grad)
     assert torch.isfinite(loss[0]) and torch.isnan(loss[1:]).all()
     assert torch.isnan(stats[1:]).all() and torch.isnan(grad[1:]).all()
     assert torch.isfinite(grad[0]).all()

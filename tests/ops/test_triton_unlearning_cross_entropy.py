@@ -49,8 +49,13 @@ def make_inputs(n: int, vocab: int, dtype: torch.dtype, ignore: str, device, see
     return logits.to(device=device, dtype=dtype), labels.to(device)
 
 
-def oracle(logits: torch.Tensor, labels: torch.Tensor, mode: int, alpha: float,
-           scale: torch.Tensor | None = None):
+def oracle(
+    logits: torch.Tensor,
+    labels: torch.Tensor,
+    mode: int,
+    alpha: float,
+    scale: torch.Tensor | None = None,
+):
     """float64 ``(loss, lse, grad, grad_slack)`` of the rows, from the (already rounded) inputs.
 
     ``grad_slack`` bounds the error of an fp32 kernel before its final rounding: p_j comes from
@@ -83,8 +88,11 @@ def oracle(logits: torch.Tensor, labels: torch.Tensor, mode: int, alpha: float,
         grad = coef[:, None] * (p - onehot)
         err_logp = LOGP_ERR * (1 + lse.abs()[:, None] + z.abs())
         err_logp_y = LOGP_ERR * (1 + lse.abs() + z_y.abs())
-        slack = (coef.abs()[:, None] * p * err_logp + grad.abs() * (dc * err_logp_y)[:, None]
-                 + 1e-6 * grad.abs())
+        slack = (
+            coef.abs()[:, None] * p * err_logp
+            + grad.abs() * (dc * err_logp_y)[:, None]
+            + 1e-6 * grad.abs()
+        )
     return loss, lse, grad, slack
 
 
@@ -134,8 +142,7 @@ def kernel_rounding(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return x.to(dtype).double()
 
 
-def grad_tolerance(ref_grad: torch.Tensor, slack: torch.Tensor,
-                   dtype: torch.dtype) -> torch.Tensor:
+def grad_tolerance(ref_grad: torch.Tensor, slack: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """Per element: how far the kernel's ``dtype`` result may sit from the fp64 answer.
 
     Its fp32 value lies within ``slack`` of the answer and rounding is monotone, so the stored
@@ -218,14 +225,18 @@ def test_large_vocab_and_even_chunks(device):
         grad = torch.empty_like(logits)
         loss, lse = rows(logits, labels, mode, ALPHA, IGNORE, None, scale, grad)
         check_loss_lse(loss, lse, logits, labels, mode, ref_loss, ref_lse)
-        assert_within(f"grad V={vocab}", grad.cpu(), ref_grad.cpu(),
-                      grad_tolerance(ref_grad, slack, torch.float32).cpu())
+        assert_within(
+            f"grad V={vocab}",
+            grad.cpu(),
+            ref_grad.cpu(),
+            grad_tolerance(ref_grad, slack, torch.float32).cpu(),
+        )
 
 
 def test_strided_rows_and_separate_grad_stride(device):
     n, vocab = 5, 301
     wide, labels = make_inputs(n, 3 * vocab + 7, torch.bfloat16, "some", device, seed=3)
-    logits = wide[:, 2:2 + vocab]  # row stride 910, storage offset 2
+    logits = wide[:, 2 : 2 + vocab]  # row stride 910, storage offset 2
     labels = labels % vocab
     labels[2] = IGNORE
     grad_wide = torch.full((n, 2 * vocab), 7.0, dtype=torch.bfloat16, device=device)
@@ -235,8 +246,12 @@ def test_strided_rows_and_separate_grad_stride(device):
     before = wide.clone()
     loss, lse = rows(logits, labels, 2, ALPHA, IGNORE, None, scale, grad)
     check_loss_lse(loss, lse, logits, labels, 2, ref_loss, ref_lse)
-    assert_within("grad (strided)", grad.cpu(), ref_grad.cpu(),
-                  grad_tolerance(ref_grad, slack, torch.bfloat16).cpu())
+    assert_within(
+        "grad (strided)",
+        grad.cpu(),
+        ref_grad.cpu(),
+        grad_tolerance(ref_grad, slack, torch.bfloat16).cpu(),
+    )
     assert torch.equal(wide, before)  # logits untouched when grad_out is elsewhere
     assert (grad_wide[:, :vocab] == 7).all()  # nothing written outside the view
 
@@ -256,7 +271,7 @@ def test_launcher_rejects_bad_layouts(device):
     labels = torch.zeros(4, dtype=torch.long, device=device)
     with pytest.raises(ValueError, match="unit column stride"):
         rows(logits.t(), labels, 0, ALPHA, IGNORE)
-    with pytest.raises(ValueError, match="labels must be a \\[4\\] torch.int64"):
+    with pytest.raises(ValueError, match=r"labels must be a \[4\] torch\.int64"):
         rows(logits, labels.int(), 0, ALPHA, IGNORE)
     with pytest.raises(ValueError, match="mode must be"):
         rows(logits, labels, 3, ALPHA, IGNORE)
@@ -274,14 +289,15 @@ def test_non_finite_and_out_of_range_rows(device):
     logits = torch.randn(5, 40, generator=seeded(1))
     logits[0, 3] = float("nan")
     logits[1, 7] = float("inf")
-    logits[2, 5] = float("nan")   # ignored row
-    logits[3, 9] = float("nan")   # ignored row, in place below
+    logits[2, 5] = float("nan")  # ignored row
+    logits[3, 9] = float("nan")  # ignored row, in place below
     labels = torch.tensor([1, 2, IGNORE, IGNORE, 40])
     logits, labels = logits.to(device), labels.to(device)
     for mode in (0, 1, 2):
         buf = logits.clone()
-        loss, stats = rows(buf, labels, mode, ALPHA, IGNORE, None,
-                           torch.ones(1, device=device), buf)
+        loss, stats = rows(
+            buf, labels, mode, ALPHA, IGNORE, None, torch.ones(1, device=device), buf
+        )
         assert torch.isnan(loss[[0, 1, 4]]).all() and torch.isnan(stats[[0, 1, 4]]).all()
         assert torch.isnan(buf[[0, 1, 4]]).all()
         assert (loss[2:4] == 0).all() and (stats[2:4] == 0).all() and (buf[2:4] == 0).all()
@@ -301,8 +317,9 @@ def check_big_row_stride(base: torch.Tensor) -> None:
     _, stats = rows(x, labels, 0, ALPHA, IGNORE, None, scale, x)  # gradient in place, too
     _, ref_lse, ref_grad, slack = oracle(vals, labels.cpu(), 0, ALPHA, scale.cpu())
     assert_within("lse (big stride)", stats[:, 0].cpu(), ref_lse, LOGP_ERR * (1 + ref_lse.abs()))
-    assert_within("grad (big stride)", x.cpu(), ref_grad,
-                  grad_tolerance(ref_grad, slack, torch.bfloat16))
+    assert_within(
+        "grad (big stride)", x.cpu(), ref_grad, grad_tolerance(ref_grad, slack, torch.bfloat16)
+    )
 
 
 _BIG_STRIDE_SCRIPT = textwrap.dedent(f"""
@@ -324,10 +341,17 @@ def test_row_offsets_are_int64(device):
     # On CPU the buffer is a lazily backed anonymous mmap, in a subprocess so that a
     # regression (a segfault) fails this test instead of killing the session.
     root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    proc = subprocess.run([sys.executable, "-c", _BIG_STRIDE_SCRIPT], check=False, cwd=root,
-                          env=dict(os.environ, TRITON_INTERPRET="1"), text=True,
-                          capture_output=True, timeout=300)
+    proc = subprocess.run(
+        [sys.executable, "-c", _BIG_STRIDE_SCRIPT],
+        check=False,
+        cwd=root,
+        env=dict(os.environ, TRITON_INTERPRET="1"),
+        text=True,
+        capture_output=True,
+        timeout=300,
+    )
     if "mmap" in proc.stderr and ("OSError" in proc.stderr or "MemoryError" in proc.stderr):
         pytest.skip(f"cannot map 4 GiB of address space here: {proc.stderr[-300:]}")
     assert proc.returncode == 0 and proc.stdout.strip().endswith("ok"), (
-        f"rc={proc.returncode}\n{proc.stdout}\n{proc.stderr[-2000:]}")
+        f"rc={proc.returncode}\n{proc.stdout}\n{proc.stderr[-2000:]}"
+    )

@@ -58,26 +58,44 @@ def too_slow(backend, n, vocab):
     from unlearnopt.kernels import interpreting
 
     # The interpreter runs programs one by one in Python (~10 ms each): few rows, small rows.
-    return backend == "triton" and interpreting() and (n > 40 or n * vocab > INTERPRETER_MAX_ELEMENTS)
+    return (
+        backend == "triton" and interpreting() and (n > 40 or n * vocab > INTERPRETER_MAX_ELEMENTS)
+    )
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
-@pytest.mark.parametrize("n,vocab,ignore,three_d", SHAPES,
-                         ids=[f"{n}x{v}-{i}{'-3d' if t else ''}" for n, v, i, t in SHAPES])
+@pytest.mark.parametrize(
+    "n,vocab,ignore,three_d",
+    SHAPES,
+    ids=[f"{n}x{v}-{i}{'-3d' if t else ''}" for n, v, i, t in SHAPES],
+)
 @pytest.mark.parametrize("mode", MODES)
 def test_matches_reference(backend, mode, n, vocab, ignore, three_d, dtype):
     if too_slow(backend, n, vocab):
         pytest.skip("shape too large for the Triton interpreter (covered on GPU)")
     logits, labels, upstream = make_case(n, vocab, ignore, dtype)
     for reduction in REDUCTIONS:
-        out = loss_and_grad(unlearning_cross_entropy, logits, labels, upstream, reduction, three_d,
-                            mode=mode, backend=backend)
+        out = loss_and_grad(
+            unlearning_cross_entropy,
+            logits,
+            labels,
+            upstream,
+            reduction,
+            three_d,
+            mode=mode,
+            backend=backend,
+        )
         ref_low = loss_and_grad(reference, logits, labels, upstream, reduction, three_d, mode=mode)
-        oracle = loss_and_grad(reference, logits.double(), labels, upstream.double(), reduction,
-                               three_d, mode=mode)
+        oracle = loss_and_grad(
+            reference, logits.double(), labels, upstream.double(), reduction, three_d, mode=mode
+        )
         for i, what in enumerate(("loss", "grad")):
-            assert_within(f"{mode}/{reduction}/{what}", out[i], oracle[i],
-                          oracle_bound(ref_low[i], oracle[i], out[i].dtype))
+            assert_within(
+                f"{mode}/{reduction}/{what}",
+                out[i],
+                oracle[i],
+                oracle_bound(ref_low[i], oracle[i], out[i].dtype),
+            )
         assert out[1].dtype == dtype
         assert torch.isfinite(out[0]).all() and torch.isfinite(out[1].float()).all()
 
@@ -96,8 +114,9 @@ def test_uce_is_bounded_and_its_gradient_vanishes(backend):
     logits = torch.zeros(4, vocab, device=DEVICE)
     # p_y -> 1: the loss approaches -log(1 - alpha) from below and never exceeds it.
     logits[torch.arange(4), labels] = torch.tensor([10.0, 30.0, 60.0, 90.0], device=DEVICE)
-    loss = unlearning_cross_entropy(logits, labels, "uce", reduction="none", alpha=alpha,
-                                    backend=backend)
+    loss = unlearning_cross_entropy(
+        logits, labels, "uce", reduction="none", alpha=alpha, backend=backend
+    )
     assert (loss <= -math.log(1 - alpha) + 1e-6).all()
     assert loss[-1] == pytest.approx(-math.log(1 - alpha), rel=1e-5)
     # p_y -> 0: the gradient norm goes to 0 with p_y (no explosion, unlike ga).
@@ -106,13 +125,17 @@ def test_uce_is_bounded_and_its_gradient_vanishes(backend):
         x = torch.zeros(1, vocab, device=DEVICE)
         x[0, 3] = z_y
         x.requires_grad_(True)
-        unlearning_cross_entropy(x, torch.tensor([3], device=DEVICE), "uce", backend=backend).backward()
+        unlearning_cross_entropy(
+            x, torch.tensor([3], device=DEVICE), "uce", backend=backend
+        ).backward()
         norms.append(float(x.grad.norm()))
     assert norms[0] > norms[1] > norms[2] and norms[2] < 1e-15
     ga_x = torch.zeros(1, vocab, device=DEVICE)
     ga_x[0, 3] = -40.0
     ga_x.requires_grad_(True)
-    unlearning_cross_entropy(ga_x, torch.tensor([3], device=DEVICE), "ga", backend=backend).backward()
+    unlearning_cross_entropy(
+        ga_x, torch.tensor([3], device=DEVICE), "ga", backend=backend
+    ).backward()
     assert float(ga_x.grad.norm()) > 0.9
 
 
@@ -129,12 +152,14 @@ def test_all_ignored_gives_zero_not_nan(backend, reduction):
 def test_custom_ignore_index_and_inplace_backward(backend):
     logits, labels, upstream = make_case(9, 257, "some", torch.float32, seed=3)
     labels = torch.where(labels == -100, torch.full_like(labels, 7), labels)
-    expected = loss_and_grad(reference, logits, labels, upstream, "none", False, mode="nll",
-                             ignore_index=7)
+    expected = loss_and_grad(
+        reference, logits, labels, upstream, "none", False, mode="nll", ignore_index=7
+    )
     x = logits.clone().requires_grad_(True)
     y = x * 1.0  # a non-leaf buffer the op may overwrite in backward
-    loss = unlearning_cross_entropy(y, labels, "nll", ignore_index=7, reduction="none",
-                                    inplace_backward=True, backend=backend)
+    loss = unlearning_cross_entropy(
+        y, labels, "nll", ignore_index=7, reduction="none", inplace_backward=True, backend=backend
+    )
     (loss * upstream).sum().backward()
     torch.testing.assert_close(loss.detach(), expected[0], rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(x.grad, expected[1], rtol=1e-5, atol=1e-6)
@@ -199,8 +224,9 @@ def test_bad_input_raises_a_clear_error(kwargs, match):
         unlearning_cross_entropy(args.pop("logits"), args.pop("labels"), **args)
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.uint8, torch.int8,
-                                   torch.int16, torch.bool])
+@pytest.mark.parametrize(
+    "dtype", [torch.float32, torch.float64, torch.uint8, torch.int8, torch.int16, torch.bool]
+)
 def test_label_dtype_other_than_int64_int32_is_a_type_error(dtype):
     # uint8/int8/int16 used to pass validation and fail inside the reference's gather.
     with pytest.raises(TypeError, match=r"labels must be an int64 or int32 tensor"):
@@ -209,10 +235,26 @@ def test_label_dtype_other_than_int64_int32_is_a_type_error(dtype):
 
 def test_int32_labels_match_int64(backend):
     logits, labels, upstream = make_case(6, 37, "some", torch.float32, seed=5)
-    a = loss_and_grad(unlearning_cross_entropy, logits, labels, upstream, "none", False,
-                      mode="uce", backend=backend)
-    b = loss_and_grad(unlearning_cross_entropy, logits, labels.int(), upstream, "none", False,
-                      mode="uce", backend=backend)
+    a = loss_and_grad(
+        unlearning_cross_entropy,
+        logits,
+        labels,
+        upstream,
+        "none",
+        False,
+        mode="uce",
+        backend=backend,
+    )
+    b = loss_and_grad(
+        unlearning_cross_entropy,
+        logits,
+        labels.int(),
+        upstream,
+        "none",
+        False,
+        mode="uce",
+        backend=backend,
+    )
     assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
 
 
@@ -252,9 +294,9 @@ def test_non_finite_logits_give_non_finite_loss_and_gradient(backend, mode, bad)
     bound 0.6931 and a finite mean); the same values in an ignored row contribute exactly 0
     loss and 0 gradient on every backend (the reference used to give a NaN gradient)."""
     x = torch.randn(4, 50, generator=seeded(2)).to(DEVICE)
-    x[0, 7] = bad     # kept row, another class
-    x[1, 2] = bad     # kept row, the label's own logit
-    x[3, 11] = bad    # ignored row
+    x[0, 7] = bad  # kept row, another class
+    x[1, 2] = bad  # kept row, the label's own logit
+    x[3, 11] = bad  # ignored row
     x.requires_grad_(True)
     labels = torch.tensor([1, 2, 3, -100], device=DEVICE)
     loss = unlearning_cross_entropy(x, labels, mode, reduction="none", backend=backend)
@@ -280,10 +322,20 @@ def test_sharply_peaked_rows_fp32(backend, mode, alpha):
     labels[::2] = logits[::2].argmax(-1)  # half the rows: the label is the peak
     upstream = torch.rand(n, generator=g) + 0.5
     logits, labels, upstream = logits.to(DEVICE), labels.to(DEVICE), upstream.to(DEVICE)
-    out = loss_and_grad(unlearning_cross_entropy, logits, labels, upstream, "none", False,
-                        mode=mode, alpha=alpha, backend=backend)
-    oracle = loss_and_grad(reference, logits.double(), labels, upstream.double(), "none", False,
-                           mode=mode, alpha=alpha)
+    out = loss_and_grad(
+        unlearning_cross_entropy,
+        logits,
+        labels,
+        upstream,
+        "none",
+        False,
+        mode=mode,
+        alpha=alpha,
+        backend=backend,
+    )
+    oracle = loss_and_grad(
+        reference, logits.double(), labels, upstream.double(), "none", False, mode=mode, alpha=alpha
+    )
     for got, want, what in zip(out, oracle, ("loss", "grad")):
         err = (got.double() - want).abs()
         tol = 1e-6 * want.abs() + 1e-8

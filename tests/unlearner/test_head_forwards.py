@@ -56,7 +56,7 @@ def test_head_inputs_and_reference_cache_per_forget_batch():
         warnings.simplefilter("error")
         head = heads.head(forget, "forget")
     torch.testing.assert_close(head.logits(), model(**fw.inputs(forget)).logits, rtol=0, atol=0)
-    assert fw.ref_calls == 1                   # the first call checked the reference
+    assert fw.ref_calls == 1  # the first call checked the reference
     for _ in range(3):
         rh = heads.ref_head(forget, "forget")
         heads.end_step()
@@ -64,12 +64,13 @@ def test_head_inputs_and_reference_cache_per_forget_batch():
     torch.testing.assert_close(rh.logits(), ref(**fw.inputs(forget)).logits, rtol=0, atol=0)
     heads.ref_head(retain, "retain")
     heads.ref_head(retain, "retain")
-    assert fw.ref_calls == 3                   # retain batches are not kept
+    assert fw.ref_calls == 3  # retain batches are not kept
     lp = heads.ref_sequence_log_prob(forget, "forget")
     lp2 = heads.ref_sequence_log_prob({k: v.clone() for k, v in forget.items()}, "forget")
     assert lp2 is lp and fw.ref_calls == 4
-    torch.testing.assert_close(lp, sequence_log_prob(fw.ref_forward(forget), forget["labels"]),
-                               rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(
+        lp, sequence_log_prob(fw.ref_forward(forget), forget["labels"]), rtol=1e-12, atol=1e-12
+    )
 
 
 def test_cache_off_runs_the_reference_every_time():
@@ -84,8 +85,7 @@ def test_cache_off_runs_the_reference_every_time():
     assert fw.ref_calls == 3
 
 
-@pytest.mark.parametrize("kind,reason", [("lora_dropout", "dropout"),
-                                         ("gemma2", "soft-capping")])
+@pytest.mark.parametrize("kind,reason", [("lora_dropout", "dropout"), ("gemma2", "soft-capping")])
 def test_unsupported_head_warns_once_and_gives_none(kind, reason):
     """Dropout on a LoRA head is refused at construction, soft-capping at the first forward."""
     if kind == "gemma2":
@@ -94,8 +94,10 @@ def test_unsupported_head_warns_once_and_gives_none(kind, reason):
     else:
         from peft import LoraConfig, get_peft_model
 
-        model = get_peft_model(make_model("llama"), LoraConfig(
-            r=4, lora_alpha=8, lora_dropout=0.1, target_modules=["q_proj", "lm_head"]))
+        model = get_peft_model(
+            make_model("llama"),
+            LoraConfig(r=4, lora_alpha=8, lora_dropout=0.1, target_modules=["q_proj", "lm_head"]),
+        )
         ref = None
     batch = make_batch("llama")
     with warnings.catch_warnings(record=True) as record:
@@ -124,24 +126,25 @@ def test_disabled_path_is_silent():
 
 @pytest.mark.parametrize("kind", ["lora", "lora_head"])
 def test_peft_reference_is_the_model_without_adapters_and_ignores_adapter_updates(kind):
-    model = perturb_lora(make_model(kind, dtype=torch.float64))   # the reference differs
+    model = perturb_lora(make_model(kind, dtype=torch.float64))  # the reference differs
     fw = PlainForwards(model)
     heads = HeadForwards(fw, needs_ref=True)
     batch = make_batch("lora")
     head = heads.head(batch, "forget")
     rh = heads.ref_head(batch, "forget")
     torch.testing.assert_close(rh.logits(), fw.ref_forward(batch), rtol=0, atol=0)
-    torch.testing.assert_close(head.logits(), model(**fw.inputs(batch)).logits, rtol=1e-14,
-                               atol=1e-14)
+    torch.testing.assert_close(
+        head.logits(), model(**fw.inputs(batch)).logits, rtol=1e-14, atol=1e-14
+    )
     assert not torch.allclose(head.logits(), rh.logits())
     calls = fw.ref_calls
     with torch.no_grad():
         next(p for n, p in model.named_parameters() if "lora_A" in n).add_(1.0)
     heads.ref_head(batch, "forget")
-    assert fw.ref_calls == calls               # adapters are not part of the reference
+    assert fw.ref_calls == calls  # adapters are not part of the reference
     with torch.no_grad():
         head = model.get_output_embeddings()
         getattr(head, "get_base_layer", lambda: head)().weight.mul_(1.5)
     again = heads.ref_head(batch, "forget")
-    assert fw.ref_calls == calls + 1           # a base weight is
+    assert fw.ref_calls == calls + 1  # a base weight is
     torch.testing.assert_close(again.logits(), fw.ref_forward(batch), rtol=0, atol=0)

@@ -19,8 +19,9 @@ class Counting:
     def __call__(self, batch):
         self.calls += 1
         with torch.no_grad():
-            return forward_head_inputs(self.model, {k: v for k, v in batch.items()
-                                                    if k != "labels"})
+            return forward_head_inputs(
+                self.model, {k: v for k, v in batch.items() if k != "labels"}
+            )
 
 
 def _get(cache, ref, batch):
@@ -38,14 +39,14 @@ def test_reference_runs_once_per_distinct_batch():
     _get(cache, ref, {k: v.clone() for k, v in forget.items()})
     assert ref.calls == 1 and cache.hits == 2 and cache.misses == 1
     cache.end_step()
-    _get(cache, ref, forget)                                  # next step, same batch
+    _get(cache, ref, forget)  # next step, same batch
     assert ref.calls == 1
     other = make_batch("llama", batch=2, seq=8, seed=1)
-    _get(cache, ref, other)                                   # a new batch: runs again
+    _get(cache, ref, other)  # a new batch: runs again
     assert ref.calls == 2 and len(cache) == 2
     cache.end_step()
     _get(cache, ref, other)
-    cache.end_step()                                          # forget was not read: dropped
+    cache.end_step()  # forget was not read: dropped
     assert len(cache) == 1
     _get(cache, ref, forget)
     assert ref.calls == 3
@@ -56,11 +57,11 @@ def test_a_changed_input_or_reference_invalidates():
     cache = ReferenceCache()
     forget = make_batch("llama")
     _get(cache, ref, forget)
-    forget["input_ids"][0, 3] += 1                            # in place: same tensor object
+    forget["input_ids"][0, 3] += 1  # in place: same tensor object
     _get(cache, ref, forget)
     assert ref.calls == 2
     with torch.no_grad():
-        ref.model.lm_head.weight.mul_(2.0)                    # the reference changed
+        ref.model.lm_head.weight.mul_(2.0)  # the reference changed
     _get(cache, ref, forget)
     assert ref.calls == 3
     _get(cache, ref, forget)

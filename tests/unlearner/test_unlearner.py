@@ -37,13 +37,18 @@ def fresh(llama32, dtype=torch.float32):
 
 
 def batches(dtype=torch.float32, forget_size=3, retain_size=4):
-    return (make_batch("llama", batch=forget_size, seq=8, seed=1, dtype=dtype),
-            make_batch("llama", batch=retain_size, seq=8, seed=2, dtype=dtype))
+    return (
+        make_batch("llama", batch=forget_size, seq=8, seed=1, dtype=dtype),
+        make_batch("llama", batch=retain_size, seq=8, seed=2, dtype=dtype),
+    )
 
 
 def snapshot(model, opt):
-    return (copy.deepcopy(model.state_dict()), copy.deepcopy(opt.state_dict()),
-            [None if p.grad is None else p.grad.clone() for p in model.parameters()])
+    return (
+        copy.deepcopy(model.state_dict()),
+        copy.deepcopy(opt.state_dict()),
+        [None if p.grad is None else p.grad.clone() for p in model.parameters()],
+    )
 
 
 def assert_same(a, b):
@@ -69,7 +74,8 @@ def assert_close_update(actual, expected, tol=2e-5):
     assert_within("update", actual, expected, bound)
 
 
-# -- failures leave the parameters, the optimizer state and p.grad untouched ------------------------
+# -- failures leave the parameters, the optimizer state and p.grad untouched --------------------
+
 
 class ScaledLoss(Method):
     """grad_diff with the retain loss multiplied by ``factor`` (to force non-finite values)."""
@@ -79,11 +85,18 @@ class ScaledLoss(Method):
 
     def objectives(self):
         f, s = self.config["factor"], self.config["logits_scale"]
-        return [Objective("forget_ga", "forget",
-                          lambda ctx: token_loss(ctx.logits, ctx.labels, "ga")),
-                Objective("retain_big", "retain",
-                          lambda ctx: token_loss(ctx.logits, ctx.labels, "nll") * f
-                          + (ctx.logits * s).sum() * 0 + (ctx.logits.sum() * (s - 1.0)))]
+        return [
+            Objective("forget_ga", "forget", lambda ctx: token_loss(ctx.logits, ctx.labels, "ga")),
+            Objective(
+                "retain_big",
+                "retain",
+                lambda ctx: (
+                    token_loss(ctx.logits, ctx.labels, "nll") * f
+                    + (ctx.logits * s).sum() * 0
+                    + (ctx.logits.sum() * (s - 1.0))
+                ),
+            ),
+        ]
 
     def aggregator(self):
         return Aggregator(FixedWeights([1.0, 1.0]))
@@ -114,13 +127,28 @@ def started(llama32, method="grad_diff", **kw):
     return model, opt, unlearner, forget, retain
 
 
-@pytest.mark.parametrize("case", ["nan_loss", "inf_loss", "inf_gradient", "no_labels",
-                                  "bad_labels_shape", "float_labels", "not_a_dict",
-                                  "missing_retain", "label_out_of_vocab",
-                                  "forget_all_ignored", "retain_all_ignored"])
+@pytest.mark.parametrize(
+    "case",
+    [
+        "nan_loss",
+        "inf_loss",
+        "inf_gradient",
+        "no_labels",
+        "bad_labels_shape",
+        "float_labels",
+        "not_a_dict",
+        "missing_retain",
+        "label_out_of_vocab",
+        "forget_all_ignored",
+        "retain_all_ignored",
+    ],
+)
 def test_failed_step_changes_nothing(llama32, case):
-    opts = {"nan_loss": {"factor": float("nan")}, "inf_loss": {"factor": float("inf")},
-            "inf_gradient": {"logits_scale": 1e30}}.get(case)
+    opts = {
+        "nan_loss": {"factor": float("nan")},
+        "inf_loss": {"factor": float("inf")},
+        "inf_gradient": {"logits_scale": 1e30},
+    }.get(case)
     method = "test_scaled" if opts else "grad_diff"
     model, opt, unlearner, forget, retain = started(llama32, method, **(opts or {}))
     before = snapshot(model, opt)
@@ -136,23 +164,25 @@ def test_failed_step_changes_nothing(llama32, case):
         retain = None
     elif case == "label_out_of_vocab":
         retain = dict(retain, labels=retain["labels"].clone().fill_(10_000))
-    elif case == "forget_all_ignored":       # only the first position labelled: shifted away
+    elif case == "forget_all_ignored":  # only the first position labelled: shifted away
         labels = torch.full_like(forget["labels"], -100)
         labels[:, 0] = forget["input_ids"][:, 0]
         forget = dict(forget, labels=labels)
     elif case == "retain_all_ignored":
         retain = dict(retain, labels=torch.full_like(retain["labels"], -100))
-    expected = {"nan_loss": (UnlearningStepError, "non-finite loss.*retain_big"),
-                "inf_loss": (UnlearningStepError, "non-finite loss"),
-                "inf_gradient": (UnlearningStepError, "non-finite gradient"),
-                "no_labels": (TypeError, "labels"),
-                "bad_labels_shape": (ValueError, "same"),
-                "float_labels": (ValueError, "integer"),
-                "not_a_dict": (TypeError, "dict"),
-                "missing_retain": (ValueError, "needs a retain batch"),
-                "label_out_of_vocab": (ValueError, "labels must lie"),
-                "forget_all_ignored": (ValueError, "forget batch has no labelled token"),
-                "retain_all_ignored": (ValueError, "retain batch has no labelled token")}[case]
+    expected = {
+        "nan_loss": (UnlearningStepError, "non-finite loss.*retain_big"),
+        "inf_loss": (UnlearningStepError, "non-finite loss"),
+        "inf_gradient": (UnlearningStepError, "non-finite gradient"),
+        "no_labels": (TypeError, "labels"),
+        "bad_labels_shape": (ValueError, "same"),
+        "float_labels": (ValueError, "integer"),
+        "not_a_dict": (TypeError, "dict"),
+        "missing_retain": (ValueError, "needs a retain batch"),
+        "label_out_of_vocab": (ValueError, "labels must lie"),
+        "forget_all_ignored": (ValueError, "forget batch has no labelled token"),
+        "retain_all_ignored": (ValueError, "retain batch has no labelled token"),
+    }[case]
     with pytest.raises(expected[0], match=expected[1]):
         unlearner.step(forget=forget, retain=retain)
     assert_same(before, snapshot(model, opt))
@@ -220,6 +250,7 @@ def test_constructor_errors(llama32):
 
 # -- state, accumulation, schedulers, clipping ---------------------------------------------------
 
+
 @pytest.mark.parametrize("method", ["mollm", "npo"])
 def test_state_dict_round_trip_mid_run(llama32, method):
     model, ref = fresh(llama32)
@@ -230,7 +261,7 @@ def test_state_dict_round_trip_mid_run(llama32, method):
         u.step(forget, retain)
     state = copy.deepcopy(u.state_dict())
     model2 = copy.deepcopy(model)
-    opt2 = torch.optim.AdamW(model2.parameters(), lr=5.0)          # overwritten by the load
+    opt2 = torch.optim.AdamW(model2.parameters(), lr=5.0)  # overwritten by the load
     u2 = MultiObjectiveUnlearner(model2, opt2, method, ref_model=ref, max_grad_norm=1.0)
     u2.load_state_dict(state)
     assert u2.steps == 2 and opt2.param_groups[0]["lr"] == 1e-3
@@ -241,8 +272,9 @@ def test_state_dict_round_trip_mid_run(llama32, method):
         assert torch.equal(a, b)
     model3 = copy.deepcopy(model)
     with pytest.raises(ValueError, match="for method"):
-        MultiObjectiveUnlearner(model3, torch.optim.SGD(model3.parameters(), lr=1),
-                                "ga").load_state_dict(state)
+        MultiObjectiveUnlearner(
+            model3, torch.optim.SGD(model3.parameters(), lr=1), "ga"
+        ).load_state_dict(state)
 
 
 @pytest.mark.parametrize("method", ["grad_diff", "mollm", "npo"])
@@ -253,9 +285,10 @@ def test_accumulation_equals_big_batch(llama32, method):
         model, ref = fresh(llama32, torch.float64)
         opt = torch.optim.SGD(model.parameters(), lr=0.5)
         opts = {"retain_weight": 1.0} if method == "npo" else {}
-        u = MultiObjectiveUnlearner(model, opt, method, ref_model=ref,
-                                    accumulate=2 if how == "accumulate" else 1, **opts)
-        if how == "lists":   # uneven micro-batches, and the padded row alone in one of them
+        u = MultiObjectiveUnlearner(
+            model, opt, method, ref_model=ref, accumulate=2 if how == "accumulate" else 1, **opts
+        )
+        if how == "lists":  # uneven micro-batches, and the padded row alone in one of them
             f = [{k: v[:1] for k, v in forget.items()}, {k: v[1:] for k, v in forget.items()}]
             r = [{k: v[:3] for k, v in retain.items()}, {k: v[3:] for k, v in retain.items()}]
         else:
@@ -283,7 +316,7 @@ def test_lr_scheduler_and_clipping(llama32):
         sched.step()
         assert abs(stats["lr"] - expected_lr) < 1e-12
         moved = torch.sqrt(sum(((p - b) ** 2).sum() for p, b in zip(model.parameters(), before)))
-        assert stats["grad_norm/direction"] > 0.1          # so clipping was active
+        assert stats["grad_norm/direction"] > 0.1  # so clipping was active
         assert abs(float(moved.detach()) - expected_lr * 0.1) < 1e-6 * expected_lr
     assert u.param_groups is opt.param_groups
 
@@ -291,13 +324,15 @@ def test_lr_scheduler_and_clipping(llama32):
 def test_backward_api_equals_step(llama32):
     forget, retain = batches(torch.float64)
     model, ref = fresh(llama32, torch.float64)
-    u = MultiObjectiveUnlearner(model, torch.optim.SGD(model.parameters(), lr=0.5), "mollm",
-                                ref_model=ref)
+    u = MultiObjectiveUnlearner(
+        model, torch.optim.SGD(model.parameters(), lr=0.5), "mollm", ref_model=ref
+    )
     expected = u.step(forget, retain)
 
     model2, ref2 = fresh(llama32, torch.float64)
-    u2 = MultiObjectiveUnlearner(model2, torch.optim.SGD(model2.parameters(), lr=0.5), "mollm",
-                                 ref_model=ref2)
+    u2 = MultiObjectiveUnlearner(
+        model2, torch.optim.SGD(model2.parameters(), lr=0.5), "mollm", ref_model=ref2
+    )
     with pytest.raises(ValueError, match="backward"):
         u2.step()
     lf = model2(input_ids=forget["input_ids"], attention_mask=forget["attention_mask"]).logits
@@ -306,9 +341,13 @@ def test_backward_api_equals_step(llama32):
         ref_lr = ref2(input_ids=retain["input_ids"], attention_mask=retain["attention_mask"]).logits
     from unlearnopt.objectives import kl_to_reference
 
-    u2.backward({"retain_nll": token_loss(lr_, retain["labels"], "nll"),     # any order
-                 "forget_uce": token_loss(lf, forget["labels"], "uce"),
-                 "retain_kl": kl_to_reference(lr_, ref_lr, retain["labels"])})
+    u2.backward(
+        {
+            "retain_nll": token_loss(lr_, retain["labels"], "nll"),  # any order
+            "forget_uce": token_loss(lf, forget["labels"], "uce"),
+            "retain_kl": kl_to_reference(lr_, ref_lr, retain["labels"]),
+        }
+    )
     stats = u2.step()
     for k in expected:
         assert abs(stats[k] - expected[k]) <= 1e-5 * (1 + abs(expected[k])), k
@@ -320,13 +359,15 @@ def test_backward_api_equals_step(llama32):
 def test_grad_scaler_and_autocast(llama32):
     forget, retain = batches()
     model, ref = fresh(llama32)
-    u = MultiObjectiveUnlearner(model, torch.optim.SGD(model.parameters(), lr=0.1), "mollm",
-                                ref_model=ref)
+    u = MultiObjectiveUnlearner(
+        model, torch.optim.SGD(model.parameters(), lr=0.1), "mollm", ref_model=ref
+    )
     plain = u.step(forget, retain)
     model2, ref2 = fresh(llama32)
-    scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 12)
-    u2 = MultiObjectiveUnlearner(model2, torch.optim.SGD(model2.parameters(), lr=0.1), "mollm",
-                                 ref_model=ref2, scaler=scaler)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**12)
+    u2 = MultiObjectiveUnlearner(
+        model2, torch.optim.SGD(model2.parameters(), lr=0.1), "mollm", ref_model=ref2, scaler=scaler
+    )
     scaled = u2.step(forget, retain)
     assert scaled["skipped"] == 0.0
     for k in ("weight/forget_uce", "grad_norm/retain_nll", "grad_norm/direction"):
@@ -335,8 +376,9 @@ def test_grad_scaler_and_autocast(llama32):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
     assert "scaler" in u2.state_dict()
     # An overflowing step is skipped as GradScaler does: nothing moves, the scale halves.
-    bad = MultiObjectiveUnlearner(model2, u2.optimizer, "test_scaled", scaler=scaler,
-                                  logits_scale=1e30)
+    bad = MultiObjectiveUnlearner(
+        model2, u2.optimizer, "test_scaled", scaler=scaler, logits_scale=1e30
+    )
     before = snapshot(model2, u2.optimizer)
     scale = scaler.get_scale()
     stats = bad.step(forget, retain)
@@ -377,6 +419,7 @@ def test_frozen_parameters_get_no_gradient(llama32):
 
 
 # -- DDP on two CPU processes ----------------------------------------------------------------------
+
 
 @pytest.mark.distributed
 def test_ddp_matches_single_process(tmp_path):

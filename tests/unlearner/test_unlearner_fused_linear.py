@@ -16,9 +16,12 @@ from tests.tiny_models import KINDS, VOCAB, make_batch, make_model, perturb_lora
 from unlearnopt.unlearner import MultiObjectiveUnlearner
 
 METHODS = ("ga", "grad_diff", "ga_kl", "npo", "mollm", "siu", "ofmu")
-ARCHS = KINDS + ("lora_head",)
-OPTIONS = {"npo": {"retain_weight": 1.0}, "ofmu": {"inner_lr": 0.1},
-           "siu": {"direction": "reverse", "temperature": 1.5}}
+ARCHS = (*KINDS, "lora_head")
+OPTIONS = {
+    "npo": {"retain_weight": 1.0},
+    "ofmu": {"inner_lr": 0.1},
+    "siu": {"direction": "reverse", "temperature": 1.5},
+}
 
 
 def _batches(kind, size=4, siu=False):
@@ -28,8 +31,9 @@ def _batches(kind, size=4, siu=False):
     if not siu:
         return forget, retain
     g = torch.Generator().manual_seed(7)
-    forget["token_mask"] = (torch.rand(forget["labels"].shape, generator=g) < 0.8) \
-        & (forget["labels"] != -100)
+    forget["token_mask"] = (torch.rand(forget["labels"].shape, generator=g) < 0.8) & (
+        forget["labels"] != -100
+    )
     vocab_mask = torch.ones(VOCAB)
     vocab_mask[[3, 9, 40]] = 0.0
     forget["vocab_mask"] = vocab_mask
@@ -61,17 +65,22 @@ def _logits_widths(model):
 def _run(kind, method, fused, accumulate=1, steps=2, options=None):
     model, ref = _models(kind)
     widths = _logits_widths(model)
-    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.3,
-                          momentum=0.5)
+    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.3, momentum=0.5)
     forget, retain = _batches(kind, siu=method == "siu")
     with warnings.catch_warnings(record=True) as record:
         warnings.simplefilter("always")
-        unlearner = MultiObjectiveUnlearner(model, opt, method, ref_model=ref,
-                                            fused_linear=fused, accumulate=accumulate,
-                                            **(OPTIONS.get(method, {}) if options is None else options))
+        unlearner = MultiObjectiveUnlearner(
+            model,
+            opt,
+            method,
+            ref_model=ref,
+            fused_linear=fused,
+            accumulate=accumulate,
+            **(OPTIONS.get(method, {}) if options is None else options),
+        )
         stats = [unlearner.step(forget, retain) for _ in range(steps)]
     fallbacks = [str(w.message) for w in record if "fused-linear path is off" in str(w.message)]
-    assert not fallbacks, fallbacks                               # no fallback here
+    assert not fallbacks, fallbacks  # no fallback here
     params = [p.detach().clone() for p in model.parameters()]
     return stats, params, widths, unlearner
 
@@ -81,8 +90,9 @@ def _assert_same(got, expected, rtol=1e-9, atol=1e-12):
     for a, b in zip(s1, s2):
         assert a.keys() == b.keys()
         for k in b:
-            assert_within(f"stat {k}", torch.tensor(a[k]), torch.tensor(b[k]),
-                          rtol * (1 + abs(b[k])))
+            assert_within(
+                f"stat {k}", torch.tensor(a[k]), torch.tensor(b[k]), rtol * (1 + abs(b[k]))
+            )
     for i, (a, b) in enumerate(zip(p1, p2)):
         assert a.dtype == b.dtype, (i, a.dtype, b.dtype)
         assert_allclose(f"parameter {i}", a, b, rtol=rtol, atol=atol)
@@ -99,7 +109,7 @@ def test_fused_linear_step_equals_logits_step(method, kind):
     _assert_same((fused_stats, fused_params), (logits_stats, logits_params))
     start = [p.detach() for p in _models(kind)[0].parameters()]
     moved = max(float((a - b).abs().max()) for a, b in zip(fused_params, start))
-    assert moved > 1e-4                                           # the steps did something
+    assert moved > 1e-4  # the steps did something
 
 
 def test_fused_linear_exact_ofmu_equals_logits_step():
@@ -116,8 +126,7 @@ def test_fused_linear_with_gradient_accumulation(method):
     kind = "qwen2"
     fused = _run(kind, method, fused=True, accumulate=2)
     _assert_same(fused[:2], _run(kind, method, fused=False, accumulate=2)[:2])
-    _assert_same(fused[:2], _run(kind, method, fused=False, accumulate=1)[:2], rtol=1e-5,
-                 atol=1e-8)
+    _assert_same(fused[:2], _run(kind, method, fused=False, accumulate=1)[:2], rtol=1e-5, atol=1e-8)
 
 
 def test_reference_runs_once_per_repeated_forget_batch():
@@ -128,16 +137,21 @@ def test_reference_runs_once_per_repeated_forget_batch():
     unlearner = MultiObjectiveUnlearner(model, opt, "npo", ref_model=ref)
     forget, _ = _batches("llama")
     for _ in range(3):
-        unlearner.step(forget)                                     # the same forget batch
+        unlearner.step(forget)  # the same forget batch
     assert len(calls) == 1
-    unlearner.step({k: v.clone() for k, v in forget.items()})      # re-collated: same content
+    unlearner.step({k: v.clone() for k, v in forget.items()})  # re-collated: same content
     assert len(calls) == 1
     other = make_batch("llama", batch=4, seq=10, seed=3, dtype=torch.float64)
-    unlearner.step(other)                                          # a new batch
+    unlearner.step(other)  # a new batch
     assert len(calls) == 2
     other_model = copy.deepcopy(model)
-    off = MultiObjectiveUnlearner(other_model, torch.optim.SGD(other_model.parameters(), lr=0.1),
-                                  "npo", ref_model=ref, ref_cache=False)
+    off = MultiObjectiveUnlearner(
+        other_model,
+        torch.optim.SGD(other_model.parameters(), lr=0.1),
+        "npo",
+        ref_model=ref,
+        ref_cache=False,
+    )
     for _ in range(2):
         off.step(forget)
     assert len(calls) == 4
@@ -158,8 +172,9 @@ def test_unsupported_head_falls_back_with_one_warning():
     assert not unlearner.heads.active and stats["skipped"] == 0.0
     expected = copy.deepcopy(make_model("gemma2", dtype=torch.float64))
     opt2 = torch.optim.SGD(expected.parameters(), lr=0.1)
-    plain = MultiObjectiveUnlearner(expected, opt2, "mollm", ref_model=copy.deepcopy(expected),
-                                    fused_linear=False)
+    plain = MultiObjectiveUnlearner(
+        expected, opt2, "mollm", ref_model=copy.deepcopy(expected), fused_linear=False
+    )
     for _ in range(2):
         plain.step(batch, batch)
     for a, b in zip(model.parameters(), expected.parameters()):

@@ -36,8 +36,13 @@ class Aggregator:
         gram = total.unsqueeze(0) if self.granularity == "global" else per_tensor
         return self.weighting(gram)
 
-    def combine(self, grads: Sequence[Sequence[torch.Tensor | None]], coefficients: torch.Tensor,
-                *, inplace: bool = False) -> list[torch.Tensor | None]:
+    def combine(
+        self,
+        grads: Sequence[Sequence[torch.Tensor | None]],
+        coefficients: torch.Tensor,
+        *,
+        inplace: bool = False,
+    ) -> list[torch.Tensor | None]:
         return combine_gradients(grads, coefficients, inplace=inplace)
 
     @staticmethod

@@ -11,8 +11,12 @@ from collections.abc import Sequence
 import torch
 
 
-def combine_gradients(grads: Sequence[Sequence[torch.Tensor | None]], coefficients: torch.Tensor,
-                      *, inplace: bool = False) -> list[torch.Tensor | None]:
+def combine_gradients(
+    grads: Sequence[Sequence[torch.Tensor | None]],
+    coefficients: torch.Tensor,
+    *,
+    inplace: bool = False,
+) -> list[torch.Tensor | None]:
     """The combined gradient, one tensor per parameter.
 
     Args:
@@ -30,14 +34,17 @@ def combine_gradients(grads: Sequence[Sequence[torch.Tensor | None]], coefficien
         raise ValueError("grads must hold at least one objective's gradients")
     p_count = len(grads[0])
     if any(len(g) != p_count for g in grads):
-        raise ValueError(f"every objective needs the same number of gradients, got "
-                         f"{[len(g) for g in grads]}")
+        raise ValueError(
+            f"every objective needs the same number of gradients, got {[len(g) for g in grads]}"
+        )
     c = coefficients.reshape(-1, k) if coefficients.dim() == 1 else coefficients
     if c.dim() != 2 or c.shape[-1] != k or c.shape[0] not in (1, p_count):
-        raise ValueError(f"coefficients must be [K], [1, K] or [P, K] with K={k}, P={p_count}; "
-                         f"got shape {tuple(coefficients.shape)}")
+        raise ValueError(
+            f"coefficients must be [K], [1, K] or [P, K] with K={k}, P={p_count}; "
+            f"got shape {tuple(coefficients.shape)}"
+        )
     out: list[torch.Tensor | None] = []
-    rows = c.unbind(0)                          # 0-dim device tensors: no .item()
+    rows = c.unbind(0)  # 0-dim device tensors: no .item()
     for p in range(p_count):
         row = rows[0] if c.shape[0] == 1 else rows[p]
         factors = row.unbind(0)

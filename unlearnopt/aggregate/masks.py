@@ -44,8 +44,7 @@ SALIENCY_UNITS = ("element", "row")
 
 def _check_index(name: str, value) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-        raise ValueError(f"{name} must be a non-negative int (an objective's index), "
-                         f"got {value!r}")
+        raise ValueError(f"{name} must be a non-negative int (an objective's index), got {value!r}")
     return value
 
 
@@ -53,8 +52,9 @@ def _check_indices(name: str, values) -> tuple[int, ...]:
     if isinstance(values, int):
         values = (values,)
     if not isinstance(values, Sequence) or not values:
-        raise ValueError(f"{name} must be a non-empty sequence of objective indices, "
-                         f"got {values!r}")
+        raise ValueError(
+            f"{name} must be a non-empty sequence of objective indices, got {values!r}"
+        )
     return tuple(_check_index(name, v) for v in values)
 
 
@@ -75,8 +75,9 @@ class ElementMask:
     """Base class: ``mask.element_masks(grads) -> P tensors`` (0/1 in the gradient's dtype,
     or ``None`` = keep the whole tensor)."""
 
-    def element_masks(self, grads: Sequence[Sequence[torch.Tensor | None]]
-                      ) -> list[torch.Tensor | None]:
+    def element_masks(
+        self, grads: Sequence[Sequence[torch.Tensor | None]]
+    ) -> list[torch.Tensor | None]:
         raise NotImplementedError
 
 
@@ -101,8 +102,13 @@ class CosineMask(TensorMask):
         soft: a linear ramp instead of a 0/1 mask.
     """
 
-    def __init__(self, threshold: float = 0.0, forget: int = 0,
-                 retain: Sequence[int] | None = None, soft: bool = False):
+    def __init__(
+        self,
+        threshold: float = 0.0,
+        forget: int = 0,
+        retain: Sequence[int] | None = None,
+        soft: bool = False,
+    ):
         if not isinstance(threshold, (int, float)) or not -1.0 <= float(threshold) < 1.0:
             raise ValueError(f"threshold must be a number in [-1, 1), got {threshold!r}")
         self.threshold = float(threshold)
@@ -115,8 +121,11 @@ class CosineMask(TensorMask):
     def cosines(self, per_tensor: torch.Tensor) -> torch.Tensor:
         """``cos_p`` ``[P]`` (the Gram's dtype) between the forget and retain gradients."""
         k = per_tensor.shape[-1]
-        retain = self.retain if self.retain is not None else tuple(
-            i for i in range(k) if i != self.forget)
+        retain = (
+            self.retain
+            if self.retain is not None
+            else tuple(i for i in range(k) if i != self.forget)
+        )
         _check_k("CosineMask", (self.forget, *retain), k)
         if not retain:
             raise ValueError("CosineMask needs at least one retain objective (K >= 2)")
@@ -126,8 +135,9 @@ class CosineMask(TensorMask):
         rr = g.index_select(1, idx).index_select(2, idx).sum((-1, -2)).clamp(min=0)
         ff = g[:, self.forget, self.forget].clamp(min=0)
         denom = (ff * rr).sqrt()
-        return torch.where(denom > 0, fr / denom.clamp(min=torch.finfo(g.dtype).tiny),
-                           torch.zeros_like(fr))
+        return torch.where(
+            denom > 0, fr / denom.clamp(min=torch.finfo(g.dtype).tiny), torch.zeros_like(fr)
+        )
 
     def tensor_scale(self, per_tensor: torch.Tensor) -> torch.Tensor:
         cos = self.cosines(per_tensor)
@@ -136,8 +146,10 @@ class CosineMask(TensorMask):
         return (cos >= self.threshold).to(cos.dtype)
 
     def __repr__(self) -> str:
-        return (f"CosineMask(threshold={self.threshold}, forget={self.forget}, "
-                f"retain={self.retain}, soft={self.soft})")
+        return (
+            f"CosineMask(threshold={self.threshold}, forget={self.forget}, "
+            f"retain={self.retain}, soft={self.soft})"
+        )
 
 
 class SaliencyMask(ElementMask):
@@ -161,10 +173,19 @@ class SaliencyMask(ElementMask):
         retain: indices of the retain objectives for ``"ratio"`` (default: every other).
     """
 
-    def __init__(self, fraction: float = 0.01, score: str = "forget", unit: str = "element",
-                 forget: int = 0, retain: Sequence[int] | None = None):
-        if isinstance(fraction, bool) or not isinstance(fraction, (int, float)) \
-                or not 0.0 < float(fraction) <= 1.0:
+    def __init__(
+        self,
+        fraction: float = 0.01,
+        score: str = "forget",
+        unit: str = "element",
+        forget: int = 0,
+        retain: Sequence[int] | None = None,
+    ):
+        if (
+            isinstance(fraction, bool)
+            or not isinstance(fraction, (int, float))
+            or not 0.0 < float(fraction) <= 1.0
+        ):
             raise ValueError(f"fraction must be a number in (0, 1], got {fraction!r}")
         if score not in SALIENCY_SCORES:
             raise ValueError(f"score must be one of {SALIENCY_SCORES}, got {score!r}")
@@ -182,13 +203,15 @@ class SaliencyMask(ElementMask):
             return g.abs()
         return g.reshape(g.shape[0], -1).norm(dim=1)
 
-    def scores(self, grads: Sequence[Sequence[torch.Tensor | None]]
-               ) -> list[torch.Tensor | None]:
+    def scores(self, grads: Sequence[Sequence[torch.Tensor | None]]) -> list[torch.Tensor | None]:
         """Per tensor the scores (entries ``[*shape]`` or rows ``[shape[0]]``), float32;
         ``None`` where the forget gradient is ``None``."""
         k = len(grads)
-        retain = self.retain if self.retain is not None else tuple(
-            i for i in range(k) if i != self.forget)
+        retain = (
+            self.retain
+            if self.retain is not None
+            else tuple(i for i in range(k) if i != self.forget)
+        )
         _check_k("SaliencyMask", (self.forget, *retain), k)
         forget = [None if g is None else self._unit_scores(g) for g in grads[self.forget]]
         if self.score == "forget":
@@ -208,11 +231,14 @@ class SaliencyMask(ElementMask):
             total += float(s.sum())
             count += s.numel()
         eps = 1e-12 + 1e-3 * (total / max(count, 1))
-        return [None if f is None else f / ((r if r is not None else 0.0) + eps)
-                for f, r in zip(forget, retain_scores)]
+        return [
+            None if f is None else f / ((r if r is not None else 0.0) + eps)
+            for f, r in zip(forget, retain_scores)
+        ]
 
-    def element_masks(self, grads: Sequence[Sequence[torch.Tensor | None]]
-                      ) -> list[torch.Tensor | None]:
+    def element_masks(
+        self, grads: Sequence[Sequence[torch.Tensor | None]]
+    ) -> list[torch.Tensor | None]:
         scores = self.scores(grads)
         present = [s.reshape(-1) for s in scores if s is not None]
         if not present:
@@ -232,8 +258,10 @@ class SaliencyMask(ElementMask):
         return masks
 
     def __repr__(self) -> str:
-        return (f"SaliencyMask(fraction={self.fraction}, score={self.score!r}, "
-                f"unit={self.unit!r}, forget={self.forget}, retain={self.retain})")
+        return (
+            f"SaliencyMask(fraction={self.fraction}, score={self.score!r}, "
+            f"unit={self.unit!r}, forget={self.forget}, retain={self.retain})"
+        )
 
 
 class MaskedAggregator(Aggregator):
@@ -248,14 +276,19 @@ class MaskedAggregator(Aggregator):
             update, as SalUn does).
     """
 
-    def __init__(self, inner: Aggregator, masks: TensorMask | ElementMask
-                 | Sequence[TensorMask | ElementMask], targets: Sequence[int] | None = (0,)):
+    def __init__(
+        self,
+        inner: Aggregator,
+        masks: TensorMask | ElementMask | Sequence[TensorMask | ElementMask],
+        targets: Sequence[int] | None = (0,),
+    ):
         if not isinstance(inner, Aggregator):
             raise TypeError(f"inner must be an Aggregator, got {type(inner).__name__}")
         masks = [masks] if isinstance(masks, (TensorMask, ElementMask)) else list(masks)
         if not masks or not all(isinstance(m, (TensorMask, ElementMask)) for m in masks):
-            raise TypeError("masks must be one or more TensorMask / ElementMask instances, "
-                            f"got {masks!r}")
+            raise TypeError(
+                f"masks must be one or more TensorMask / ElementMask instances, got {masks!r}"
+            )
         super().__init__(inner.weighting, inner.granularity)
         self.inner = inner
         self.tensor_masks = [m for m in masks if isinstance(m, TensorMask)]
@@ -282,13 +315,19 @@ class MaskedAggregator(Aggregator):
         for m in self.tensor_masks:
             scale = scale * m.tensor_scale(per_tensor).to(scale.dtype)
         cols = self._target_columns(k, per_tensor.device)
-        factor = torch.where(cols.unsqueeze(0), scale.unsqueeze(1), torch.ones_like(scale)
-                             .unsqueeze(1))                                         # [P, K]
+        factor = torch.where(
+            cols.unsqueeze(0), scale.unsqueeze(1), torch.ones_like(scale).unsqueeze(1)
+        )  # [P, K]
         coefficients = res.coefficients.expand(p_count, k) * factor
         return WeightingResult(res.weights, coefficients, res.active)
 
-    def combine(self, grads: Sequence[Sequence[torch.Tensor | None]], coefficients: torch.Tensor,
-                *, inplace: bool = False) -> list[torch.Tensor | None]:
+    def combine(
+        self,
+        grads: Sequence[Sequence[torch.Tensor | None]],
+        coefficients: torch.Tensor,
+        *,
+        inplace: bool = False,
+    ) -> list[torch.Tensor | None]:
         if self.element_masks:
             k = len(grads)
             masks: list[torch.Tensor | None] = [None] * len(grads[0])

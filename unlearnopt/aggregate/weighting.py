@@ -63,8 +63,10 @@ class FixedWeights(Weighting):
         _check_gram(gram)
         b, k = gram.shape[0], gram.shape[-1]
         if k != len(self.weights):
-            raise ValueError(f"FixedWeights has {len(self.weights)} weights but the Gram "
-                             f"matrix is for K={k} gradients")
+            raise ValueError(
+                f"FixedWeights has {len(self.weights)} weights but the Gram "
+                f"matrix is for K={k} gradients"
+            )
         dtype = torch.float64 if gram.dtype == torch.float64 else torch.float32
         w = torch.tensor(self.weights, dtype=dtype, device=gram.device).expand(b, k)
         return WeightingResult(w, w, w != 0)
@@ -112,8 +114,12 @@ class MinNormWeights(Weighting):
             ``unlearnopt.ops.min_norm``.
     """
 
-    def __init__(self, normalize: str = "mean", sit_out: float = 1e-3,
-                 solver: Callable[[torch.Tensor], torch.Tensor] | None = None):
+    def __init__(
+        self,
+        normalize: str = "mean",
+        sit_out: float = 1e-3,
+        solver: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    ):
         if normalize not in NORMALIZE:
             raise ValueError(f"normalize must be one of {NORMALIZE}, got {normalize!r}")
         if not isinstance(sit_out, (int, float)) or not (0.0 <= float(sit_out) < 1.0):
@@ -125,9 +131,9 @@ class MinNormWeights(Weighting):
     def __call__(self, gram: torch.Tensor) -> WeightingResult:
         _check_gram(gram)
         g = gram if gram.dtype == torch.float64 else gram.float()
-        norms = torch.diagonal(g, dim1=-2, dim2=-1).clamp(min=0).sqrt()       # [B, K]
+        norms = torch.diagonal(g, dim1=-2, dim2=-1).clamp(min=0).sqrt()  # [B, K]
         largest = norms.amax(-1, keepdim=True)
-        active = norms >= self.sit_out * largest                                # all if max = 0
+        active = norms >= self.sit_out * largest  # all if max = 0
         nonzero = norms > 0
         safe = torch.where(nonzero, norms, torch.ones_like(norms))
         if self.normalize == "none":

@@ -49,8 +49,14 @@ class Fact:
     extra: dict = field(default_factory=dict, compare=False, hash=False)
 
     def to_dict(self) -> dict:
-        d = {"id": self.id, "relation": self.relation, "subject": self.subject,
-             "prompt": self.prompt, "answer": self.answer, "paraphrases": list(self.paraphrases)}
+        d = {
+            "id": self.id,
+            "relation": self.relation,
+            "subject": self.subject,
+            "prompt": self.prompt,
+            "answer": self.answer,
+            "paraphrases": list(self.paraphrases),
+        }
         if self.entity:
             d["entity"] = self.entity
         return d
@@ -61,23 +67,31 @@ _KNOWN_KEYS = {"id", "relation", "subject", "entity", "prompt", "answer", "parap
 
 def _fact_from_record(rec: object, where: str) -> Fact:
     if not isinstance(rec, dict):
-        raise DataFormatError(f"{where}: expected a JSON object with 'prompt' and 'answer', "
-                              f"got {type(rec).__name__}")
+        raise DataFormatError(
+            f"{where}: expected a JSON object with 'prompt' and 'answer', got {type(rec).__name__}"
+        )
     for key in ("prompt", "answer"):
         if key not in rec:
-            raise DataFormatError(f"{where}: missing required field '{key}' "
-                                  f"(each line needs 'prompt' and 'answer')")
+            raise DataFormatError(
+                f"{where}: missing required field '{key}' (each line needs 'prompt' and 'answer')"
+            )
         if not isinstance(rec[key], str) or not rec[key].strip():
-            raise DataFormatError(f"{where}: field '{key}' must be a non-empty string, "
-                                  f"got {rec[key]!r}")
+            raise DataFormatError(
+                f"{where}: field '{key}' must be a non-empty string, got {rec[key]!r}"
+            )
     paras = rec.get("paraphrases", [])
     if not isinstance(paras, list) or not all(isinstance(p, str) and p.strip() for p in paras):
         raise DataFormatError(f"{where}: 'paraphrases' must be a list of non-empty strings")
-    return Fact(prompt=rec["prompt"].strip(), answer=rec["answer"].strip(),
-                paraphrases=tuple(p.strip() for p in paras),
-                relation=str(rec.get("relation", "user")), id=str(rec.get("id", "")),
-                subject=str(rec.get("subject", "")), entity=str(rec.get("entity", "")),
-                extra={k: v for k, v in rec.items() if k not in _KNOWN_KEYS})
+    return Fact(
+        prompt=rec["prompt"].strip(),
+        answer=rec["answer"].strip(),
+        paraphrases=tuple(p.strip() for p in paras),
+        relation=str(rec.get("relation", "user")),
+        id=str(rec.get("id", "")),
+        subject=str(rec.get("subject", "")),
+        entity=str(rec.get("entity", "")),
+        extra={k: v for k, v in rec.items() if k not in _KNOWN_KEYS},
+    )
 
 
 def load_facts_file(path: str | Path) -> list[Fact]:
@@ -98,13 +112,17 @@ def load_facts_file(path: str | Path) -> list[Fact]:
             try:
                 rec = json.loads(line)
             except json.JSONDecodeError as e:
-                raise DataFormatError(f"{where}: invalid JSON ({e.msg} at column {e.colno})") from None
+                raise DataFormatError(
+                    f"{where}: invalid JSON ({e.msg} at column {e.colno})"
+                ) from None
             fact = _fact_from_record(rec, where)
             if not fact.id:
                 fact = Fact(**{**fact.__dict__, "id": f"{path.stem}/{lineno}"})
             facts.append(fact)
     if not facts:
-        raise DataFormatError(f"{path}: no records (expected JSON lines with 'prompt' and 'answer')")
+        raise DataFormatError(
+            f"{path}: no records (expected JSON lines with 'prompt' and 'answer')"
+        )
     return facts
 
 

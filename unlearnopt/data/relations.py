@@ -22,9 +22,13 @@ def _answer(f: Fact) -> str:
     return " ".join(f.answer.lower().split())
 
 
-def same_relation_facts(pool: Iterable[Fact], forget: Sequence[Fact],
-                        exclude: Iterable[Fact] = (), k: int | None = None,
-                        seed: int = 0) -> list[Fact]:
+def same_relation_facts(
+    pool: Iterable[Fact],
+    forget: Sequence[Fact],
+    exclude: Iterable[Fact] = (),
+    k: int | None = None,
+    seed: int = 0,
+) -> list[Fact]:
     """Facts of ``pool`` that share a ``relation`` with some forget fact, to add to the
     retain set.
 

@@ -15,6 +15,17 @@ from unlearnopt.eval.metrics import (
 )
 from unlearnopt.eval.pulse import PulseConfig, run_pulse
 
-__all__ = ["METRIC_DOC", "METRIC_NAMES", "PulseConfig", "encode_facts", "encode_qa", "evaluate",
-           "fact_accuracy", "membership_auc", "perplexity", "run_pulse", "score_answers",
-           "unique_token_ratio"]
+__all__ = [
+    "METRIC_DOC",
+    "METRIC_NAMES",
+    "PulseConfig",
+    "encode_facts",
+    "encode_qa",
+    "evaluate",
+    "fact_accuracy",
+    "membership_auc",
+    "perplexity",
+    "run_pulse",
+    "score_answers",
+    "unique_token_ratio",
+]

@@ -32,28 +32,31 @@ from unlearnopt.answers import (
 from unlearnopt.data import Fact
 
 
-def fact_accuracy(model, tokenizer, facts: Sequence[Fact], *, paraphrases: bool = False,
-                  batch_size: int = 32) -> float:
+def fact_accuracy(
+    model, tokenizer, facts: Sequence[Fact], *, paraphrases: bool = False, batch_size: int = 32
+) -> float:
     """Fraction of facts answered exactly (greedy) from their prompt (or their paraphrases)."""
     prompts, answers = _pairs(facts, paraphrases)
     if not prompts:
         return float("nan")
-    return float(score_answers(model, tokenizer, prompts, answers,
-                               batch_size=batch_size).exact.mean())
+    return float(
+        score_answers(model, tokenizer, prompts, answers, batch_size=batch_size).exact.mean()
+    )
 
 
 def _pairs(facts: Iterable[Fact], paraphrases: bool) -> tuple[list[str], list[str]]:
     prompts, answers = [], []
     for f in facts:
-        for p in (f.paraphrases if paraphrases else (f.prompt,)):
+        for p in f.paraphrases if paraphrases else (f.prompt,):
             prompts.append(p)
             answers.append(f.answer)
     return prompts, answers
 
 
 @torch.no_grad()
-def perplexity(model, tokenizer, texts: Sequence[str], *, batch_size: int = 16,
-               progress: tqdm | None = None) -> float:
+def perplexity(
+    model, tokenizer, texts: Sequence[str], *, batch_size: int = 16, progress: tqdm | None = None
+) -> float:
     """Token-weighted perplexity ``exp(sum NLL / #predicted tokens)`` over ``texts``."""
     device = _device_of(model)
     was_training = model.training
@@ -61,14 +64,20 @@ def perplexity(model, tokenizer, texts: Sequence[str], *, batch_size: int = 16,
     total, count = 0.0, 0
     try:
         for start in range(0, len(texts), batch_size):
-            chunk = list(texts[start: start + batch_size])
+            chunk = list(texts[start : start + batch_size])
             batch = encode_texts(tokenizer, chunk, device)
-            logits = model(input_ids=batch["input_ids"],
-                           attention_mask=batch["attention_mask"]).logits[:, :-1].float()
+            logits = (
+                model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+                .logits[:, :-1]
+                .float()
+            )
             target = batch["labels"][:, 1:]
-            nll = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]),
-                                                    target.reshape(-1), reduction="sum",
-                                                    ignore_index=IGNORE_INDEX)
+            nll = torch.nn.functional.cross_entropy(
+                logits.reshape(-1, logits.shape[-1]),
+                target.reshape(-1),
+                reduction="sum",
+                ignore_index=IGNORE_INDEX,
+            )
             total += float(nll)
             count += int((target != IGNORE_INDEX).sum())
             if progress is not None:
@@ -79,8 +88,9 @@ def perplexity(model, tokenizer, texts: Sequence[str], *, batch_size: int = 16,
 
 
 @torch.no_grad()
-def generate_greedy(model, tokenizer, prompts: Sequence[str], *, max_new_tokens: int = 16,
-                    batch_size: int = 16) -> list[list[int]]:
+def generate_greedy(
+    model, tokenizer, prompts: Sequence[str], *, max_new_tokens: int = 16, batch_size: int = 16
+) -> list[list[int]]:
     """Greedy continuations (token ids, stopped at EOS) of each prompt."""
     device = _device_of(model)
     was_training = model.training
@@ -91,12 +101,20 @@ def generate_greedy(model, tokenizer, prompts: Sequence[str], *, max_new_tokens:
     out: list[list[int]] = []
     try:
         for start in range(0, len(prompts), batch_size):
-            enc = tokenizer(list(prompts[start: start + batch_size]), return_tensors="pt",
-                            padding=True).to(device)
-            gen = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False,
-                                 pad_token_id=tokenizer.pad_token_id, eos_token_id=eos,
-                                 temperature=None, top_p=None, top_k=None)
-            for row in gen[:, enc["input_ids"].shape[1]:].tolist():
+            enc = tokenizer(
+                list(prompts[start : start + batch_size]), return_tensors="pt", padding=True
+            ).to(device)
+            gen = model.generate(
+                **enc,
+                max_new_tokens=max_new_tokens,
+                do_sample=False,
+                pad_token_id=tokenizer.pad_token_id,
+                eos_token_id=eos,
+                temperature=None,
+                top_p=None,
+                top_k=None,
+            )
+            for row in gen[:, enc["input_ids"].shape[1] :].tolist():
                 if eos is not None and eos in row:
                     row = row[: row.index(eos)]
                 out.append(row)
@@ -133,8 +151,19 @@ def membership_auc(member_loss: Sequence[float], nonmember_loss: Sequence[float]
 
 # --------------------------------------------------------------------------- all metrics
 
-METRIC_NAMES = ("forget_acc", "forget_prob", "general_acc", "general_prob", "retain_acc",
-                "retain_prob", "neighbour_acc", "neighbour_prob", "ppl", "diversity", "mia_auc")
+METRIC_NAMES = (
+    "forget_acc",
+    "forget_prob",
+    "general_acc",
+    "general_prob",
+    "retain_acc",
+    "retain_prob",
+    "neighbour_acc",
+    "neighbour_prob",
+    "ppl",
+    "diversity",
+    "mia_auc",
+)
 
 METRIC_DOC = {
     "forget_acc": "exact-match accuracy on the forget facts so far (lower = more forgotten)",
@@ -167,20 +196,37 @@ METRIC_LABELS = {
     "mia_auc": "MIA AUC →0.5",
 }
 
-HOW_TO_READ = ("acc = exact-match accuracy (greedy answer); ↓ lower is better, ↑ higher is "
-               "better; MIA AUC: 0.5 = the forgotten facts look never seen, 1.0 = still "
-               "recognisable as trained on.")
+HOW_TO_READ = (
+    "acc = exact-match accuracy (greedy answer); ↓ lower is better, ↑ higher is "
+    "better; MIA AUC: 0.5 = the forgotten facts look never seen, 1.0 = still "
+    "recognisable as trained on."
+)
 
 
-def evaluate(model, tokenizer, *, forget: Sequence[Fact], retain: Sequence[Fact] = (),
-             neighbour: Sequence[Fact] = (), neutral: Sequence[str] = (),
-             nonmember: Sequence[Fact] = (), diversity_prompts: Sequence[str] = (),
-             max_new_tokens: int = 16, batch_size: int = 32, progress: bool = True,
-             desc: str = "evaluate") -> dict[str, float]:
+def evaluate(
+    model,
+    tokenizer,
+    *,
+    forget: Sequence[Fact],
+    retain: Sequence[Fact] = (),
+    neighbour: Sequence[Fact] = (),
+    neutral: Sequence[str] = (),
+    nonmember: Sequence[Fact] = (),
+    diversity_prompts: Sequence[str] = (),
+    max_new_tokens: int = 16,
+    batch_size: int = 32,
+    progress: bool = True,
+    desc: str = "evaluate",
+) -> dict[str, float]:
     """All PULSE metrics (see ``METRIC_DOC``) in one batched pass per kind; NaN where a set is
     empty. ``nonmember`` facts are the "never seen" side of the membership-inference AUC."""
-    groups = {"forget": (forget, False), "general": (forget, True), "retain": (retain, False),
-              "neighbour": (neighbour, False), "nonmember": (nonmember, False)}
+    groups = {
+        "forget": (forget, False),
+        "general": (forget, True),
+        "retain": (retain, False),
+        "neighbour": (neighbour, False),
+        "nonmember": (nonmember, False),
+    }
     prompts, answers, slices = [], [], {}
     for name, (facts, para) in groups.items():
         p, a = _pairs(facts, para)
@@ -190,25 +236,37 @@ def evaluate(model, tokenizer, *, forget: Sequence[Fact], retain: Sequence[Fact]
     total = len(prompts) + len(neutral) + len(diversity_prompts)
     bar = tqdm(total=total, desc=desc, leave=False, disable=not progress, unit="seq")
     try:
-        scores = (score_answers(model, tokenizer, prompts, answers, batch_size=batch_size,
-                                progress=bar) if prompts else AnswerScores(*(np.zeros(0),) * 3))
+        scores = (
+            score_answers(model, tokenizer, prompts, answers, batch_size=batch_size, progress=bar)
+            if prompts
+            else AnswerScores(*(np.zeros(0),) * 3)
+        )
         out: dict[str, float] = {}
         for name in ("forget", "general", "retain", "neighbour"):
             s = slices[name]
             ex, pr = scores.exact[s], scores.prob[s]
             out[f"{name}_acc"] = float(ex.mean()) if ex.size else float("nan")
             out[f"{name}_prob"] = float(pr.mean()) if pr.size else float("nan")
-        out["ppl"] = (perplexity(model, tokenizer, neutral, batch_size=batch_size, progress=bar)
-                      if neutral else float("nan"))
+        out["ppl"] = (
+            perplexity(model, tokenizer, neutral, batch_size=batch_size, progress=bar)
+            if neutral
+            else float("nan")
+        )
         if diversity_prompts:
-            gens = generate_greedy(model, tokenizer, diversity_prompts,
-                                   max_new_tokens=max_new_tokens, batch_size=batch_size)
+            gens = generate_greedy(
+                model,
+                tokenizer,
+                diversity_prompts,
+                max_new_tokens=max_new_tokens,
+                batch_size=batch_size,
+            )
             bar.update(len(diversity_prompts))
             out["diversity"] = unique_token_ratio(gens)
         else:
             out["diversity"] = float("nan")
-        out["mia_auc"] = membership_auc(scores.loss[slices["forget"]],
-                                        scores.loss[slices["nonmember"]])
+        out["mia_auc"] = membership_auc(
+            scores.loss[slices["forget"]], scores.loss[slices["nonmember"]]
+        )
     finally:
         bar.close()
     return out

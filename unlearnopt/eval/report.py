@@ -10,13 +10,31 @@ from typing import Any
 
 from unlearnopt.eval.metrics import HOW_TO_READ, METRIC_LABELS
 
-TABLE_COLUMNS = (("steps", "steps", "{:.0f}"),
-                 *((key, METRIC_LABELS[key], spec) for key, spec in (
-                     ("forget_acc", "{:.2f}"), ("general_acc", "{:.2f}"),
-                     ("retain_acc", "{:.2f}"), ("neighbour_acc", "{:.2f}"), ("ppl", "{:.1f}"),
-                     ("diversity", "{:.2f}"), ("mia_auc", "{:.2f}"))))
-PLOT_METRICS = ("forget_acc", "general_acc", "retain_acc", "neighbour_acc", "forget_prob", "ppl",
-                "diversity", "mia_auc")
+TABLE_COLUMNS = (
+    ("steps", "steps", "{:.0f}"),
+    *(
+        (key, METRIC_LABELS[key], spec)
+        for key, spec in (
+            ("forget_acc", "{:.2f}"),
+            ("general_acc", "{:.2f}"),
+            ("retain_acc", "{:.2f}"),
+            ("neighbour_acc", "{:.2f}"),
+            ("ppl", "{:.1f}"),
+            ("diversity", "{:.2f}"),
+            ("mia_auc", "{:.2f}"),
+        )
+    ),
+)
+PLOT_METRICS = (
+    "forget_acc",
+    "general_acc",
+    "retain_acc",
+    "neighbour_acc",
+    "forget_prob",
+    "ppl",
+    "diversity",
+    "mia_auc",
+)
 
 
 def _fmt(value: Any, spec: str) -> str:
@@ -28,8 +46,10 @@ def _fmt(value: Any, spec: str) -> str:
 def table_rows(summary: list[dict[str, Any]]) -> tuple[list[str], list[list[str]]]:
     """Header and formatted rows of the comparison table."""
     header = ["run"] + [label for _, label, _ in TABLE_COLUMNS]
-    rows = [[row["name"]] + [_fmt(row.get(key), spec) for key, _, spec in TABLE_COLUMNS]
-            for row in summary]
+    rows = [
+        [row["name"]] + [_fmt(row.get(key), spec) for key, _, spec in TABLE_COLUMNS]
+        for row in summary
+    ]
     return header, rows
 
 
@@ -37,20 +57,24 @@ def format_table(summary: list[dict[str, Any]], legend: bool = False) -> str:
     """The comparison table as aligned plain text (accuracies are exact-match fractions);
     ``legend``: add a line saying how to read it."""
     header, rows = table_rows(summary)
-    widths = [max(len(r[i]) for r in [header] + rows) for i in range(len(header))]
-    lines = ["  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in
-                       enumerate(zip(r, widths))) for r in [header] + rows]
+    widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
+    lines = [
+        "  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths)))
+        for r in [header, *rows]
+    ]
     lines.insert(1, "-" * len(lines[0]))
     if legend:
         lines.append(HOW_TO_READ)
     return "\n".join(lines)
 
 
-TOFU_COLUMNS = (("forget_quality", "forget quality ↑", "{:.3g}"),
-                ("model_utility", "utility ↑", "{:.3f}"),
-                ("privleak", "privleak →0", "{:+.3f}"),
-                ("extraction_strength", "extraction ↓", "{:.3f}"),
-                ("exact_memorization", "exact mem ↓", "{:.3f}"))
+TOFU_COLUMNS = (
+    ("forget_quality", "forget quality ↑", "{:.3g}"),
+    ("model_utility", "utility ↑", "{:.3f}"),
+    ("privleak", "privleak →0", "{:+.3f}"),
+    ("extraction_strength", "extraction ↓", "{:.3f}"),
+    ("exact_memorization", "exact mem ↓", "{:.3f}"),
+)
 
 
 def format_tofu_table(data: dict[str, Any]) -> str | None:
@@ -59,18 +83,26 @@ def format_tofu_table(data: dict[str, Any]) -> str | None:
     if "tofu_before" not in data:
         return None
     runs = [("before", data["tofu_before"])]
-    runs += [(f"{m}@end", recs[-1]["tofu"]) for m, recs in data["methods"].items()
-             if recs and "tofu" in recs[-1]]
+    runs += [
+        (f"{m}@end", recs[-1]["tofu"])
+        for m, recs in data["methods"].items()
+        if recs and "tofu" in recs[-1]
+    ]
     header = ["run"] + [label for _, label, _ in TOFU_COLUMNS]
-    rows = [[name] + [_fmt(vals.get(k), spec) for k, _, spec in TOFU_COLUMNS]
-            for name, vals in runs]
-    widths = [max(len(r[i]) for r in [header] + rows) for i in range(len(header))]
-    lines = ["  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in
-                       enumerate(zip(r, widths))) for r in [header] + rows]
+    rows = [
+        [name] + [_fmt(vals.get(k), spec) for k, _, spec in TOFU_COLUMNS] for name, vals in runs
+    ]
+    widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
+    lines = [
+        "  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths)))
+        for r in [header, *rows]
+    ]
     lines.insert(1, "-" * len(lines[0]))
-    lines.append("Against a retain model fine-tuned without the forget facts: forget quality "
-                 "is a KS-test p-value (higher = closer to it), privleak its relative MIA-AUC "
-                 "gap.")
+    lines.append(
+        "Against a retain model fine-tuned without the forget facts: forget quality "
+        "is a KS-test p-value (higher = closer to it), privleak its relative MIA-AUC "
+        "gap."
+    )
     return "\n".join(lines)
 
 
@@ -96,8 +128,7 @@ def write_report(report: dict[str, Any], out_dir: str | Path) -> dict[str, Path]
             paths[f"{phase}_one_shot_table_txt"] = one
         try:
             paths[f"{phase}_metrics"] = plot_metrics(phase, data, out / f"{phase}_metrics.png")
-            paths[f"{phase}_table"] = plot_table(phase, data["summary"],
-                                                 out / f"{phase}_table.png")
+            paths[f"{phase}_table"] = plot_table(phase, data["summary"], out / f"{phase}_table.png")
         except ImportError:  # matplotlib is optional: the JSON and text table still exist
             pass
     return paths
@@ -132,11 +163,13 @@ def plot_metrics(phase: str, data: dict[str, Any], path: Path) -> Path:
         ax.set_xlabel("request")
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # requests are whole numbers
         ax.grid(alpha=0.3)
-    for ax in list(axes.flat)[len(PLOT_METRICS):]:
+    for ax in list(axes.flat)[len(PLOT_METRICS) :]:
         ax.axis("off")
     axes.flat[0].legend()
-    fig.suptitle(f"PULSE ({phase} knowledge): metrics after each unlearning request\n"
-                 f"{HOW_TO_READ}", fontsize=10)
+    fig.suptitle(
+        f"PULSE ({phase} knowledge): metrics after each unlearning request\n{HOW_TO_READ}",
+        fontsize=10,
+    )
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
@@ -161,4 +194,11 @@ def plot_table(phase: str, summary: list[dict[str, Any]], path: Path) -> Path:
     return path
 
 
-__all__ = ["format_table", "format_tofu_table", "plot_metrics", "plot_table", "table_rows", "write_report"]
+__all__ = [
+    "format_table",
+    "format_tofu_table",
+    "plot_metrics",
+    "plot_table",
+    "table_rows",
+    "write_report",
+]

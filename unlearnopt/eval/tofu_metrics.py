@@ -73,6 +73,7 @@ __all__ = [
 
 # --------------------------------------------------------------------------- pure formulas
 
+
 def truth_ratio(correct_mean_logp: float, wrong_mean_logp: Sequence[float]) -> float:
     """``R = mean_j exp(wrong_j) / exp(correct)`` from per-token mean log-probabilities
     (log P̄). Raises ValueError without wrong answers."""
@@ -103,8 +104,9 @@ def harmonic_mean(values: Sequence[float]) -> float:
     return float(v.size / (1.0 / v).sum())
 
 
-def model_utility(prob: Sequence[float], rouge: Sequence[float],
-                  truth_ratio_score: Sequence[float]) -> float:
+def model_utility(
+    prob: Sequence[float], rouge: Sequence[float], truth_ratio_score: Sequence[float]
+) -> float:
     """Harmonic mean of every per-set score (one entry per set in each argument): answer
     probability P̄, ROUGE-L recall, and ``max(0, 1 - R)`` (the mean over a set's facts)."""
     return harmonic_mean([*prob, *rouge, *truth_ratio_score])
@@ -156,9 +158,11 @@ def extraction_strength(hits: Sequence[bool]) -> float:
 
 # --------------------------------------------------------------------------- on a model
 
+
 @torch.no_grad()
-def _answer_rows(model, tokenizer, prompts: Sequence[str], answers: Sequence[str],
-                 batch_size: int = 32) -> list[tuple[np.ndarray, np.ndarray]]:
+def _answer_rows(
+    model, tokenizer, prompts: Sequence[str], answers: Sequence[str], batch_size: int = 32
+) -> list[tuple[np.ndarray, np.ndarray]]:
     """Per pair: (answer tokens' log-probabilities, greedy hits), numpy ``[|y|]`` each."""
     device = next(model.parameters()).device
     was_training = model.training
@@ -166,10 +170,14 @@ def _answer_rows(model, tokenizer, prompts: Sequence[str], answers: Sequence[str
     out: list[tuple[np.ndarray, np.ndarray]] = []
     try:
         for s in range(0, len(prompts), batch_size):
-            batch = encode_qa(tokenizer, prompts[s:s + batch_size], answers[s:s + batch_size],
-                              device)
-            logits = model(input_ids=batch["input_ids"],
-                           attention_mask=batch["attention_mask"]).logits[:, :-1].float()
+            batch = encode_qa(
+                tokenizer, prompts[s : s + batch_size], answers[s : s + batch_size], device
+            )
+            logits = (
+                model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+                .logits[:, :-1]
+                .float()
+            )
             target = batch["labels"][:, 1:]
             valid = target != IGNORE_INDEX
             safe = target.clamp_min(0)
@@ -193,14 +201,16 @@ def answer_token_hits(model, tokenizer, facts: Sequence[Fact]) -> list[np.ndarra
 def wrong_answers(fact: Fact, pool: Sequence[Fact], k: int = 5, seed: int = 0) -> list[str]:
     """Up to ``k`` wrong answers for ``fact``: other answers of the same relation in
     ``pool`` (seeded draw), the analogue of TOFU's perturbed answers."""
-    others = sorted({f.answer for f in pool if f.relation == fact.relation
-                     and f.answer != fact.answer})
+    others = sorted(
+        {f.answer for f in pool if f.relation == fact.relation and f.answer != fact.answer}
+    )
     rng = random.Random(f"{seed}:{fact.id or fact.prompt}")
     return rng.sample(others, min(k, len(others)))
 
 
-def truth_ratios(model, tokenizer, facts: Sequence[Fact], pool: Sequence[Fact], *, k: int = 5,
-                 seed: int = 0) -> np.ndarray:
+def truth_ratios(
+    model, tokenizer, facts: Sequence[Fact], pool: Sequence[Fact], *, k: int = 5, seed: int = 0
+) -> np.ndarray:
     """``[len(facts)]`` truth ratios R (NaN for a fact without a wrong answer in ``pool``);
     the correct answer is the fact's own answer (our facts have no paraphrased answers)."""
     prompts, answers, owner = [], [], []
@@ -213,23 +223,31 @@ def truth_ratios(model, tokenizer, facts: Sequence[Fact], pool: Sequence[Fact], 
     per_fact: list[list[float]] = [[] for _ in facts]
     for i, (logp, _) in zip(owner, rows):
         per_fact[i].append(float(logp.mean()) if logp.size else float("-inf"))
-    return np.array([truth_ratio(v[0], v[1:]) if len(v) > 1 else float("nan")
-                     for v in per_fact])
+    return np.array([truth_ratio(v[0], v[1:]) if len(v) > 1 else float("nan") for v in per_fact])
 
 
-def membership_privacy_leakage(member_loss_unlearned: Sequence[float],
-                               nonmember_loss_unlearned: Sequence[float],
-                               member_loss_retain: Sequence[float],
-                               nonmember_loss_retain: Sequence[float]) -> float:
+def membership_privacy_leakage(
+    member_loss_unlearned: Sequence[float],
+    nonmember_loss_unlearned: Sequence[float],
+    member_loss_retain: Sequence[float],
+    nonmember_loss_retain: Sequence[float],
+) -> float:
     """:func:`privacy_leakage` of the loss-based MIA AUCs of the two models."""
-    return privacy_leakage(membership_auc(member_loss_unlearned, nonmember_loss_unlearned),
-                           membership_auc(member_loss_retain, nonmember_loss_retain))
+    return privacy_leakage(
+        membership_auc(member_loss_unlearned, nonmember_loss_unlearned),
+        membership_auc(member_loss_retain, nonmember_loss_retain),
+    )
 
 
 # --------------------------------------------------------------------------- against a retain model
 
-TOFU_METRIC_NAMES = ("forget_quality", "model_utility", "privleak", "extraction_strength",
-                     "exact_memorization")
+TOFU_METRIC_NAMES = (
+    "forget_quality",
+    "model_utility",
+    "privleak",
+    "extraction_strength",
+    "exact_memorization",
+)
 
 
 def _mean_tr_score(ratios: np.ndarray) -> float:
@@ -237,33 +255,61 @@ def _mean_tr_score(ratios: np.ndarray) -> float:
     return float(np.maximum(0.0, 1.0 - r).mean()) if r.size else float("nan")
 
 
-def retain_reference(retain_model, tokenizer, forget: Sequence[Fact],
-                     nonmember: Sequence[Fact], pool: Sequence[Fact], *,
-                     batch_size: int = 32) -> dict[str, np.ndarray]:
+def retain_reference(
+    retain_model,
+    tokenizer,
+    forget: Sequence[Fact],
+    nonmember: Sequence[Fact],
+    pool: Sequence[Fact],
+    *,
+    batch_size: int = 32,
+) -> dict[str, np.ndarray]:
     """What the comparison needs from the retain model, computed once: the forget facts'
     truth ratios and the answer losses of the forget and never-seen facts."""
     from unlearnopt.eval.metrics import score_answers
 
     def losses(facts):
-        return score_answers(retain_model, tokenizer, [f.prompt for f in facts],
-                             [f.answer for f in facts], batch_size=batch_size).loss
+        return score_answers(
+            retain_model,
+            tokenizer,
+            [f.prompt for f in facts],
+            [f.answer for f in facts],
+            batch_size=batch_size,
+        ).loss
 
-    return {"truth_ratios": truth_ratios(retain_model, tokenizer, forget, pool),
-            "member_loss": losses(forget), "nonmember_loss": losses(nonmember)}
+    return {
+        "truth_ratios": truth_ratios(retain_model, tokenizer, forget, pool),
+        "member_loss": losses(forget),
+        "nonmember_loss": losses(nonmember),
+    }
 
 
-def tofu_metrics(model, tokenizer, reference: dict[str, np.ndarray], *,
-                 forget: Sequence[Fact], retain: Sequence[Fact], neighbour: Sequence[Fact],
-                 nonmember: Sequence[Fact], pool: Sequence[Fact], max_new_tokens: int = 16,
-                 batch_size: int = 32) -> dict[str, float]:
+def tofu_metrics(
+    model,
+    tokenizer,
+    reference: dict[str, np.ndarray],
+    *,
+    forget: Sequence[Fact],
+    retain: Sequence[Fact],
+    neighbour: Sequence[Fact],
+    nonmember: Sequence[Fact],
+    pool: Sequence[Fact],
+    max_new_tokens: int = 16,
+    batch_size: int = 32,
+) -> dict[str, float]:
     """The :data:`TOFU_METRIC_NAMES` of ``model`` against the retain model's ``reference``
     (:func:`retain_reference`); formulas in the module docstring. Model utility uses the
     retain and neighbour facts (a set without facts is left out)."""
     from unlearnopt.eval.metrics import generate_greedy, score_answers
 
     def scores(facts):
-        return score_answers(model, tokenizer, [f.prompt for f in facts],
-                             [f.answer for f in facts], batch_size=batch_size)
+        return score_answers(
+            model,
+            tokenizer,
+            [f.prompt for f in facts],
+            [f.answer for f in facts],
+            batch_size=batch_size,
+        )
 
     tr = truth_ratios(model, tokenizer, forget, pool)
     ok, ok_ref = tr[~np.isnan(tr)], reference["truth_ratios"][~np.isnan(reference["truth_ratios"])]
@@ -273,16 +319,30 @@ def tofu_metrics(model, tokenizer, reference: dict[str, np.ndarray], *,
         if not facts:
             continue
         prob.append(float(scores(facts).prob.mean()))
-        gens = generate_greedy(model, tokenizer, [f.prompt for f in facts],
-                               max_new_tokens=max_new_tokens)
-        rouge.append(float(np.mean([rouge_l_recall(tokenizer.decode(g), f.answer)
-                                    for g, f in zip(gens, facts)])))
+        gens = generate_greedy(
+            model, tokenizer, [f.prompt for f in facts], max_new_tokens=max_new_tokens
+        )
+        rouge.append(
+            float(
+                np.mean(
+                    [rouge_l_recall(tokenizer.decode(g), f.answer) for g, f in zip(gens, facts)]
+                )
+            )
+        )
         trs.append(_mean_tr_score(truth_ratios(model, tokenizer, facts, pool)))
     trs = [t for t in trs if not np.isnan(t)]
     utility = model_utility(prob, rouge, trs) if prob else float("nan")
-    leak = membership_privacy_leakage(scores(forget).loss, scores(nonmember).loss,
-                                      reference["member_loss"], reference["nonmember_loss"])
+    leak = membership_privacy_leakage(
+        scores(forget).loss,
+        scores(nonmember).loss,
+        reference["member_loss"],
+        reference["nonmember_loss"],
+    )
     hits = answer_token_hits(model, tokenizer, forget)
-    return {"forget_quality": fq, "model_utility": utility, "privleak": leak,
-            "extraction_strength": float(np.mean([extraction_strength(h) for h in hits])),
-            "exact_memorization": float(np.mean([exact_memorization(h) for h in hits]))}
+    return {
+        "forget_quality": fq,
+        "model_utility": utility,
+        "privleak": leak,
+        "extraction_strength": float(np.mean([extraction_strength(h) for h in hits])),
+        "exact_memorization": float(np.mean([exact_memorization(h) for h in hits])),
+    }

@@ -25,9 +25,14 @@ from typing import Any
 import torch
 
 
-def prepare_unlearner(accelerator, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
-                      method: Any = "mollm", ref_model: torch.nn.Module | None = None,
-                      **options: Any):
+def prepare_unlearner(
+    accelerator,
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    method: Any = "mollm",
+    ref_model: torch.nn.Module | None = None,
+    **options: Any,
+):
     """``accelerator.prepare(model, optimizer)`` and a ``MultiObjectiveUnlearner`` on them.
 
     Args:
@@ -50,6 +55,7 @@ def prepare_unlearner(accelerator, model: torch.nn.Module, optimizer: torch.opti
     scaler = getattr(accelerator, "scaler", None)
     if ref_model is not None:
         ref_model = ref_model.to(accelerator.device)
-    unlearner = MultiObjectiveUnlearner(model, raw, method=method, ref_model=ref_model,
-                                        scaler=scaler, **options)
+    unlearner = MultiObjectiveUnlearner(
+        model, raw, method=method, ref_model=ref_model, scaler=scaler, **options
+    )
     return unlearner, model, optimizer

@@ -87,8 +87,10 @@ class ForgetRetainCollator:
             if all(present):
                 out[key] = dict(self.base([ex[key] for ex in examples]))
         if "forget" not in out:
-            raise ValueError(f"examples must be dicts with a 'forget' part (and 'retain'), got "
-                             f"keys {sorted(examples[0])}")
+            raise ValueError(
+                f"examples must be dicts with a 'forget' part (and 'retain'), got "
+                f"keys {sorted(examples[0])}"
+            )
         return out
 
 
@@ -110,14 +112,21 @@ class UnlearningTrainer(Trainer):
         unlearning_stats: the last step's statistics (dict of floats).
     """
 
-    def __init__(self, *args: Any, unlearning_method: Any = "mollm",
-                 ref_model: torch.nn.Module | None = None,
-                 unlearner_options: Mapping[str, Any] | None = None, **kwargs: Any):
+    def __init__(
+        self,
+        *args: Any,
+        unlearning_method: Any = "mollm",
+        ref_model: torch.nn.Module | None = None,
+        unlearner_options: Mapping[str, Any] | None = None,
+        **kwargs: Any,
+    ):
         super().__init__(*args, **kwargs)
         if self.args.gradient_accumulation_steps != 1:
-            raise ValueError("UnlearningTrainer needs gradient_accumulation_steps=1, got "
-                             f"{self.args.gradient_accumulation_steps}; pass "
-                             "unlearner_options={'accumulate': n} to split batches instead")
+            raise ValueError(
+                "UnlearningTrainer needs gradient_accumulation_steps=1, got "
+                f"{self.args.gradient_accumulation_steps}; pass "
+                "unlearner_options={'accumulate': n} to split batches instead"
+            )
         # The forget/retain columns are not arguments of model.forward.
         self.args.remove_unused_columns = False
         self.unlearning_method = unlearning_method
@@ -136,17 +145,21 @@ class UnlearningTrainer(Trainer):
         options = dict(self.unlearner_options)
         if self.args.max_grad_norm and self.args.max_grad_norm > 0:
             options.setdefault("max_grad_norm", float(self.args.max_grad_norm))
-        return MultiObjectiveUnlearner(model, optimizer, method=self.unlearning_method,
-                                       ref_model=ref, **options)
+        return MultiObjectiveUnlearner(
+            model, optimizer, method=self.unlearning_method, ref_model=ref, **options
+        )
 
-    def training_step(self, model: torch.nn.Module, inputs: Mapping[str, Any],
-                      num_items_in_batch: Any = None) -> torch.Tensor:
+    def training_step(
+        self, model: torch.nn.Module, inputs: Mapping[str, Any], num_items_in_batch: Any = None
+    ) -> torch.Tensor:
         """One unlearning step on ``inputs = {"forget": batch, "retain": batch}``; returns the
         first objective's loss (detached, on the training device) for the ``Trainer``'s log."""
         if not isinstance(inputs, Mapping) or "forget" not in inputs:
-            raise ValueError("UnlearningTrainer expects batches {'forget': ..., 'retain': ...} "
-                             "(use ForgetRetainDataset and ForgetRetainCollator); got keys "
-                             f"{sorted(inputs) if isinstance(inputs, Mapping) else type(inputs)}")
+            raise ValueError(
+                "UnlearningTrainer expects batches {'forget': ..., 'retain': ...} "
+                "(use ForgetRetainDataset and ForgetRetainCollator); got keys "
+                f"{sorted(inputs) if isinstance(inputs, Mapping) else type(inputs)}"
+            )
         model.train()
         if self.unlearner is None:
             self.unlearner = self._make_unlearner(model)
@@ -164,4 +177,3 @@ class UnlearningTrainer(Trainer):
         if self.unlearning_stats and "loss" in logs:  # training logs only
             logs = {**logs, **{f"unlearn/{k}": v for k, v in self.unlearning_stats.items()}}
         super().log(logs, *args, **kwargs)
-

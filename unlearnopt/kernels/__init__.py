@@ -17,7 +17,7 @@ def _triton_import_error() -> str | None:
     try:
         import triton
         import triton.language  # noqa: F401
-    except Exception as exc:  # ImportError, or a broken install
+    except Exception as exc:  # noqa: BLE001 - ImportError, or a broken install
         return f"cannot import triton: {exc}"
     return None
 

@@ -28,8 +28,9 @@ def device_guard(device: torch.device):
     return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
 
 
-def check_gradient_args(logits: torch.Tensor, grad_scale: torch.Tensor | None,
-                        grad_out: torch.Tensor | None) -> tuple[torch.Tensor | None, int]:
+def check_gradient_args(
+    logits: torch.Tensor, grad_scale: torch.Tensor | None, grad_out: torch.Tensor | None
+) -> tuple[torch.Tensor | None, int]:
     """Validate the optional gradient outputs of a row kernel over ``logits [N, V]``.
 
     ``grad_scale``: float32 on the logits' device with 1 (broadcast) or N elements;
@@ -44,14 +45,25 @@ def check_gradient_args(logits: torch.Tensor, grad_scale: torch.Tensor | None,
         return None, 0
     if grad_out is None:
         raise ValueError("grad_out is required when grad_scale is given")
-    if grad_scale.dtype != torch.float32 or grad_scale.numel() not in (1, n) \
-            or grad_scale.device != device:
-        raise ValueError(f"grad_scale must be float32 on {device} with 1 or {n} elements, "
-                         f"got {tuple(grad_scale.shape)} {grad_scale.dtype} on {grad_scale.device}")
-    if grad_out.shape != logits.shape or grad_out.stride(1) != 1 \
-            or grad_out.dtype != logits.dtype or grad_out.device != device:
-        raise ValueError(f"grad_out must be [{n}, {vocab}] {logits.dtype} with unit column "
-                         f"stride on {device}, got {tuple(grad_out.shape)} {grad_out.dtype} "
-                         f"strides {grad_out.stride()} on {grad_out.device}")
+    if (
+        grad_scale.dtype != torch.float32
+        or grad_scale.numel() not in (1, n)
+        or grad_scale.device != device
+    ):
+        raise ValueError(
+            f"grad_scale must be float32 on {device} with 1 or {n} elements, "
+            f"got {tuple(grad_scale.shape)} {grad_scale.dtype} on {grad_scale.device}"
+        )
+    if (
+        grad_out.shape != logits.shape
+        or grad_out.stride(1) != 1
+        or grad_out.dtype != logits.dtype
+        or grad_out.device != device
+    ):
+        raise ValueError(
+            f"grad_out must be [{n}, {vocab}] {logits.dtype} with unit column "
+            f"stride on {device}, got {tuple(grad_out.shape)} {grad_out.dtype} "
+            f"strides {grad_out.stride()} on {grad_out.device}"
+        )
     grad_scale = grad_scale.reshape(-1).contiguous()
     return grad_scale, 1 if grad_scale.numel() > 1 else 0

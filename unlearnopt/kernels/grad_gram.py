@@ -55,9 +55,16 @@ def launch_settings(k: int) -> tuple[int, int, int]:
 
 @triton.jit
 def _gram_chunks_kernel(
-    chunks_ptr, numel_ptr, addr_ptr, partial_ptr, P,
-    K: tl.constexpr, KP: tl.constexpr, DTYPE: tl.constexpr,
-    CHUNK: tl.constexpr, BLOCK: tl.constexpr,
+    chunks_ptr,
+    numel_ptr,
+    addr_ptr,
+    partial_ptr,
+    P,
+    K: tl.constexpr,
+    KP: tl.constexpr,
+    DTYPE: tl.constexpr,
+    CHUNK: tl.constexpr,
+    BLOCK: tl.constexpr,
 ):
     c = tl.program_id(0).to(tl.int64)
     p = tl.load(chunks_ptr + c * 3)
@@ -82,8 +89,7 @@ def _gram_chunks_kernel(
 
 
 @triton.jit
-def _gram_reduce_kernel(partial_ptr, first_chunk_ptr, out_ptr, KK: tl.constexpr,
-                        KKP: tl.constexpr):
+def _gram_reduce_kernel(partial_ptr, first_chunk_ptr, out_ptr, KK: tl.constexpr, KKP: tl.constexpr):
     p = tl.program_id(0).to(tl.int64)
     lo = tl.load(first_chunk_ptr + p)
     hi = tl.load(first_chunk_ptr + p + 1)
@@ -118,8 +124,9 @@ def _to_device(rows: list, device: torch.device) -> torch.Tensor:
     return t
 
 
-def _tables(grads: Sequence[Sequence[torch.Tensor | None]], device: torch.device,
-            chunk: int) -> _Tables:
+def _tables(
+    grads: Sequence[Sequence[torch.Tensor | None]], device: torch.device, chunk: int
+) -> _Tables:
     k, p_count = len(grads), len(grads[0])
     addr = [[0 if g is None else g.data_ptr() for g in seq] for seq in grads]
     numel = [0] * p_count
@@ -145,9 +152,13 @@ def _tables(grads: Sequence[Sequence[torch.Tensor | None]], device: torch.device
                 slot += 1
     first_chunk[p_count] = slot
     groups = [(_TL_DTYPE[dt], _to_device(rows, device)) for dt, rows in per_dtype.items()]
-    tables = _Tables(_to_device(addr if k * p_count else [[0]], device),
-                     _to_device(numel or [0], device), _to_device(first_chunk, device),
-                     groups, slot)
+    tables = _Tables(
+        _to_device(addr if k * p_count else [[0]], device),
+        _to_device(numel or [0], device),
+        _to_device(first_chunk, device),
+        groups,
+        slot,
+    )
     _CACHE[key] = tables
     if len(_CACHE) > _CACHE_SIZE:
         _CACHE.popitem(last=False)
@@ -172,9 +183,19 @@ def grad_gram_per_tensor(grads: Sequence[Sequence[torch.Tensor | None]]) -> torc
     with device_guard(device):
         for tl_dtype, chunks in tables.groups:
             _gram_chunks_kernel[(chunks.shape[0],)](
-                chunks, tables.numel, tables.addr, partial, p_count,
-                K=k, KP=kp, DTYPE=tl_dtype, CHUNK=chunk, BLOCK=block, num_warps=warps,
+                chunks,
+                tables.numel,
+                tables.addr,
+                partial,
+                p_count,
+                K=k,
+                KP=kp,
+                DTYPE=tl_dtype,
+                CHUNK=chunk,
+                BLOCK=block,
+                num_warps=warps,
             )
-        _gram_reduce_kernel[(p_count,)](partial, tables.first_chunk, out, KK=k * k,
-                                        KKP=triton.next_power_of_2(k * k))
+        _gram_reduce_kernel[(p_count,)](
+            partial, tables.first_chunk, out, KK=k * k, KKP=triton.next_power_of_2(k * k)
+        )
     return out

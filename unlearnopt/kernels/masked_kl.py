@@ -22,23 +22,32 @@ from unlearnopt.kernels._launch import check_gradient_args, device_guard, row_la
 FORWARD, REVERSE = 0, 1
 
 
-@triton.heuristics({
-    "EVEN_V": lambda args: args["V"] % args["BLOCK_V"] == 0,
-    "HAS_TMASK": lambda args: args["tmask_ptr"] is not None,
-    "HAS_VMASK": lambda args: args["vmask_ptr"] is not None,
-    "HAS_STATS_IN": lambda args: args["stats_in_ptr"] is not None,
-    "HAS_GRAD": lambda args: args["scale_ptr"] is not None,
-})
+@triton.heuristics(
+    {
+        "EVEN_V": lambda args: args["V"] % args["BLOCK_V"] == 0,
+        "HAS_TMASK": lambda args: args["tmask_ptr"] is not None,
+        "HAS_VMASK": lambda args: args["vmask_ptr"] is not None,
+        "HAS_STATS_IN": lambda args: args["stats_in_ptr"] is not None,
+        "HAS_GRAD": lambda args: args["scale_ptr"] is not None,
+    }
+)
 @triton.jit
 def _masked_kl_rows_kernel(
-    z_ptr, z_row_stride,
-    r_ptr, r_row_stride,
-    tmask_ptr, vmask_ptr,
-    loss_ptr, stats_ptr,
+    z_ptr,
+    z_row_stride,
+    r_ptr,
+    r_row_stride,
+    tmask_ptr,
+    vmask_ptr,
+    loss_ptr,
+    stats_ptr,
     stats_in_ptr,
-    scale_ptr, scale_stride,
-    grad_ptr, grad_row_stride,
-    V, inv_t,
+    scale_ptr,
+    scale_stride,
+    grad_ptr,
+    grad_row_stride,
+    V,
+    inv_t,
     DIRECTION: tl.constexpr,
     BLOCK_V: tl.constexpr,
     EVEN_V: tl.constexpr,
@@ -165,8 +174,10 @@ def _masked_kl_rows_kernel(
 
 def _check_vector(name: str, t: torch.Tensor, n: int, device: torch.device) -> torch.Tensor:
     if t.dtype != torch.float32 or t.dim() != 1 or t.shape[0] != n or t.device != device:
-        raise ValueError(f"{name} must be a [{n}] float32 tensor on {device}, got "
-                         f"{tuple(t.shape)} {t.dtype} on {t.device}")
+        raise ValueError(
+            f"{name} must be a [{n}] float32 tensor on {device}, got "
+            f"{tuple(t.shape)} {t.dtype} on {t.device}"
+        )
     return t.contiguous()
 
 
@@ -201,15 +212,23 @@ def masked_kl_rows(
         ``(loss [N] float32 (= m_i KL_i, 0 where m_i == 0), stats [N, 3] float32)``.
     """
     if logits.dim() != 2 or logits.stride(1) != 1:
-        raise ValueError(f"logits must be [N, V] with unit column stride, got shape "
-                         f"{tuple(logits.shape)} strides {logits.stride()}")
+        raise ValueError(
+            f"logits must be [N, V] with unit column stride, got shape "
+            f"{tuple(logits.shape)} strides {logits.stride()}"
+        )
     if logits.dtype not in (torch.float32, torch.bfloat16, torch.float16):
         raise ValueError(f"logits must be float32/bfloat16/float16, got {logits.dtype}")
-    if ref_logits.shape != logits.shape or ref_logits.dtype != logits.dtype \
-            or ref_logits.stride(1) != 1 or ref_logits.device != logits.device:
-        raise ValueError(f"ref_logits must match logits ({tuple(logits.shape)} {logits.dtype}, "
-                         f"unit column stride), got {tuple(ref_logits.shape)} {ref_logits.dtype} "
-                         f"strides {ref_logits.stride()}")
+    if (
+        ref_logits.shape != logits.shape
+        or ref_logits.dtype != logits.dtype
+        or ref_logits.stride(1) != 1
+        or ref_logits.device != logits.device
+    ):
+        raise ValueError(
+            f"ref_logits must match logits ({tuple(logits.shape)} {logits.dtype}, "
+            f"unit column stride), got {tuple(ref_logits.shape)} {ref_logits.dtype} "
+            f"strides {ref_logits.stride()}"
+        )
     if direction not in (FORWARD, REVERSE):
         raise ValueError(f"direction must be 0 (forward) or 1 (reverse), got {direction!r}")
     if not inv_temperature > 0:
@@ -222,10 +241,15 @@ def masked_kl_rows(
         vocab_mask = _check_vector("vocab_mask", vocab_mask, vocab, device)
     empty = torch.empty(0, dtype=torch.float32, device=device)
     if stats_in is not None:
-        if stats_in.dtype != torch.float32 or tuple(stats_in.shape) != (n, 3) \
-                or stats_in.device != device:
-            raise ValueError(f"stats_in must be a [{n}, 3] float32 tensor on {device}, got "
-                             f"{tuple(stats_in.shape)} {stats_in.dtype}")
+        if (
+            stats_in.dtype != torch.float32
+            or tuple(stats_in.shape) != (n, 3)
+            or stats_in.device != device
+        ):
+            raise ValueError(
+                f"stats_in must be a [{n}, 3] float32 tensor on {device}, got "
+                f"{tuple(stats_in.shape)} {stats_in.dtype}"
+            )
         if grad_scale is None:
             raise ValueError("stats_in without grad_scale does nothing")
         stats_in = stats_in.contiguous()
@@ -240,14 +264,21 @@ def masked_kl_rows(
     block_v, num_warps = row_launch_settings(vocab, logits.dtype, rows_per_chunk=2)
     with device_guard(device):
         _masked_kl_rows_kernel[(n,)](
-            logits, logits.stride(0),
-            ref_logits, ref_logits.stride(0),
-            token_mask, vocab_mask,
-            loss, stats,
+            logits,
+            logits.stride(0),
+            ref_logits,
+            ref_logits.stride(0),
+            token_mask,
+            vocab_mask,
+            loss,
+            stats,
             stats_in,
-            grad_scale, scale_stride,
-            grad_out, grad_out.stride(0) if grad_out is not None else 0,
-            vocab, float(inv_temperature),
+            grad_scale,
+            scale_stride,
+            grad_out,
+            grad_out.stride(0) if grad_out is not None else 0,
+            vocab,
+            float(inv_temperature),
             DIRECTION=direction,
             BLOCK_V=block_v,
             num_warps=num_warps,

@@ -44,8 +44,17 @@ def _kkt(gn, w, valid_k):
 
 
 @triton.jit
-def _min_norm_kernel(g_ptr, w_ptr, v_ptr, B, K: tl.constexpr, KP: tl.constexpr,
-                     BLOCK: tl.constexpr, PIVOT_TOL: tl.constexpr, FEAS_TOL: tl.constexpr):
+def _min_norm_kernel(
+    g_ptr,
+    w_ptr,
+    v_ptr,
+    B,
+    K: tl.constexpr,
+    KP: tl.constexpr,
+    BLOCK: tl.constexpr,
+    PIVOT_TOL: tl.constexpr,
+    FEAS_TOL: tl.constexpr,
+):
     pid = tl.program_id(0)
     rows = pid.to(tl.int64) * BLOCK + tl.arange(0, BLOCK).to(tl.int64)
     row_ok = rows < B
@@ -58,7 +67,7 @@ def _min_norm_kernel(g_ptr, w_ptr, v_ptr, B, K: tl.constexpr, KP: tl.constexpr,
     g = tl.load(g_ptr + r3 * (K * K) + i3 * K + j3, mask=m3, other=0.0)
     gt = tl.load(g_ptr + r3 * (K * K) + j3 * K + i3, mask=m3, other=0.0)
     g = (g + gt) * 0.5
-    eye = (i3 == j3)
+    eye = i3 == j3
     diag = tl.sum(tl.where(eye, g, 0.0), axis=2)  # [BLOCK, KP]
     m = tl.max(tl.where(valid_k[None, :], diag, 0.0), axis=1)
     zero = ~(m > 0)
@@ -129,6 +138,15 @@ def min_norm_batched(gram: torch.Tensor, max_steps: int | None = None):
     kp = triton.next_power_of_2(k)
     block = _BLOCK[kp]
     _min_norm_kernel[(triton.cdiv(b, block),)](
-        gram, w, v, b, K=k, KP=kp, BLOCK=block, PIVOT_TOL=ref.PIVOT_TOL,
-        FEAS_TOL=ref.FEAS_TOL, num_warps=_WARPS[kp])
+        gram,
+        w,
+        v,
+        b,
+        K=k,
+        KP=kp,
+        BLOCK=block,
+        PIVOT_TOL=ref.PIVOT_TOL,
+        FEAS_TOL=ref.FEAS_TOL,
+        num_warps=_WARPS[kp],
+    )
     return w, v

@@ -8,12 +8,12 @@ the sum over the other classes keeps 1 - p_y free of cancellation near p_y = 1, 
 it the nll loss ``-log1p(-q)``, the uce coefficient and the label's gradient entry. The
 row's stats ``(lse, q)`` are stored as float64. Only additions, products and quotients
 run in float64; exp and log stay float32 (float64 transcendentals are not lowered on
-every GPU), which costs nothing here: each is of a small, well-scaled argument. Pass 2 (when a gradient scale is given)
-streams the row again and writes the gradient, ``p_j = exp((z_j - hi) - lo)`` with the
-lse split into two floats (a float32 lse near 40 is off by up to 2e-6, an error every
-p_j would inherit). The forward of the op runs pass 1; its backward runs pass 2 with the
-saved stats; a caller that knows the upstream scale up front (fused linear CE) gets loss
-and gradient from ONE launch.
+every GPU), which costs nothing here: each is of a small, well-scaled argument. Pass 2
+(when a gradient scale is given) streams the row again and writes the gradient,
+``p_j = exp((z_j - hi) - lo)`` with the lse split into two floats (a float32 lse near 40
+is off by up to 2e-6, an error every p_j would inherit). The forward of the op runs pass
+1; its backward runs pass 2 with the saved stats; a caller that knows the upstream scale
+up front (fused linear CE) gets loss and gradient from ONE launch.
 
 Non-finite input: a NaN or +inf logit in a kept row gives NaN loss, stats and gradient;
 ignored rows get 0 loss, 0 stats and a zero gradient whatever they hold; a label outside
@@ -42,22 +42,30 @@ def _log1p(x):
     return tl.where(u == 1.0, x, tl.log(u) * (x / den))
 
 
-@triton.heuristics({
-    # Every chunk is full: loads and stores drop their masks.
-    "EVEN_V": lambda args: args["V"] % args["BLOCK_V"] == 0,
-    # Backward / fused call: the stats come from the forward, skip pass 1.
-    "HAS_STATS_IN": lambda args: args["stats_in_ptr"] is not None,
-    "HAS_GRAD": lambda args: args["scale_ptr"] is not None,
-})
+@triton.heuristics(
+    {
+        # Every chunk is full: loads and stores drop their masks.
+        "EVEN_V": lambda args: args["V"] % args["BLOCK_V"] == 0,
+        # Backward / fused call: the stats come from the forward, skip pass 1.
+        "HAS_STATS_IN": lambda args: args["stats_in_ptr"] is not None,
+        "HAS_GRAD": lambda args: args["scale_ptr"] is not None,
+    }
+)
 @triton.jit
 def _unlearning_ce_rows_kernel(
-    logits_ptr, logits_row_stride,
+    logits_ptr,
+    logits_row_stride,
     labels_ptr,
-    loss_ptr, stats_ptr,
+    loss_ptr,
+    stats_ptr,
     stats_in_ptr,
-    scale_ptr, scale_stride,
-    grad_ptr, grad_row_stride,
-    V, alpha, ignore_index,
+    scale_ptr,
+    scale_stride,
+    grad_ptr,
+    grad_row_stride,
+    V,
+    alpha,
+    ignore_index,
     MODE: tl.constexpr,
     BLOCK_V: tl.constexpr,
     EVEN_V: tl.constexpr,
@@ -103,7 +111,7 @@ def _unlearning_ce_rows_kernel(
         lse = m_all.to(tl.float64) + _log1p((total - 1.0).to(tl.float32)).to(tl.float64)
         q = others / total
         # tl.maximum drops a NaN z_y; a NaN label logit must still poison the row.
-        label_nan = z_y != z_y  # noqa: PLR0124 (the NaN test, inside a Triton kernel)
+        label_nan = z_y != z_y
         lse = tl.where(label_nan, float("nan"), lse)
         q = tl.where(label_nan, float("nan"), q)
     bad = keep & ~valid
@@ -120,8 +128,11 @@ def _unlearning_ce_rows_kernel(
     lo = (lse - hi.to(tl.float64)).to(tl.float32)
     p_y = tl.exp((z_y - hi) - lo)
     q32 = q.to(tl.float32)
-    nll = tl.where(q32 < 0.5, -_log1p(-tl.where(q32 < 0.5, q32, 0.0)),
-                   (lse - z_y.to(tl.float64)).to(tl.float32))
+    nll = tl.where(
+        q32 < 0.5,
+        -_log1p(-tl.where(q32 < 0.5, q32, 0.0)),
+        (lse - z_y.to(tl.float64)).to(tl.float32),
+    )
     if MODE == 0:
         loss = nll
         c = 1.0
@@ -158,11 +169,14 @@ def _unlearning_ce_rows_kernel(
                 tl.store(g_row + cols, g, mask=cols < V)
 
 
-def _check_rows(name: str, t: torch.Tensor, n: int, dtype: torch.dtype,
-                device: torch.device) -> None:
+def _check_rows(
+    name: str, t: torch.Tensor, n: int, dtype: torch.dtype, device: torch.device
+) -> None:
     if t.dtype != dtype or t.dim() != 1 or t.shape[0] != n or t.device != device:
-        raise ValueError(f"{name} must be a [{n}] {dtype} tensor on {device}, got "
-                         f"{tuple(t.shape)} {t.dtype} on {t.device}")
+        raise ValueError(
+            f"{name} must be a [{n}] {dtype} tensor on {device}, got "
+            f"{tuple(t.shape)} {t.dtype} on {t.device}"
+        )
 
 
 def unlearning_cross_entropy_rows(
@@ -197,8 +211,10 @@ def unlearning_cross_entropy_rows(
         (and the loss 0) at ignored rows.
     """
     if logits.dim() != 2 or logits.stride(1) != 1:
-        raise ValueError(f"logits must be [N, V] with unit column stride, got shape "
-                         f"{tuple(logits.shape)} strides {logits.stride()}")
+        raise ValueError(
+            f"logits must be [N, V] with unit column stride, got shape "
+            f"{tuple(logits.shape)} strides {logits.stride()}"
+        )
     if logits.dtype not in (torch.float32, torch.bfloat16, torch.float16):
         raise ValueError(f"logits must be float32/bfloat16/float16, got {logits.dtype}")
     if mode not in (MODE_NLL, MODE_GA, MODE_UCE):
@@ -208,29 +224,41 @@ def unlearning_cross_entropy_rows(
     _check_rows("labels", labels, n, torch.int64, device)
     labels = labels.contiguous()
     if stats_in is not None:
-        if stats_in.dtype != torch.float64 or tuple(stats_in.shape) != (n, 2) \
-                or stats_in.device != device:
-            raise ValueError(f"stats_in must be a [{n}, 2] float64 tensor on {device}, got "
-                             f"{tuple(stats_in.shape)} {stats_in.dtype} on {stats_in.device}")
+        if (
+            stats_in.dtype != torch.float64
+            or tuple(stats_in.shape) != (n, 2)
+            or stats_in.device != device
+        ):
+            raise ValueError(
+                f"stats_in must be a [{n}, 2] float64 tensor on {device}, got "
+                f"{tuple(stats_in.shape)} {stats_in.dtype} on {stats_in.device}"
+            )
         stats_in = stats_in.contiguous()
     grad_scale, scale_stride = check_gradient_args(logits, grad_scale, grad_out)
 
     loss = torch.empty(n, dtype=torch.float32, device=device)
-    stats = stats_in if stats_in is not None else torch.empty(n, 2, dtype=torch.float64,
-                                                              device=device)
+    stats = (
+        stats_in if stats_in is not None else torch.empty(n, 2, dtype=torch.float64, device=device)
+    )
     if n == 0:
         return loss, stats
 
     block_v, num_warps = row_launch_settings(vocab, logits.dtype, rows_per_chunk=1)
     with device_guard(device):
         _unlearning_ce_rows_kernel[(n,)](
-            logits, logits.stride(0),
+            logits,
+            logits.stride(0),
             labels,
-            loss, stats,
+            loss,
+            stats,
             stats_in,
-            grad_scale, scale_stride,
-            grad_out, grad_out.stride(0) if grad_out is not None else 0,
-            vocab, float(alpha), int(ignore_index),
+            grad_scale,
+            scale_stride,
+            grad_out,
+            grad_out.stride(0) if grad_out is not None else 0,
+            vocab,
+            float(alpha),
+            int(ignore_index),
             MODE=mode,
             BLOCK_V=block_v,
             num_warps=num_warps,

@@ -50,6 +50,7 @@ if TYPE_CHECKING:  # pragma: no cover - imports for type checkers only
 
 __all__ = ["BATCH_KINDS", "UNITS", "Method", "Objective", "ObjectiveContext"]
 
+
 class Method:
     """Base class of a named unlearning recipe.
 
@@ -76,8 +77,10 @@ class Method:
     def __init__(self, **config: Any) -> None:
         unknown = sorted(set(config) - set(self.defaults))
         if unknown:
-            raise TypeError(f"method {self.name!r} got unknown option(s) {unknown}; "
-                            f"its options are {sorted(self.defaults)}")
+            raise TypeError(
+                f"method {self.name!r} got unknown option(s) {unknown}; "
+                f"its options are {sorted(self.defaults)}"
+            )
         self.config: dict[str, Any] = {**copy.deepcopy(dict(self.defaults)), **config}
         self.validate_config()
 
@@ -103,9 +106,15 @@ class Method:
         dicts, or None (retain only when the method needs none)."""
         return None
 
-    def fact_batches(self, forget: Sequence[Any], retain: Sequence[Any], *,
-                     encode: Callable[[Sequence[str], Sequence[str]], dict[str, torch.Tensor]],
-                     tokenizer: Any, vocab_size: int) -> tuple[dict, dict | None]:
+    def fact_batches(
+        self,
+        forget: Sequence[Any],
+        retain: Sequence[Any],
+        *,
+        encode: Callable[[Sequence[str], Sequence[str]], dict[str, torch.Tensor]],
+        tokenizer: Any,
+        vocab_size: int,
+    ) -> tuple[dict, dict | None]:
         """The ``(forget, retain)`` batches of one step on prompt -> answer facts.
 
         ``forget`` / ``retain``: facts (objects with ``prompt``, ``answer`` and ``id``);
@@ -115,8 +124,11 @@ class Method:
         one); a method that trains on constructed targets overrides this.
         """
         fb = encode([f.prompt for f in forget], [f.answer for f in forget])
-        rb = (encode([f.prompt for f in retain], [f.answer for f in retain])
-              if retain and self.needs_retain else None)
+        rb = (
+            encode([f.prompt for f in retain], [f.answer for f in retain])
+            if retain and self.needs_retain
+            else None
+        )
         return fb, rb
 
     # -- state --------------------------------------------------------------------------------

@@ -2,7 +2,8 @@
 
 Objectives: ``forget_ga`` (mean +log p(y) over forget label tokens) and ``retain_kl``
 (mean over retain label tokens of KL(p_ref || p_theta), the forward KL to the frozen
-reference, ``sum_v p_ref(v) [log p_ref(v) - log p_theta(v)]`` per token). Weighted sum ``d = g_forget_ga + kl_weight * g_retain_kl``,
+reference, ``sum_v p_ref(v) [log p_ref(v) - log p_theta(v)]`` per token).
+Weighted sum ``d = g_forget_ga + kl_weight * g_retain_kl``,
 ``kl_weight`` = 1 (TOFU's KL baseline, Maini et al., 2024). Needs a reference model.
 """
 
@@ -21,8 +22,7 @@ from unlearnopt.objectives import kl_to_reference_of
 
 
 def retain_kl_objective() -> Objective:
-    return Objective("retain_kl", "retain",
-                     kl_to_reference_of)
+    return Objective("retain_kl", "retain", kl_to_reference_of)
 
 
 class GAKL(Method):

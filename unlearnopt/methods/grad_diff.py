@@ -20,12 +20,11 @@ from unlearnopt.objectives import token_loss_of
 
 
 def retain_nll_objective() -> Objective:
-    return Objective("retain_nll", "retain",
-                     lambda ctx: token_loss_of(ctx, "nll"))
+    return Objective("retain_nll", "retain", lambda ctx: token_loss_of(ctx, "nll"))
 
 
 def check_weight(name: str, value) -> None:
-    if not isinstance(value, (int, float)) or not value >= 0:       # also rejects NaN
+    if not isinstance(value, (int, float)) or not value >= 0:  # also rejects NaN
         raise ValueError(f"{name} must be a non-negative number, got {value!r}")
 
 

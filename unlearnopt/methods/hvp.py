@@ -35,11 +35,17 @@ def zeros_like_list(params: Sequence[torch.Tensor]) -> list[torch.Tensor]:
     return [torch.zeros_like(p) for p in params]
 
 
-def gradients(loss: torch.Tensor, params: Sequence[torch.Tensor], *,
-              create_graph: bool = False, retain_graph: bool | None = None) -> list[torch.Tensor]:
+def gradients(
+    loss: torch.Tensor,
+    params: Sequence[torch.Tensor],
+    *,
+    create_graph: bool = False,
+    retain_graph: bool | None = None,
+) -> list[torch.Tensor]:
     """``∇loss`` w.r.t. ``params`` as a list; parameters the loss does not reach get zeros."""
-    grads = torch.autograd.grad(loss, list(params), create_graph=create_graph,
-                                retain_graph=retain_graph, allow_unused=True)
+    grads = torch.autograd.grad(
+        loss, list(params), create_graph=create_graph, retain_graph=retain_graph, allow_unused=True
+    )
     return [torch.zeros_like(p) if g is None else g for g, p in zip(grads, params)]
 
 
@@ -58,9 +64,14 @@ def global_norm(xs: Sequence[torch.Tensor]) -> torch.Tensor:
     return dot(xs, xs).sqrt()
 
 
-def hvp_autograd(grads_with_graph: Sequence[torch.Tensor], params: Sequence[torch.Tensor],
-                 vectors: Sequence[torch.Tensor], *, create_graph: bool = False,
-                 retain_graph: bool = True) -> list[torch.Tensor]:
+def hvp_autograd(
+    grads_with_graph: Sequence[torch.Tensor],
+    params: Sequence[torch.Tensor],
+    vectors: Sequence[torch.Tensor],
+    *,
+    create_graph: bool = False,
+    retain_graph: bool = True,
+) -> list[torch.Tensor]:
     """``H v`` by double backward.
 
     Args:
@@ -103,8 +114,12 @@ def finite_difference_step(vectors: Sequence[torch.Tensor], eps: float) -> torch
     return eps / torch.where(norm > 0, norm, torch.ones_like(norm))
 
 
-def hvp_finite_difference(grad_fn: GradFn, params: Sequence[torch.Tensor],
-                          vectors: Sequence[torch.Tensor], eps: float = 1e-3) -> list[torch.Tensor]:
+def hvp_finite_difference(
+    grad_fn: GradFn,
+    params: Sequence[torch.Tensor],
+    vectors: Sequence[torch.Tensor],
+    eps: float = 1e-3,
+) -> list[torch.Tensor]:
     """``H v ≈ (∇L(θ + hv) − ∇L(θ − hv)) / 2h`` with ``h = eps / ‖v‖``.
 
     Args:
@@ -121,8 +136,9 @@ def hvp_finite_difference(grad_fn: GradFn, params: Sequence[torch.Tensor],
     return directional_derivative(grad_fn, params, vectors, eps)
 
 
-def directional_derivative(fn: GradFn, params: Sequence[torch.Tensor],
-                           vectors: Sequence[torch.Tensor], eps: float) -> list[torch.Tensor]:
+def directional_derivative(
+    fn: GradFn, params: Sequence[torch.Tensor], vectors: Sequence[torch.Tensor], eps: float
+) -> list[torch.Tensor]:
     """Central difference of any list-valued function of θ along ``v`` (its Jacobian times v).
 
     With ``fn = ∇L`` this is ``H v``; OFMU also applies it to ``fn = ∇Φ`` (``H_Φ v``).

@@ -44,8 +44,12 @@ class IdkDPO(Method):
     """DPO preferring an "I don't know" answer over the forget answer + retain NLL."""
 
     name = "idk_dpo"
-    defaults: ClassVar[Mapping[str, Any]] = {"beta": 0.1, "forget_weight": 1.0,
-                                             "retain_weight": 1.0, "seed": 0}
+    defaults: ClassVar[Mapping[str, Any]] = {
+        "beta": 0.1,
+        "forget_weight": 1.0,
+        "retain_weight": 1.0,
+        "seed": 0,
+    }
     needs_ref = True
 
     def validate_config(self) -> None:
@@ -59,8 +63,15 @@ class IdkDPO(Method):
 
     def _dpo(self, ctx: ObjectiveContext) -> torch.Tensor:
         idk = ctx.aux("idk")
-        return dpo_loss(idk.logits, idk.ref_logits, idk.labels,
-                        ctx.logits, ctx.ref_logits, ctx.labels, float(self.config["beta"]))
+        return dpo_loss(
+            idk.logits,
+            idk.ref_logits,
+            idk.labels,
+            ctx.logits,
+            ctx.ref_logits,
+            ctx.labels,
+            float(self.config["beta"]),
+        )
 
     def objectives(self) -> list[Objective]:
         objs = [Objective("forget_idk_dpo", "forget", self._dpo, unit="sequence")]
@@ -74,18 +85,26 @@ class IdkDPO(Method):
             weights.append(float(self.config["retain_weight"]))
         return Aggregator(FixedWeights(weights))
 
-    def fact_batches(self, forget: Sequence[Any], retain: Sequence[Any], *,
-                     encode: Callable[[Sequence[str], Sequence[str]], dict[str, torch.Tensor]],
-                     tokenizer: Any, vocab_size: int) -> tuple[dict, dict | None]:
+    def fact_batches(
+        self,
+        forget: Sequence[Any],
+        retain: Sequence[Any],
+        *,
+        encode: Callable[[Sequence[str], Sequence[str]], dict[str, torch.Tensor]],
+        tokenizer: Any,
+        vocab_size: int,
+    ) -> tuple[dict, dict | None]:
         """The forget batch with its ``idk`` alternates attached, and the retain batch."""
         from unlearnopt.data import idk_answers
 
-        fb, rb = super().fact_batches(forget, retain, encode=encode, tokenizer=tokenizer,
-                                      vocab_size=vocab_size)
+        fb, rb = super().fact_batches(
+            forget, retain, encode=encode, tokenizer=tokenizer, vocab_size=vocab_size
+        )
         answers = idk_answers()
         seed = int(self.config["seed"])
-        idk = encode([f.prompt for f in forget],
-                     [idk_answer_for(str(f.id), answers, seed) for f in forget])
+        idk = encode(
+            [f.prompt for f in forget], [idk_answer_for(str(f.id), answers, seed) for f in forget]
+        )
         return attach_aux(fb, "idk", idk), rb
 
 

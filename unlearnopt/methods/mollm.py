@@ -48,8 +48,13 @@ class MOLLM(Method):
     """UCE on forget, KL and NLL on retain, combined by min-norm on rescaled gradients."""
 
     name = "mollm"
-    defaults: ClassVar[Mapping[str, Any]] = {"alpha": 0.5, "normalize": "mean", "sit_out": 1e-3,
-                                             "granularity": "global", "solver": None}
+    defaults: ClassVar[Mapping[str, Any]] = {
+        "alpha": 0.5,
+        "normalize": "mean",
+        "sit_out": 1e-3,
+        "granularity": "global",
+        "solver": None,
+    }
     needs_ref = True
 
     def validate_config(self) -> None:
@@ -59,8 +64,9 @@ class MOLLM(Method):
         if c["normalize"] not in NORMALIZE:
             raise ValueError(f"normalize must be one of {NORMALIZE}, got {c['normalize']!r}")
         if c["granularity"] not in GRANULARITIES:
-            raise ValueError(f"granularity must be one of {GRANULARITIES}, "
-                             f"got {c['granularity']!r}")
+            raise ValueError(
+                f"granularity must be one of {GRANULARITIES}, got {c['granularity']!r}"
+            )
         if not isinstance(c["sit_out"], (int, float)) or not 0 <= c["sit_out"] < 1:
             raise ValueError(f"sit_out must be a number in [0, 1), got {c['sit_out']!r}")
         if c["solver"] is not None and not callable(c["solver"]):
@@ -68,15 +74,17 @@ class MOLLM(Method):
 
     def objectives(self) -> list[Objective]:
         alpha = float(self.config["alpha"])
-        return [Objective("forget_uce", "forget",
-                          lambda ctx: token_loss_of(ctx, "uce", alpha=alpha)),
-                retain_kl_objective(),
-                retain_nll_objective()]
+        return [
+            Objective("forget_uce", "forget", lambda ctx: token_loss_of(ctx, "uce", alpha=alpha)),
+            retain_kl_objective(),
+            retain_nll_objective(),
+        ]
 
     def aggregator(self) -> Aggregator:
         c = self.config
-        return Aggregator(MinNormWeights(c["normalize"], c["sit_out"], c["solver"]),
-                          c["granularity"])
+        return Aggregator(
+            MinNormWeights(c["normalize"], c["sit_out"], c["solver"]), c["granularity"]
+        )
 
     def state_dict(self) -> dict:
         state = super().state_dict()
@@ -86,7 +94,7 @@ class MOLLM(Method):
     def load_state_dict(self, state) -> None:
         solver = self.config["solver"]
         super().load_state_dict(state)
-        self.config["solver"] = solver      # a callable is not serialised; keep ours
+        self.config["solver"] = solver  # a callable is not serialised; keep ours
 
 
 register_method("mollm", MOLLM)

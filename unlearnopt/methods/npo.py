@@ -36,9 +36,9 @@ class NPO(Method):
 
     def objectives(self) -> list[Objective]:
         beta = float(self.config["beta"])
-        objs = [Objective("forget_npo", "forget",
-                          lambda ctx: npo_loss_of(ctx, beta),
-                          unit="sequence")]
+        objs = [
+            Objective("forget_npo", "forget", lambda ctx: npo_loss_of(ctx, beta), unit="sequence")
+        ]
         if self.config["retain_weight"] > 0:
             objs.append(retain_nll_objective())
         return objs

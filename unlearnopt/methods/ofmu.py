@@ -50,7 +50,8 @@ each, like ``grad_diff``), one Gram, and two combinations; each further inner st
 more evaluations. The last inner move is added after the optimizer's step: the outer
 direction is computed at θ anyway, so the order shows only in a decoupled weight decay (by
 lr·λ·η∇Φ, second order), and no copy of the parameters is needed to undo a failed step
-(T > 1 keeps one, for the earlier moves). What is approximated: H_f a + H_r b by a + b in the inner step, and
+(T > 1 keeps one, for the earlier moves). What is approximated: H_f a + H_r b by a + b in
+the inner step, and
 ∇L_r(θ') by g_r + η∇Φ; both are exact when H_f = H_r = I (e.g. L = ½‖θ − c‖²), and the
 second is exact to O(η·‖H_r − I‖·‖∇Φ‖) otherwise. The penalty ρ‖∇Φ‖² has no first-order
 counterpart (its gradient 2ρ·H_Φ∇Φ is a Hessian product): first order requires ρ = 0. The
@@ -125,7 +126,7 @@ class FirstOrderWeights(Weighting):
         ok = (ff > 0) & (rr > 0)
         one = torch.ones_like(ff)
         ff_s, rr_s = torch.where(ok, ff, one), torch.where(ok, rr, one)
-        inv = torch.where(ok, (ff_s * rr_s).rsqrt(), torch.zeros_like(ff))   # 1/(‖g_f‖‖g_r‖)
+        inv = torch.where(ok, (ff_s * rr_s).rsqrt(), torch.zeros_like(ff))  # 1/(‖g_f‖‖g_r‖)
         cos = fr * inv
         scale = self.beta / gram.shape[0]
         c_f = 1.0 - scale * (inv - cos / ff_s)
@@ -136,7 +137,7 @@ class FirstOrderWeights(Weighting):
         c, _ = self.ascent(gram)
         eta = torch.tensor(self.inner_lrs, dtype=c.dtype, device=c.device).unsqueeze(-1)
         keep_retain = torch.tensor([0.0, 1.0], dtype=c.dtype, device=c.device)
-        outer = eta * c + keep_retain                  # [B, 2], or [P, 2] for P values of η
+        outer = eta * c + keep_retain  # [B, 2], or [P, 2] for P values of η
         return WeightingResult(outer, outer, torch.ones_like(outer, dtype=torch.bool))
 
 
@@ -164,8 +165,15 @@ class OFMU(Method):
 
     name = "ofmu"
     defaults: ClassVar[Mapping[str, Any]] = {
-        "beta": 1.0, "rho": 0.0, "gamma": 1.05, "inner_steps": 1, "inner_lr": 3e-5,
-        "granularity": "global", "hvp": "first_order", "fd_eps": 1e-3}
+        "beta": 1.0,
+        "rho": 0.0,
+        "gamma": 1.05,
+        "inner_steps": 1,
+        "inner_lr": 3e-5,
+        "granularity": "global",
+        "hvp": "first_order",
+        "fd_eps": 1e-3,
+    }
     needs_ref = False
 
     def __init__(self, **config: Any) -> None:
@@ -180,8 +188,9 @@ class OFMU(Method):
             if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
                 raise ValueError(f"ofmu: {key} must be a finite number, got {v!r}")
         if c["beta"] < 0 or c["rho"] < 0:
-            raise ValueError(f"ofmu: beta and rho must be >= 0, got beta={c['beta']!r}, "
-                             f"rho={c['rho']!r}")
+            raise ValueError(
+                f"ofmu: beta and rho must be >= 0, got beta={c['beta']!r}, rho={c['rho']!r}"
+            )
         if c["gamma"] < 1:
             raise ValueError(f"ofmu: gamma must be >= 1 (rho grows), got {c['gamma']!r}")
         if c["fd_eps"] <= 0:
@@ -190,18 +199,25 @@ class OFMU(Method):
         if isinstance(t, bool) or not isinstance(t, int) or t < 0:
             raise ValueError(f"ofmu: inner_steps must be an int >= 0, got {t!r}")
         lr = c["inner_lr"]
-        if lr is not None and (isinstance(lr, bool) or not isinstance(lr, (int, float))
-                               or not math.isfinite(lr) or lr < 0):
+        if lr is not None and (
+            isinstance(lr, bool)
+            or not isinstance(lr, (int, float))
+            or not math.isfinite(lr)
+            or lr < 0
+        ):
             raise ValueError(f"ofmu: inner_lr must be None or a finite number >= 0, got {lr!r}")
         if c["granularity"] not in GRANULARITIES:
-            raise ValueError(f"ofmu: granularity must be one of {GRANULARITIES}, "
-                             f"got {c['granularity']!r}")
+            raise ValueError(
+                f"ofmu: granularity must be one of {GRANULARITIES}, got {c['granularity']!r}"
+            )
         if c["hvp"] not in HVP_CHOICES:
             raise ValueError(f"ofmu: hvp must be one of {HVP_CHOICES}, got {c['hvp']!r}")
         if c["hvp"] == "first_order" and c["rho"] != 0:
-            raise ValueError(f"ofmu: rho={c['rho']!r} needs hvp='finite_difference' or "
-                             "'autograd' (the penalty's gradient 2ρ·H_Φ∇Φ is a Hessian "
-                             "product, which hvp='first_order' does not compute); use rho=0")
+            raise ValueError(
+                f"ofmu: rho={c['rho']!r} needs hvp='finite_difference' or "
+                "'autograd' (the penalty's gradient 2ρ·H_Φ∇Φ is a Hessian "
+                "product, which hvp='first_order' does not compute); use rho=0"
+            )
 
     def objectives(self) -> list[Objective]:
         """L_f and L_r: the mean next-token NLL of the forget and of the retain batch
@@ -232,45 +248,50 @@ class OFMU(Method):
         return tools.learning_rates()
 
     def step_recipe(self) -> StepRecipe:
-        return self._first_order_step if self.config["hvp"] == "first_order" \
-            else self._bilevel_step
+        return self._first_order_step if self.config["hvp"] == "first_order" else self._bilevel_step
 
     def _first_order_step(self, tools: StepTools, forget, retain) -> dict[str, float]:
         """T inner ascent steps along c_f g_f + c_r g_r moved directly, one outer step along
         η c_f g_f + (1 + η c_r) g_r through the optimizer (module docstring); the last
         inner step and the outer step share one evaluation of g_f and g_r."""
         if tools.scaler is not None:
-            raise NotImplementedError("ofmu does not support a GradScaler (fp16 loss scaling); "
-                                      "use bf16 autocast or float32")
+            raise NotImplementedError(
+                "ofmu does not support a GradScaler (fp16 loss scaling); "
+                "use bf16 autocast or float32"
+            )
         c = self.config
         objectives = self.objectives()
         names = [o.name for o in objectives]
         steps = c["inner_steps"]
         lrs = self._inner_lrs(tools)
-        weighting = FirstOrderWeights(c["beta"], ([0.0] if steps == 0
-                                                  else lrs if len(set(lrs)) > 1 else lrs[:1]))
+        weighting = FirstOrderWeights(
+            c["beta"], ([0.0] if steps == 0 else lrs if len(set(lrs)) > 1 else lrs[:1])
+        )
         aggregator = Aggregator(weighting, c["granularity"])
 
         def evaluate():
             losses, grads = tools.objective_gradients(objectives, forget, retain)
             gram = tools.gram(grads)
-            problems = gram.total.unsqueeze(0) if c["granularity"] == "global" \
-                else gram.per_tensor
+            problems = gram.total.unsqueeze(0) if c["granularity"] == "global" else gram.per_tensor
             ascent, cos = weighting.ascent(problems)
             return losses, grads, gram, ascent, cos
 
         with tools.atomic() as update:
             extra: dict[str, torch.Tensor] = {}
-            for t in range(steps - 1):           # inner steps before the last evaluation
+            for t in range(steps - 1):  # inner steps before the last evaluation
                 losses, grads, _, ascent, _ = evaluate()
                 if t == 0:
                     extra["loss/forget_nll_before_inner"] = losses["forget_nll"]
                 update.move(combine_gradients(grads, ascent), alpha=lrs)
             losses, grads, gram, ascent, cos = evaluate()
-            extra = {"ofmu/cos": cos, "ofmu/phi": losses["forget_nll"] - c["beta"] * cos,
-                     "grad_norm/phi": aggregator.direction_sq_norm(gram.per_tensor,
-                                                                   ascent).clamp(min=0).sqrt(),
-                     **extra}
+            extra = {
+                "ofmu/cos": cos,
+                "ofmu/phi": losses["forget_nll"] - c["beta"] * cos,
+                "grad_norm/phi": aggregator.direction_sq_norm(gram.per_tensor, ascent)
+                .clamp(min=0)
+                .sqrt(),
+                **extra,
+            }
             weighed = tools.weigh(aggregator, names, losses, grads, gram=gram, extra=extra)
             inner = combine_gradients(grads, ascent) if steps > 0 else None
             direction = aggregator.combine(grads, weighed.coefficients, inplace=True)
@@ -295,22 +316,31 @@ class OFMU(Method):
         the optimizer; all of it undone if the step fails."""
         c = self.config
         if tools.world_size > 1:
-            raise NotImplementedError(f"ofmu with hvp={c['hvp']!r} runs in a single process "
-                                      "(its Hessian products are not reduced across ranks); "
-                                      "use hvp='first_order' under DDP or FSDP2")
+            raise NotImplementedError(
+                f"ofmu with hvp={c['hvp']!r} runs in a single process "
+                "(its Hessian products are not reduced across ranks); "
+                "use hvp='first_order' under DDP or FSDP2"
+            )
         if tools.scaler is not None:
-            raise NotImplementedError("ofmu does not support a GradScaler (fp16 loss scaling); "
-                                      "use bf16 autocast or float32")
+            raise NotImplementedError(
+                "ofmu does not support a GradScaler (fp16 loss scaling); "
+                "use bf16 autocast or float32"
+            )
         batches = {}
         for kind, batch in (("forget", forget), ("retain", retain)):
             if batch is None:
                 raise ValueError(f"ofmu needs a {kind} batch, got None")
             batches[kind] = tools.micro_batches(batch, kind)
         forget_obj, retain_obj = self.objectives()
-        engine = OFMUEngine(tools.params, batch_loss(tools, forget_obj, batches["forget"]),
-                            batch_loss(tools, retain_obj, batches["retain"]),
-                            beta=float(c["beta"]), granularity=c["granularity"], hvp=c["hvp"],
-                            fd_eps=float(c["fd_eps"]))
+        engine = OFMUEngine(
+            tools.params,
+            batch_loss(tools, forget_obj, batches["forget"]),
+            batch_loss(tools, retain_obj, batches["retain"]),
+            beta=float(c["beta"]),
+            granularity=c["granularity"],
+            hvp=c["hvp"],
+            fd_eps=float(c["fd_eps"]),
+        )
         lrs = self._inner_lrs(tools)
         with tools.atomic() as update:
             first: dict[str, torch.Tensor] | None = None
@@ -319,16 +349,24 @@ class OFMU(Method):
                 update.move(dphi, alpha=lrs)
                 first = info if first is None else first
             direction, info = engine.outer_direction(self.rho)
-            values = {"loss/forget_nll": info["loss_forget"],
-                      "loss/retain_nll": info["loss_retain"], "ofmu/cos": info["cos"],
-                      "ofmu/phi": info["phi"], "grad_norm/phi": info["grad_norm_phi"],
-                      "grad_norm/retain_nll": info["grad_norm_retain"]}
+            values = {
+                "loss/forget_nll": info["loss_forget"],
+                "loss/retain_nll": info["loss_retain"],
+                "ofmu/cos": info["cos"],
+                "ofmu/phi": info["phi"],
+                "grad_norm/phi": info["grad_norm_phi"],
+                "grad_norm/retain_nll": info["grad_norm_retain"],
+            }
             if first is not None:
-                values.update({"loss/forget_nll_before_inner": first["loss_forget"],
-                               "ofmu/phi_before_inner": first["phi"],
-                               "ofmu/cos_before_inner": first["cos"]})
+                values.update(
+                    {
+                        "loss/forget_nll_before_inner": first["loss_forget"],
+                        "ofmu/phi_before_inner": first["phi"],
+                        "ofmu/cos_before_inner": first["cos"],
+                    }
+                )
             values["grad_norm/direction"] = global_norm(direction)
-            stats = tools.read_stats(values)          # the step's one host sync
+            stats = tools.read_stats(values)  # the step's one host sync
             update.apply(direction)
         return self._finish(stats, update.stepped)
 

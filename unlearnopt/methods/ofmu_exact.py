@@ -51,8 +51,9 @@ def _gram(grads: Sequence[Sequence[torch.Tensor]]):
     return grad_gram(grads, reduce=False)
 
 
-def cosine(gf: Sequence[torch.Tensor], gr: Sequence[torch.Tensor],
-           granularity: str) -> torch.Tensor:
+def cosine(
+    gf: Sequence[torch.Tensor], gr: Sequence[torch.Tensor], granularity: str
+) -> torch.Tensor:
     """cos(g_f, g_r) as a 0-dim tensor, global or mean of per-tensor; differentiable when the
     gradients carry a graph (``grad_gram`` then takes its reference path)."""
     gram = _gram([list(gf), list(gr)])
@@ -60,8 +61,9 @@ def cosine(gf: Sequence[torch.Tensor], gr: Sequence[torch.Tensor],
     nf2, nr2, fr = g[:, 0, 0], g[:, 1, 1], g[:, 0, 1]
     ok = (nf2 > 0) & (nr2 > 0)
     # where() on both sides: no NaN gradient flows from the masked-out branch.
-    denom = torch.where(ok, (nf2 * nr2).clamp(min=torch.finfo(g.dtype).tiny).sqrt(),
-                        torch.ones_like(nf2))
+    denom = torch.where(
+        ok, (nf2 * nr2).clamp(min=torch.finfo(g.dtype).tiny).sqrt(), torch.ones_like(nf2)
+    )
     cos = torch.where(ok, fr / denom, torch.zeros_like(fr))
     return cos.mean()
 
@@ -104,8 +106,17 @@ class OFMUEngine:
         beta, granularity, hvp, fd_eps: see :class:`OFMU`.
     """
 
-    def __init__(self, params: Sequence[torch.Tensor], forget_loss: LossFn, retain_loss: LossFn,
-                 *, beta: float, granularity: str, hvp: str, fd_eps: float):
+    def __init__(
+        self,
+        params: Sequence[torch.Tensor],
+        forget_loss: LossFn,
+        retain_loss: LossFn,
+        *,
+        beta: float,
+        granularity: str,
+        hvp: str,
+        fd_eps: float,
+    ):
         self.params = list(params)
         self.forget_loss, self.retain_loss = forget_loss, retain_loss
         self.beta, self.granularity, self.hvp, self.fd_eps = beta, granularity, hvp, fd_eps
@@ -132,7 +143,8 @@ class OFMUEngine:
                     "ofmu hvp='autograd' differentiates the model two or three times and an op "
                     f"has no higher derivative ({e}); for Hugging Face models load them with "
                     "attn_implementation='eager' (or call model.set_attn_implementation('eager')),"
-                    " or use hvp='finite_difference'") from e
+                    " or use hvp='finite_difference'"
+                ) from e
             raise
 
     def _phi_gradient_autograd_impl(self, create_graph: bool):
@@ -141,15 +153,27 @@ class OFMUEngine:
             dphi = gradients(lf, self.params, create_graph=create_graph)
             gr = gradients(lr, self.params)
             cos = torch.zeros((), dtype=lf.dtype, device=lf.device)
-            return dphi, gr, {"loss_forget": lf.detach(), "loss_retain": lr.detach(),
-                              "cos": cos, "phi": lf.detach()}
+            return (
+                dphi,
+                gr,
+                {
+                    "loss_forget": lf.detach(),
+                    "loss_retain": lr.detach(),
+                    "cos": cos,
+                    "phi": lf.detach(),
+                },
+            )
         gf = gradients(lf, self.params, create_graph=True)
         gr = gradients(lr, self.params, create_graph=True)
         cos = cosine(gf, gr, self.granularity)
         phi = lf - self.beta * cos
         dphi = gradients(phi, self.params, create_graph=create_graph)
-        info = {"loss_forget": lf.detach(), "loss_retain": lr.detach(), "cos": cos.detach(),
-                "phi": phi.detach()}
+        info = {
+            "loss_forget": lf.detach(),
+            "loss_retain": lr.detach(),
+            "cos": cos.detach(),
+            "phi": phi.detach(),
+        }
         return dphi, [g.detach() for g in gr], info
 
     def _phi_gradient_fd(self):
@@ -160,16 +184,30 @@ class OFMUEngine:
             gr = [g.detach() for g in gradients(lr, self.params)]
         if self.beta == 0.0:
             cos = torch.zeros((), dtype=lf.dtype, device=lf.device)
-            return gf, gr, {"loss_forget": lf.detach(), "loss_retain": lr.detach(), "cos": cos,
-                            "phi": lf.detach()}
+            return (
+                gf,
+                gr,
+                {
+                    "loss_forget": lf.detach(),
+                    "loss_retain": lr.detach(),
+                    "cos": cos,
+                    "phi": lf.detach(),
+                },
+            )
         cos, a, b = cosine_directions(gf, gr, self.granularity)
-        hf_a = hvp_finite_difference(lambda: self._grad(self.forget_loss), self.params, a,
-                                     self.fd_eps)
-        hr_b = hvp_finite_difference(lambda: self._grad(self.retain_loss), self.params, b,
-                                     self.fd_eps)
+        hf_a = hvp_finite_difference(
+            lambda: self._grad(self.forget_loss), self.params, a, self.fd_eps
+        )
+        hr_b = hvp_finite_difference(
+            lambda: self._grad(self.retain_loss), self.params, b, self.fd_eps
+        )
         dphi = [f - self.beta * (x + y) for f, x, y in zip(gf, hf_a, hr_b)]
-        info = {"loss_forget": lf.detach(), "loss_retain": lr.detach(), "cos": cos,
-                "phi": lf.detach() - self.beta * cos}
+        info = {
+            "loss_forget": lf.detach(),
+            "loss_retain": lr.detach(),
+            "cos": cos,
+            "phi": lf.detach() - self.beta * cos,
+        }
         return dphi, gr, info
 
     def ascent_direction(self) -> tuple[list[torch.Tensor], dict[str, torch.Tensor]]:
@@ -180,7 +218,7 @@ class OFMUEngine:
 
     def outer_direction(self, rho: float):
         """``(d, info)``: d = ∇L_r + 2ρ·H_Φ ∇Φ at the current θ (list like ``params``)."""
-        if rho == 0:   # the penalty is off: skip the Hessian product H_Φ ∇Φ (12 gradient
+        if rho == 0:  # the penalty is off: skip the Hessian product H_Φ ∇Φ (12 gradient
             # evaluations with finite differences, a third-order backward with autograd)
             dphi, gr, info = self.phi_gradient()
             v, h_phi_v = dphi, None
@@ -196,10 +234,14 @@ class OFMUEngine:
         else:
             dphi, gr, info = self.phi_gradient()
             v = dphi
-            h_phi_v = directional_derivative(lambda: self.phi_gradient()[0], self.params, v,
-                                             self.fd_eps)
-        direction = list(gr) if h_phi_v is None else [
-            g + (2.0 * rho) * h.to(g.dtype) for g, h in zip(gr, h_phi_v)]
+            h_phi_v = directional_derivative(
+                lambda: self.phi_gradient()[0], self.params, v, self.fd_eps
+            )
+        direction = (
+            list(gr)
+            if h_phi_v is None
+            else [g + (2.0 * rho) * h.to(g.dtype) for g, h in zip(gr, h_phi_v)]
+        )
         info["grad_norm_phi"] = global_norm(v)
         info["grad_norm_retain"] = global_norm(gr)
         return direction, info
@@ -211,9 +253,11 @@ def batch_loss(tools: StepTools, objective: Objective, batches: list[Batch]) -> 
     counts = [objective.units(b) for b in batches]
     labelled = sum(int((b["labels"][:, 1:] != -100).sum()) for b in batches)  # host syncs
     if labelled == 0:
-        raise ValueError(f"the {objective.batch} batch has no labelled token (every label is "
-                         "-100 after the next-token shift), so its losses average over "
-                         "nothing; parameters and optimizer state are unchanged")
+        raise ValueError(
+            f"the {objective.batch} batch has no labelled token (every label is "
+            "-100 after the next-token shift), so its losses average over "
+            "nothing; parameters and optimizer state are unchanged"
+        )
     total = sum(counts[1:], counts[0]).clamp(min=1)
 
     def loss() -> torch.Tensor:

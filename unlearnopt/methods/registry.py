@@ -41,8 +41,10 @@ def register_method(name: str, cls: type[Method], *, overwrite: bool = False) ->
     if not (isinstance(cls, type) and issubclass(cls, Method)):
         raise TypeError(f"cls must be a subclass of Method, got {cls!r}")
     if name in _REGISTRY and _REGISTRY[name] is not cls and not overwrite:
-        raise ValueError(f"a method named {name!r} is already registered "
-                         f"({_REGISTRY[name].__qualname__}); pass overwrite=True to replace it")
+        raise ValueError(
+            f"a method named {name!r} is already registered "
+            f"({_REGISTRY[name].__qualname__}); pass overwrite=True to replace it"
+        )
     _REGISTRY[name] = cls
     return cls
 
@@ -65,12 +67,13 @@ def make_method(method: str | Method | type[Method], **config: Any) -> Method:
     """A method instance from a name, a class or an instance (config only with name/class)."""
     if isinstance(method, Method):
         if config:
-            raise TypeError(f"options {sorted(config)} given with a Method instance; "
-                            "configure the instance instead")
+            raise TypeError(
+                f"options {sorted(config)} given with a Method instance; "
+                "configure the instance instead"
+            )
         return method
     if isinstance(method, str):
         return get_method(method)(**config)
     if isinstance(method, type) and issubclass(method, Method):
         return method(**config)
     raise TypeError(f"method must be a name, a Method subclass or instance, got {method!r}")
-

@@ -58,7 +58,7 @@ def masked_mse(h: torch.Tensor, target: torch.Tensor, mask: torch.Tensor) -> tor
     """Mean over the masked positions and the H dims of ``(h - target)^2`` (at least float32
     math); ``h [B, T, H]``, ``target`` broadcastable to it, ``mask [B, T]``."""
     dtype = torch.promote_types(h.dtype, torch.float32)
-    sq = (h.to(dtype) - target.to(dtype)).pow(2).mean(dim=-1)          # [B, T]
+    sq = (h.to(dtype) - target.to(dtype)).pow(2).mean(dim=-1)  # [B, T]
     return (sq * mask).sum() / mask.sum().clamp(min=1)
 
 
@@ -66,16 +66,22 @@ class RMU(Method):
     """Steer layer ``layer`` to ``steering_coeff * u`` on forget, match the reference on retain."""
 
     name = "rmu"
-    defaults: ClassVar[Mapping[str, Any]] = {"layer": 7, "depth": 3, "steering_coeff": 6.5,
-                                             "alpha": 1200.0, "seed": 0}
-    needs_ref = True    # the retain term compares with the reference's hidden states
+    defaults: ClassVar[Mapping[str, Any]] = {
+        "layer": 7,
+        "depth": 3,
+        "steering_coeff": 6.5,
+        "alpha": 1200.0,
+        "seed": 0,
+    }
+    needs_ref = True  # the retain term compares with the reference's hidden states
 
     def validate_config(self) -> None:
         c = self.config
         if not isinstance(c["layer"], int) or isinstance(c["layer"], bool) or c["layer"] < 0:
-            raise ValueError(f"layer must be an int >= 0 (0 = the first decoder layer), "
-                             f"got {c['layer']!r}")
-        if not isinstance(c["depth"], int) or not 1 <= c["depth"]:
+            raise ValueError(
+                f"layer must be an int >= 0 (0 = the first decoder layer), got {c['layer']!r}"
+            )
+        if not isinstance(c["depth"], int) or not c["depth"] >= 1:
             raise ValueError(f"depth must be an int >= 1, got {c['depth']!r}")
         if c["depth"] > c["layer"] + 1:
             raise ValueError(f"depth={c['depth']} reaches below layer 0 from layer={c['layer']}")
@@ -92,8 +98,12 @@ class RMU(Method):
     def _forget(self, ctx: ObjectiveContext) -> torch.Tensor:
         layer, train_from = self._layers()
         h = ctx.hidden_at(layer, train_from)
-        u = steering_vector(h.shape[-1], self.config["seed"], device=h.device,
-                            dtype=torch.promote_types(h.dtype, torch.float32))
+        u = steering_vector(
+            h.shape[-1],
+            self.config["seed"],
+            device=h.device,
+            dtype=torch.promote_types(h.dtype, torch.float32),
+        )
         return masked_mse(h, float(self.config["steering_coeff"]) * u, _token_mask(ctx.batch))
 
     def _retain(self, ctx: ObjectiveContext) -> torch.Tensor:

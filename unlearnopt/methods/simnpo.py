@@ -41,9 +41,14 @@ class SimNPO(Method):
 
     def objectives(self) -> list[Objective]:
         beta, gamma = float(self.config["beta"]), float(self.config["gamma"])
-        objs = [Objective("forget_simnpo", "forget",
-                          lambda ctx: simnpo_loss(ctx.logits, ctx.labels, beta, gamma),
-                          unit="sequence")]
+        objs = [
+            Objective(
+                "forget_simnpo",
+                "forget",
+                lambda ctx: simnpo_loss(ctx.logits, ctx.labels, beta, gamma),
+                unit="sequence",
+            )
+        ]
         if self.config["retain_weight"] > 0:
             objs.append(retain_nll_objective())
         return objs

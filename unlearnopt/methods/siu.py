@@ -49,9 +49,24 @@ DIRECTIONS = ("forward", "reverse")
 # unseen concept"): an invented word per fact, picked by a stable hash of the fact's id. One
 # shared word such as "unknown" teaches the relation ("the currency of X is the unknown") and
 # spreads to the facts of the same relation that were not asked to be forgotten.
-SUBSTITUTES = ("Zorvel", "Mirtan", "Quessa", "Brodan", "Velkin", "Tarsio", "Odrune",
-               "Faxley", "Nimbrel", "Corvath", "Ulvena", "Presk", "Hadrel", "Isomar",
-               "Kettrin", "Wolmar")
+SUBSTITUTES = (
+    "Zorvel",
+    "Mirtan",
+    "Quessa",
+    "Brodan",
+    "Velkin",
+    "Tarsio",
+    "Odrune",
+    "Faxley",
+    "Nimbrel",
+    "Corvath",
+    "Ulvena",
+    "Presk",
+    "Hadrel",
+    "Isomar",
+    "Kettrin",
+    "Wolmar",
+)
 
 
 def substitute_answer(fact) -> str:
@@ -73,14 +88,24 @@ def _split_rows(batch: Mapping[str, Any], parts: int) -> list[dict[str, Any]]:
         raise ValueError(f"forget has batch size {size}, fewer than accumulate={parts}")
     pixels = batch.get("pixel_values")
     if isinstance(pixels, torch.Tensor) and pixels.shape[0] != size:
-        raise ValueError(f"forget['pixel_values'] has {pixels.shape[0]} images for {size} rows; "
-                         "splitting into micro-batches (accumulate > 1) needs one image per row "
-                         "(pass a list of micro-batches instead)")
+        raise ValueError(
+            f"forget['pixel_values'] has {pixels.shape[0]} images for {size} rows; "
+            "splitting into micro-batches (accumulate > 1) needs one image per row "
+            "(pass a list of micro-batches instead)"
+        )
     bounds = [round(i * size / parts) for i in range(parts + 1)]
     out = []
     for a, b in itertools.pairwise(bounds):
-        out.append({k: (v if k == "vocab_mask" or not isinstance(v, torch.Tensor) or v.dim() == 0
-                        else v[a:b]) for k, v in batch.items()})
+        out.append(
+            {
+                k: (
+                    v
+                    if k == "vocab_mask" or not isinstance(v, torch.Tensor) or v.dim() == 0
+                    else v[a:b]
+                )
+                for k, v in batch.items()
+            }
+        )
     return out
 
 
@@ -95,16 +120,21 @@ class SIU(Method):
     """
 
     name = "siu"
-    defaults: ClassVar[Mapping[str, Any]] = {"alpha": 0.9, "beta": 0.75, "direction": "forward",
-                                             "temperature": 1.0}
+    defaults: ClassVar[Mapping[str, Any]] = {
+        "alpha": 0.9,
+        "beta": 0.75,
+        "direction": "forward",
+        "temperature": 1.0,
+    }
     needs_ref = True
 
     def __init__(self, **config: Any) -> None:
         super().__init__(**config)
         # Masks of the micro-batches of the step in progress, keyed by id() of the stripped
         # dict the unlearner hands to the objectives (alive for the whole step).
-        self._masks: dict[int, tuple[Mapping[str, Any], torch.Tensor | None,
-                                     torch.Tensor | None]] = {}
+        self._masks: dict[
+            int, tuple[Mapping[str, Any], torch.Tensor | None, torch.Tensor | None]
+        ] = {}
 
     def validate_config(self) -> None:
         c = self.config
@@ -113,13 +143,13 @@ class SIU(Method):
             if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
                 raise ValueError(f"siu: {key} must be a finite number, got {v!r}")
         if c["alpha"] < 0 or c["beta"] < 0:
-            raise ValueError(f"siu: alpha and beta must be >= 0, got alpha={c['alpha']!r}, "
-                             f"beta={c['beta']!r}")
+            raise ValueError(
+                f"siu: alpha and beta must be >= 0, got alpha={c['alpha']!r}, beta={c['beta']!r}"
+            )
         if c["temperature"] <= 0:
             raise ValueError(f"siu: temperature must be > 0, got {c['temperature']!r}")
         if c["direction"] not in DIRECTIONS:
-            raise ValueError(f"siu: direction must be one of {DIRECTIONS}, "
-                             f"got {c['direction']!r}")
+            raise ValueError(f"siu: direction must be one of {DIRECTIONS}, got {c['direction']!r}")
 
     @property
     def needs_retain(self) -> bool:
@@ -137,8 +167,10 @@ class SIU(Method):
         if token_mask is None:
             token_mask = labels != -100
         if tuple(token_mask.shape) != tuple(labels.shape):
-            raise ValueError(f"token_mask has shape {tuple(token_mask.shape)}, expected the "
-                             f"labels' {tuple(labels.shape)}")
+            raise ValueError(
+                f"token_mask has shape {tuple(token_mask.shape)}, expected the "
+                f"labels' {tuple(labels.shape)}"
+            )
         return _shift_mask(token_mask.to(labels.device)), vocab_mask
 
     def _ce(self, ctx: ObjectiveContext) -> torch.Tensor:
@@ -154,19 +186,26 @@ class SIU(Method):
         device = ctx.labels.device
         if vocab_mask is not None:
             if tuple(vocab_mask.shape) != (vocab,):
-                raise ValueError(f"vocab_mask has shape {tuple(vocab_mask.shape)} but the model's "
-                                 f"vocabulary is {vocab}; build it with vocab_size={vocab}")
+                raise ValueError(
+                    f"vocab_mask has shape {tuple(vocab_mask.shape)} but the model's "
+                    f"vocabulary is {vocab}; build it with vocab_size={vocab}"
+                )
             vocab_mask = vocab_mask.to(device)
-        return masked_kl_of(ctx, token_mask.to(device), vocab_mask,
-                            direction=self.config["direction"],
-                            temperature=float(self.config["temperature"]))
+        return masked_kl_of(
+            ctx,
+            token_mask.to(device),
+            vocab_mask,
+            direction=self.config["direction"],
+            temperature=float(self.config["temperature"]),
+        )
 
     def _dmk_count(self, batch: Mapping[str, Any]) -> torch.Tensor:
         token_mask, _ = self._lookup(batch)
         return (token_mask != 0).sum()
 
-    def fact_batches(self, forget: Sequence[Any], retain: Sequence[Any], *, encode, tokenizer,
-                     vocab_size: int) -> tuple[dict, None]:
+    def fact_batches(
+        self, forget: Sequence[Any], retain: Sequence[Any], *, encode, tokenizer, vocab_size: int
+    ) -> tuple[dict, None]:
         """SIU's constructed batch for prompt -> answer facts, and no retain batch: forget
         prompts answered with :func:`substitute_answer` (aim 1, ``token_mask`` False), retain
         facts with their own answers (aim 4, ``token_mask`` True); ``vocab_mask`` ``[V]`` False
@@ -183,14 +222,17 @@ class SIU(Method):
             vocab_mask[torch.tensor(ids, dtype=torch.long, device=device)] = False
         batch["token_mask"] = token_mask
         batch["vocab_mask"] = vocab_mask
-        batch["siu_aim"] = torch.tensor([AIM_ALIGN] * len(forget) + [AIM_PRESERVE] * len(retain),
-                                        device=device)
+        batch["siu_aim"] = torch.tensor(
+            [AIM_ALIGN] * len(forget) + [AIM_PRESERVE] * len(retain), device=device
+        )
         return batch, None
 
     # -- the recipe -----------------------------------------------------------------------------
     def objectives(self) -> list[Objective]:
-        return [Objective("siu_ce", "forget", self._ce),
-                Objective("siu_dmk", "forget", self._dmk, count=self._dmk_count)]
+        return [
+            Objective("siu_ce", "forget", self._ce),
+            Objective("siu_dmk", "forget", self._dmk, count=self._dmk_count),
+        ]
 
     def aggregator(self) -> Aggregator:
         return Aggregator(FixedWeights([float(self.config["alpha"]), float(self.config["beta"])]))
@@ -202,16 +244,19 @@ class SIU(Method):
         """The standard step on the constructed batch, its masks kept aside (not model
         inputs) and split with its rows."""
         if forget is None:
-            raise ValueError("siu needs a forget batch (the constructed SIU batch, see "
-                             "unlearnopt.methods.siu_targets.build_siu_targets)")
+            raise ValueError(
+                "siu needs a forget batch (the constructed SIU batch, see "
+                "unlearnopt.methods.siu_targets.build_siu_targets)"
+            )
         if isinstance(forget, Mapping):
             parts = tools.accumulate
             micro = _split_rows(forget, parts) if parts > 1 else [forget]
         elif isinstance(forget, (list, tuple)):
             micro = list(forget)
         else:
-            raise TypeError(f"forget must be a batch dict or a list of them, "
-                            f"got {type(forget).__name__}")
+            raise TypeError(
+                f"forget must be a batch dict or a list of them, got {type(forget).__name__}"
+            )
         stripped = []
         for mb in micro:
             if not isinstance(mb, Mapping):

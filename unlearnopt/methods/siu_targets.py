@@ -82,8 +82,9 @@ def _check_pairs(name: str, pairs) -> list[tuple]:
     out = []
     for i, item in enumerate(pairs):
         if not isinstance(item, (tuple, list)) or len(item) not in (2, 3):
-            raise ValueError(f"{name}[{i}] must be (prompt, answer) or (prompt, answer, image), "
-                             f"got {item!r}")
+            raise ValueError(
+                f"{name}[{i}] must be (prompt, answer) or (prompt, answer, image), got {item!r}"
+            )
         if not all(isinstance(s, str) for s in item[:2]):
             raise TypeError(f"{name}[{i}]: prompt and answer must be str, got {item!r}")
         out.append(tuple(item))
@@ -156,10 +157,11 @@ def build_siu_targets(
         the batch dict described in the module docstring.
 
     Example (``tok`` is any Hugging Face tokenizer, so the doctest run skips it):
-        >>> batch = build_siu_targets(tok, name="donald trump", fictitious_name="jacob smith",  # doctest: +SKIP
-        ...                           questions=["who is {concept} ?"],
-        ...                           description="{fictitious_name} is a baker from ohio .",
-        ...                           preserved=[("who is joe biden ?", "joe biden")])
+        >>> batch = build_siu_targets(  # doctest: +SKIP
+        ...     tok, name="donald trump", fictitious_name="jacob smith",
+        ...     questions=["who is {concept} ?"],
+        ...     description="{fictitious_name} is a baker from ohio .",
+        ...     preserved=[("who is joe biden ?", "joe biden")])
     """
     if not isinstance(name, str) or not name.strip():
         raise ValueError(f"name must be a non-empty string, got {name!r}")
@@ -180,8 +182,11 @@ def build_siu_targets(
         if len(item) == 3:
             _check_image(f"preserved[{i}] image", item[2])
 
-    values = {"concept": concept if concept is not None else name, "name": name,
-              "fictitious_name": fictitious_name}
+    values = {
+        "concept": concept if concept is not None else name,
+        "name": name,
+        "fictitious_name": fictitious_name,
+    }
     # (prompt, answer, image, aim) per row, in aim order.
     rows: list[tuple[str, str, torch.Tensor | None, int]] = []
     answer = _fill(answer_template, values)
@@ -190,14 +195,24 @@ def build_siu_targets(
         text = _fill(description, values)
         rows += [(_fill(q, values), text, image, AIM_DESCRIBE) for q in description_questions]
     rows += [(_fill(p, values), _fill(a, values), image, AIM_FACTS) for p, a, *_ in facts]
-    rows += [(_fill(item[0], values), _fill(item[1], values),
-              item[2] if len(item) == 3 else None, AIM_PRESERVE) for item in preserved]
+    rows += [
+        (
+            _fill(item[0], values),
+            _fill(item[1], values),
+            item[2] if len(item) == 3 else None,
+            AIM_PRESERVE,
+        )
+        for item in preserved
+    ]
     if not rows:
-        raise ValueError("nothing to build: questions, description, facts and preserved are "
-                         "all empty")
+        raise ValueError(
+            "nothing to build: questions, description, facts and preserved are all empty"
+        )
     if any(r[2] is not None for r in rows) and image_token is None:
-        raise ValueError("image_token is required when an image is given (it marks where the "
-                         "image features go in the prompt)")
+        raise ValueError(
+            "image_token is required when an image is given (it marks where the "
+            "image features go in the prompt)"
+        )
     if "{prompt}" not in prompt_template:
         raise ValueError(f"prompt_template must contain '{{prompt}}', got {prompt_template!r}")
 
@@ -246,8 +261,9 @@ def build_siu_targets(
     if not name_ids:
         raise ValueError(f"name {name!r} tokenises to no (non-special) token")
     if max(name_ids) >= vocab:
-        raise ValueError(f"vocab_size={vocab} is smaller than a token id of the name "
-                         f"({max(name_ids)})")
+        raise ValueError(
+            f"vocab_size={vocab} is smaller than a token id of the name ({max(name_ids)})"
+        )
     vocab_mask = torch.ones(vocab, dtype=torch.bool)
     vocab_mask[torch.tensor(name_ids, dtype=torch.long)] = False
 

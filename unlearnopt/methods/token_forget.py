@@ -19,7 +19,7 @@ Each has objectives ``forget_<name>`` (mean over forget label tokens, formulas i
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from typing import Any, ClassVar
 
 from unlearnopt.aggregate import Aggregator, FixedWeights
@@ -47,7 +47,10 @@ class _TokenForgetMethod(Method):
 
     def objectives(self) -> list[Objective]:
         options = {k: float(self.config[k]) for k in self.loss_options}
-        loss: Callable[[ObjectiveContext], Any] = lambda ctx: self.forget_loss(ctx, **options)
+
+        def loss(ctx: ObjectiveContext) -> Any:
+            return self.forget_loss(ctx, **options)
+
         objs = [Objective(f"forget_{self.name}", "forget", loss)]
         if self.config["retain_weight"] > 0:
             objs.append(retain_nll_objective())
@@ -64,8 +67,11 @@ class WGA(_TokenForgetMethod):
     """Weighted gradient ascent: ``p_y**beta * log p_y`` (beta = 1) + retain NLL (1)."""
 
     name = "wga"
-    defaults: ClassVar[Mapping[str, Any]] = {"beta": 1.0, "forget_weight": 1.0,
-                                             "retain_weight": 1.0}
+    defaults: ClassVar[Mapping[str, Any]] = {
+        "beta": 1.0,
+        "forget_weight": 1.0,
+        "retain_weight": 1.0,
+    }
     loss_options = ("beta",)
 
     def forget_loss(self, ctx, beta):
@@ -76,8 +82,12 @@ class SatImp(_TokenForgetMethod):
     """``p_y**beta1 (1-p_y)**beta2 * log p_y`` (5, 1), weight 0.1, + retain NLL (1)."""
 
     name = "satimp"
-    defaults: ClassVar[Mapping[str, Any]] = {"beta1": 5.0, "beta2": 1.0, "forget_weight": 0.1,
-                                             "retain_weight": 1.0}
+    defaults: ClassVar[Mapping[str, Any]] = {
+        "beta1": 5.0,
+        "beta2": 1.0,
+        "forget_weight": 0.1,
+        "retain_weight": 1.0,
+    }
     loss_options = ("beta1", "beta2")
 
     def forget_loss(self, ctx, beta1, beta2):
@@ -98,8 +108,11 @@ class UNDIAL(_TokenForgetMethod):
     """Cross-entropy against softmax(z_ref - gamma e_y) (gamma = 10); no retain term."""
 
     name = "undial"
-    defaults: ClassVar[Mapping[str, Any]] = {"gamma": 10.0, "forget_weight": 1.0,
-                                             "retain_weight": 0.0}
+    defaults: ClassVar[Mapping[str, Any]] = {
+        "gamma": 10.0,
+        "forget_weight": 1.0,
+        "retain_weight": 0.0,
+    }
     needs_ref = True
     loss_options = ("gamma",)
 

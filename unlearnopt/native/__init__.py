@@ -54,8 +54,10 @@ def _build() -> str | None:
             is_python_module=False,
             verbose=os.environ.get("UNLEARNOPT_VERBOSE_BUILD", "0") not in ("", "0"),
         )
-    except Exception as exc:  # compiler missing, ninja missing, compile error
-        return f"{type(exc).__name__}: {str(exc).strip().splitlines()[-1] if str(exc).strip() else ''}"
+    except Exception as exc:  # noqa: BLE001 - compiler missing, ninja missing, compile error
+        return (
+            f"{type(exc).__name__}: {str(exc).strip().splitlines()[-1] if str(exc).strip() else ''}"
+        )
     return None
 
 
@@ -75,4 +77,6 @@ def native_ops():
 def warn_unavailable() -> None:
     err = native_error()
     if err is not None:
-        warnings.warn(f"unlearnopt: native kernels unavailable: {err}", RuntimeWarning, stacklevel=2)
+        warnings.warn(
+            f"unlearnopt: native kernels unavailable: {err}", RuntimeWarning, stacklevel=2
+        )

@@ -18,9 +18,15 @@ import torch
 from unlearnopt.objectives.token import sequence_log_prob
 
 
-def dpo_loss(logits_w: torch.Tensor, ref_logits_w: torch.Tensor, labels_w: torch.Tensor,
-             logits_l: torch.Tensor, ref_logits_l: torch.Tensor, labels_l: torch.Tensor,
-             beta: float = 0.1) -> torch.Tensor:
+def dpo_loss(
+    logits_w: torch.Tensor,
+    ref_logits_w: torch.Tensor,
+    labels_w: torch.Tensor,
+    logits_l: torch.Tensor,
+    ref_logits_l: torch.Tensor,
+    labels_l: torch.Tensor,
+    beta: float = 0.1,
+) -> torch.Tensor:
     """Mean scaled DPO loss over B pairs.
 
     Args:
@@ -36,10 +42,12 @@ def dpo_loss(logits_w: torch.Tensor, ref_logits_w: torch.Tensor, labels_w: torch
     if not isinstance(beta, (int, float)) or not float(beta) > 0:
         raise ValueError(f"beta must be a positive number, got {beta!r}")
     if labels_w.shape[0] != labels_l.shape[0]:
-        raise ValueError(f"labels_w has {labels_w.shape[0]} sequences and labels_l "
-                         f"{labels_l.shape[0]}; DPO needs one preferred per dispreferred")
-    win = sequence_log_prob(logits_w, labels_w) - sequence_log_prob(ref_logits_w.detach(),
-                                                                     labels_w)
-    lose = sequence_log_prob(logits_l, labels_l) - sequence_log_prob(ref_logits_l.detach(),
-                                                                      labels_l)
+        raise ValueError(
+            f"labels_w has {labels_w.shape[0]} sequences and labels_l "
+            f"{labels_l.shape[0]}; DPO needs one preferred per dispreferred"
+        )
+    win = sequence_log_prob(logits_w, labels_w) - sequence_log_prob(ref_logits_w.detach(), labels_w)
+    lose = sequence_log_prob(logits_l, labels_l) - sequence_log_prob(
+        ref_logits_l.detach(), labels_l
+    )
     return (2.0 / beta) * torch.nn.functional.softplus(-beta * (win - lose)).mean()

@@ -38,8 +38,9 @@ def _heads(ctx: Any, need_ref: bool):
     return (head, ref_head) if ref_head is not None else (None, None)
 
 
-def token_loss_of(ctx: Any, mode: str = "nll", alpha: float = 0.5, *,
-                  backend: str | None = None) -> torch.Tensor:
+def token_loss_of(
+    ctx: Any, mode: str = "nll", alpha: float = 0.5, *, backend: str | None = None
+) -> torch.Tensor:
     """``token_loss(ctx.logits, ctx.labels, mode, alpha)``: mean over the labelled tokens
     (``backend="reference"``: plain PyTorch on either path, differentiable more than once)."""
     head, _ = _heads(ctx, need_ref=False)
@@ -58,8 +59,9 @@ def reference_sequence_log_prob(ctx: Any) -> torch.Tensor:
     if cached is not None:
         return cached
     with torch.no_grad():
-        ref_head = getattr(ctx, "ref_head", None) if getattr(ctx, "head", None) is not None \
-            else None
+        ref_head = (
+            getattr(ctx, "ref_head", None) if getattr(ctx, "head", None) is not None else None
+        )
         if ref_head is not None:
             return sequence_log_prob_from_hidden(ref_head, ctx.labels)
         return sequence_log_prob(ctx.ref_logits.detach(), ctx.labels)
@@ -85,8 +87,13 @@ def kl_to_reference_of(ctx: Any) -> torch.Tensor:
     return kl_to_reference(ctx.logits, ctx.ref_logits, ctx.labels)
 
 
-def masked_kl_of(ctx: Any, token_mask: torch.Tensor, vocab_mask: torch.Tensor | None = None,
-                 direction: str = "forward", temperature: float = 1.0) -> torch.Tensor:
+def masked_kl_of(
+    ctx: Any,
+    token_mask: torch.Tensor,
+    vocab_mask: torch.Tensor | None = None,
+    direction: str = "forward",
+    temperature: float = 1.0,
+) -> torch.Tensor:
     """``masked_kl`` of the model against the reference, mean over ``token_mask``.
 
     Args:
@@ -95,13 +102,18 @@ def masked_kl_of(ctx: Any, token_mask: torch.Tensor, vocab_mask: torch.Tensor | 
     """
     head, ref_head = _heads(ctx, need_ref=True)
     if head is not None:
-        return masked_kl_from_hidden(head, ref_head, token_mask, vocab_mask, direction,
-                                     temperature)
+        return masked_kl_from_hidden(head, ref_head, token_mask, vocab_mask, direction, temperature)
     logits = ctx.logits
     vocab = logits.shape[-1]
-    return masked_kl(logits.reshape(-1, vocab), ctx.ref_logits.reshape(-1, vocab),
-                     token_mask=token_mask.reshape(-1), vocab_mask=vocab_mask,
-                     direction=direction, reduction="mean", temperature=temperature)
+    return masked_kl(
+        logits.reshape(-1, vocab),
+        ctx.ref_logits.reshape(-1, vocab),
+        token_mask=token_mask.reshape(-1),
+        vocab_mask=vocab_mask,
+        direction=direction,
+        reduction="mean",
+        temperature=temperature,
+    )
 
 
 def vocab_size_of(ctx: Any) -> int:

@@ -33,17 +33,21 @@ from unlearnopt.ops.masked_kl import fused_linear_masked_kl
 from unlearnopt.output_head import HeadInputs
 
 
-def _check(head: HeadInputs, labels: torch.Tensor, name: str = "head",
-           labels_name: str = "labels") -> None:
+def _check(
+    head: HeadInputs, labels: torch.Tensor, name: str = "head", labels_name: str = "labels"
+) -> None:
     if not isinstance(head, HeadInputs):
-        raise TypeError(f"{name} must be a HeadInputs (unlearnopt.output_head), "
-                        f"got {type(head).__name__}")
+        raise TypeError(
+            f"{name} must be a HeadInputs (unlearnopt.output_head), got {type(head).__name__}"
+        )
     if not isinstance(labels, torch.Tensor) or labels.dim() != 2:
         shape = tuple(labels.shape) if isinstance(labels, torch.Tensor) else type(labels).__name__
         raise ValueError(f"{labels_name} must be a [B, T] tensor, got {shape}")
     if head.hidden.dim() != 3 or tuple(head.hidden.shape[:2]) != tuple(labels.shape):
-        raise ValueError(f"{name}.hidden has shape {tuple(head.hidden.shape)}; expected "
-                         f"[B, T, H] with [B, T] = {labels_name}' {tuple(labels.shape)}")
+        raise ValueError(
+            f"{name}.hidden has shape {tuple(head.hidden.shape)}; expected "
+            f"[B, T, H] with [B, T] = {labels_name}' {tuple(labels.shape)}"
+        )
 
 
 def _operands(head: HeadInputs) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
@@ -63,8 +67,14 @@ def _autocast_off(device_type: str):
     return contextlib.nullcontext()
 
 
-def token_loss_from_hidden(head: HeadInputs, labels: torch.Tensor, mode: str = "nll",
-                           alpha: float = 0.5, *, backend: str | None = None) -> torch.Tensor:
+def token_loss_from_hidden(
+    head: HeadInputs,
+    labels: torch.Tensor,
+    mode: str = "nll",
+    alpha: float = 0.5,
+    *,
+    backend: str | None = None,
+) -> torch.Tensor:
     """Mean next-token loss over the non-ignored tokens (``nll``: -log p(y), ``ga``:
     +log p(y), ``uce``: -log(1 - alpha p(y))).
 
@@ -80,10 +90,17 @@ def token_loss_from_hidden(head: HeadInputs, labels: torch.Tensor, mode: str = "
     _check(head, labels)
     hidden, weight, bias = _operands(head)
     with _autocast_off(hidden.device.type):
-        return fused_linear_unlearning_cross_entropy(hidden, weight, shift_labels(labels), bias,
-                                                     mode=mode, ignore_index=IGNORE_INDEX,
-                                                     reduction="mean", alpha=alpha,
-                                                     backend=backend)
+        return fused_linear_unlearning_cross_entropy(
+            hidden,
+            weight,
+            shift_labels(labels),
+            bias,
+            mode=mode,
+            ignore_index=IGNORE_INDEX,
+            reduction="mean",
+            alpha=alpha,
+            backend=backend,
+        )
 
 
 def sequence_log_prob_from_hidden(head: HeadInputs, labels: torch.Tensor) -> torch.Tensor:
@@ -92,27 +109,37 @@ def sequence_log_prob_from_hidden(head: HeadInputs, labels: torch.Tensor) -> tor
     _check(head, labels)
     hidden, weight, bias = _operands(head)
     with _autocast_off(hidden.device.type):
-        nll = fused_linear_unlearning_cross_entropy(hidden, weight, shift_labels(labels), bias,
-                                                    mode="nll", ignore_index=IGNORE_INDEX,
-                                                    reduction="none")
+        nll = fused_linear_unlearning_cross_entropy(
+            hidden,
+            weight,
+            shift_labels(labels),
+            bias,
+            mode="nll",
+            ignore_index=IGNORE_INDEX,
+            reduction="none",
+        )
     return -nll.sum(dim=1)
 
 
-def npo_loss_from_log_probs(log_prob: torch.Tensor, ref_log_prob: torch.Tensor,
-                            beta: float = 0.1) -> torch.Tensor:
+def npo_loss_from_log_probs(
+    log_prob: torch.Tensor, ref_log_prob: torch.Tensor, beta: float = 0.1
+) -> torch.Tensor:
     """``mean_i (2 / beta) softplus(beta (log_prob_i - ref_log_prob_i))``; ``[B]`` each,
     ``ref_log_prob`` is treated as a constant."""
     if not isinstance(beta, (int, float)) or not float(beta) > 0:
         raise ValueError(f"beta must be a positive number, got {beta!r}")
     if log_prob.shape != ref_log_prob.shape or log_prob.dim() != 1:
-        raise ValueError(f"log_prob {tuple(log_prob.shape)} and ref_log_prob "
-                         f"{tuple(ref_log_prob.shape)} must both be [B]")
+        raise ValueError(
+            f"log_prob {tuple(log_prob.shape)} and ref_log_prob "
+            f"{tuple(ref_log_prob.shape)} must both be [B]"
+        )
     log_ratio = log_prob - ref_log_prob.detach().to(log_prob.dtype)
     return (2.0 / beta) * torch.nn.functional.softplus(beta * log_ratio).mean()
 
 
-def npo_loss_from_hidden(head: HeadInputs, ref_log_prob: torch.Tensor, labels: torch.Tensor,
-                         beta: float = 0.1) -> torch.Tensor:
+def npo_loss_from_hidden(
+    head: HeadInputs, ref_log_prob: torch.Tensor, labels: torch.Tensor, beta: float = 0.1
+) -> torch.Tensor:
     """Mean NPO loss over sequences, ``(2 / beta) log(1 + (pi_theta / pi_ref) ** beta)``.
 
     Args:
@@ -123,13 +150,17 @@ def npo_loss_from_hidden(head: HeadInputs, ref_log_prob: torch.Tensor, labels: t
         labels: ``[B, T]`` unshifted labels.
         beta: > 0 (paper: 0.1).
     """
-    return npo_loss_from_log_probs(sequence_log_prob_from_hidden(head, labels), ref_log_prob,
-                                   beta)
+    return npo_loss_from_log_probs(sequence_log_prob_from_hidden(head, labels), ref_log_prob, beta)
 
 
-def masked_kl_from_hidden(head: HeadInputs, ref_head: HeadInputs, token_mask: torch.Tensor,
-                          vocab_mask: torch.Tensor | None = None, direction: str = "forward",
-                          temperature: float = 1.0) -> torch.Tensor:
+def masked_kl_from_hidden(
+    head: HeadInputs,
+    ref_head: HeadInputs,
+    token_mask: torch.Tensor,
+    vocab_mask: torch.Tensor | None = None,
+    direction: str = "forward",
+    temperature: float = 1.0,
+) -> torch.Tensor:
     """``sum_t m_t KL_t / #(m_t != 0)`` between the model's and the reference's next-token
     distributions (``masked_kl`` semantics: u multiplies the vocabulary terms, no
     renormalisation; both logit sets divided by ``temperature``).
@@ -146,14 +177,24 @@ def masked_kl_from_hidden(head: HeadInputs, ref_head: HeadInputs, token_mask: to
     hidden, weight, bias = _operands(head)
     rh, rw, rb = _operands(ref_head.detach())
     with _autocast_off(hidden.device.type):
-        return fused_linear_masked_kl(hidden, weight, rh, rw, bias, rb,
-                                      token_mask=token_mask, vocab_mask=vocab_mask,
-                                      direction=direction, reduction="mean",
-                                      temperature=temperature)
+        return fused_linear_masked_kl(
+            hidden,
+            weight,
+            rh,
+            rw,
+            bias,
+            rb,
+            token_mask=token_mask,
+            vocab_mask=vocab_mask,
+            direction=direction,
+            reduction="mean",
+            temperature=temperature,
+        )
 
 
-def kl_to_reference_from_hidden(head: HeadInputs, ref_head: HeadInputs,
-                                labels: torch.Tensor) -> torch.Tensor:
+def kl_to_reference_from_hidden(
+    head: HeadInputs, ref_head: HeadInputs, labels: torch.Tensor
+) -> torch.Tensor:
     """Mean forward KL(p_ref || p_theta) over the tokens with a (shifted) label."""
     _check(head, labels)
     return masked_kl_from_hidden(head, ref_head, shift_labels(labels) != IGNORE_INDEX)

@@ -21,8 +21,9 @@ from unlearnopt.objectives.shift import IGNORE_INDEX, check_logits, shift_labels
 from unlearnopt.ops.masked_kl import masked_kl
 
 
-def kl_to_reference(logits: torch.Tensor, ref_logits: torch.Tensor,
-                    labels: torch.Tensor) -> torch.Tensor:
+def kl_to_reference(
+    logits: torch.Tensor, ref_logits: torch.Tensor, labels: torch.Tensor
+) -> torch.Tensor:
     """Mean forward KL(p_ref || p_theta) over the tokens with a (shifted) label.
 
     Args:
@@ -35,9 +36,16 @@ def kl_to_reference(logits: torch.Tensor, ref_logits: torch.Tensor,
     """
     check_logits(logits, labels)
     if tuple(ref_logits.shape) != tuple(logits.shape):
-        raise ValueError(f"ref_logits {tuple(ref_logits.shape)} must have the shape of logits "
-                         f"{tuple(logits.shape)}")
+        raise ValueError(
+            f"ref_logits {tuple(ref_logits.shape)} must have the shape of logits "
+            f"{tuple(logits.shape)}"
+        )
     token_mask = shift_labels(labels) != IGNORE_INDEX
     vocab = logits.shape[-1]
-    return masked_kl(logits.reshape(-1, vocab), ref_logits.reshape(-1, vocab),
-                        token_mask=token_mask.reshape(-1), direction="forward", reduction="mean")
+    return masked_kl(
+        logits.reshape(-1, vocab),
+        ref_logits.reshape(-1, vocab),
+        token_mask=token_mask.reshape(-1),
+        direction="forward",
+        reduction="mean",
+    )

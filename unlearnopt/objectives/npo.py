@@ -18,8 +18,9 @@ import torch
 from unlearnopt.objectives.token import sequence_log_prob
 
 
-def npo_loss(logits: torch.Tensor, ref_logits: torch.Tensor, labels: torch.Tensor,
-             beta: float = 0.1) -> torch.Tensor:
+def npo_loss(
+    logits: torch.Tensor, ref_logits: torch.Tensor, labels: torch.Tensor, beta: float = 0.1
+) -> torch.Tensor:
     """Mean NPO loss over sequences.
 
     Args:

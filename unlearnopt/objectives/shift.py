@@ -29,5 +29,7 @@ def check_logits(logits: torch.Tensor, labels: torch.Tensor) -> None:
         shape = tuple(logits.shape) if isinstance(logits, torch.Tensor) else type(logits).__name__
         raise ValueError(f"logits must be a [B, T, V] tensor, got {shape}")
     if tuple(logits.shape[:2]) != tuple(labels.shape):
-        raise ValueError(f"logits {tuple(logits.shape)} do not match labels "
-                         f"{tuple(labels.shape)}: expected logits [B, T, V] with labels [B, T]")
+        raise ValueError(
+            f"logits {tuple(logits.shape)} do not match labels "
+            f"{tuple(labels.shape)}: expected logits [B, T, V] with labels [B, T]"
+        )

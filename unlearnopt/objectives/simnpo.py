@@ -20,8 +20,9 @@ from unlearnopt.objectives.shift import IGNORE_INDEX, shift_labels
 from unlearnopt.objectives.token import sequence_log_prob
 
 
-def simnpo_loss(logits: torch.Tensor, labels: torch.Tensor, beta: float = 2.5,
-                gamma: float = 0.0) -> torch.Tensor:
+def simnpo_loss(
+    logits: torch.Tensor, labels: torch.Tensor, beta: float = 2.5, gamma: float = 0.0
+) -> torch.Tensor:
     """Mean SimNPO loss over sequences.
 
     Args:
@@ -37,6 +38,6 @@ def simnpo_loss(logits: torch.Tensor, labels: torch.Tensor, beta: float = 2.5,
         raise ValueError(f"beta must be a positive number, got {beta!r}")
     if not isinstance(gamma, (int, float)) or not float(gamma) >= 0:
         raise ValueError(f"gamma must be a non-negative number, got {gamma!r}")
-    log_pi = sequence_log_prob(logits, labels)                         # [B]
+    log_pi = sequence_log_prob(logits, labels)  # [B]
     length = (shift_labels(labels) != IGNORE_INDEX).sum(dim=1).clamp(min=1).to(log_pi.dtype)
     return (2.0 / beta) * torch.nn.functional.softplus(beta * log_pi / length + gamma).mean()

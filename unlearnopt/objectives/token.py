@@ -21,8 +21,14 @@ from unlearnopt.ops.unlearning_cross_entropy import unlearning_cross_entropy
 TOKEN_MODES = ("nll", "ga", "uce")
 
 
-def token_loss(logits: torch.Tensor, labels: torch.Tensor, mode: str = "nll",
-               alpha: float = 0.5, *, backend: str | None = None) -> torch.Tensor:
+def token_loss(
+    logits: torch.Tensor,
+    labels: torch.Tensor,
+    mode: str = "nll",
+    alpha: float = 0.5,
+    *,
+    backend: str | None = None,
+) -> torch.Tensor:
     """Mean next-token loss over the non-ignored tokens.
 
     Args:
@@ -37,15 +43,22 @@ def token_loss(logits: torch.Tensor, labels: torch.Tensor, mode: str = "nll",
         0-dim float32 (float64 for float64 logits); 0 if no token counts.
     """
     check_logits(logits, labels)
-    return unlearning_cross_entropy(logits, shift_labels(labels), mode=mode,
-                                    ignore_index=IGNORE_INDEX, reduction="mean", alpha=alpha,
-                                    backend=backend)
+    return unlearning_cross_entropy(
+        logits,
+        shift_labels(labels),
+        mode=mode,
+        ignore_index=IGNORE_INDEX,
+        reduction="mean",
+        alpha=alpha,
+        backend=backend,
+    )
 
 
 def sequence_log_prob(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """Per-sequence log-probability of the labelled tokens, ``[B]``:
     ``log pi(y_i | x_i) = sum_t log p(labels[i, t + 1])`` over non-ignored tokens."""
     check_logits(logits, labels)
-    nll = unlearning_cross_entropy(logits, shift_labels(labels), mode="nll",
-                                   ignore_index=IGNORE_INDEX, reduction="none")
+    nll = unlearning_cross_entropy(
+        logits, shift_labels(labels), mode="nll", ignore_index=IGNORE_INDEX, reduction="none"
+    )
     return -nll.sum(dim=1)

@@ -72,8 +72,9 @@ def wga_loss(logits: torch.Tensor, labels: torch.Tensor, beta: float = 1.0) -> t
     return _mean(weight * logp_y)
 
 
-def satimp_loss(logits: torch.Tensor, labels: torch.Tensor, beta1: float = 5.0,
-                beta2: float = 1.0) -> torch.Tensor:
+def satimp_loss(
+    logits: torch.Tensor, labels: torch.Tensor, beta1: float = 5.0, beta2: float = 1.0
+) -> torch.Tensor:
     """Mean over labelled tokens of ``p_y**beta1 * (1 - p_y)**beta2 (detached) * log p_y``.
 
     Args:
@@ -109,8 +110,9 @@ def ce_u_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     return _mean(_cross_entropy_to(target, logp))
 
 
-def undial_loss(logits: torch.Tensor, ref_logits: torch.Tensor, labels: torch.Tensor,
-                gamma: float = 10.0) -> torch.Tensor:
+def undial_loss(
+    logits: torch.Tensor, ref_logits: torch.Tensor, labels: torch.Tensor, gamma: float = 10.0
+) -> torch.Tensor:
     """Mean over labelled tokens of the cross-entropy of p against
     ``q = softmax(z_ref - gamma * e_y)``.
 
@@ -122,10 +124,11 @@ def undial_loss(logits: torch.Tensor, ref_logits: torch.Tensor, labels: torch.Te
     """
     gamma = _check_exponent("gamma", gamma)
     if tuple(ref_logits.shape) != tuple(logits.shape):
-        raise ValueError(f"ref_logits {tuple(ref_logits.shape)} must have the shape of logits "
-                         f"{tuple(logits.shape)}")
+        raise ValueError(
+            f"ref_logits {tuple(ref_logits.shape)} must have the shape of logits "
+            f"{tuple(logits.shape)}"
+        )
     logp, y, mask = _rows(logits, labels)
     target = ref_logits[mask].detach().to(logp.dtype)
-    target = target.scatter_add(-1, y.unsqueeze(-1),
-                                target.new_full((y.shape[0], 1), -gamma))
+    target = target.scatter_add(-1, y.unsqueeze(-1), target.new_full((y.shape[0], 1), -gamma))
     return _mean(_cross_entropy_to(target, logp))

@@ -53,8 +53,10 @@ def _caller_stacklevel() -> int:
 
 
 # The package directories of unlearnopt and torch (the op wrappers add torch frames).
-_INTERNAL = tuple(os.path.join(os.path.dirname(os.path.dirname(path)), "")
-                  for path in (__file__,)) + (os.path.join(os.path.dirname(torch.__file__), ""),)
+_INTERNAL = (
+    os.path.join(os.path.dirname(os.path.dirname(__file__)), ""),
+    os.path.join(os.path.dirname(torch.__file__), ""),
+)
 
 
 def _warn_once(key: tuple[str, ...], message: str) -> None:
@@ -107,14 +109,19 @@ def resolve_backend(backend: str | None, device: torch.device) -> str:
     why = _unavailable(preferred, device)
     if why is None:
         return preferred
-    _warn_once(("unavailable", preferred),
-               f"unlearnopt: {preferred} kernels unavailable ({why}); using the slower "
-               "reference backend")
+    _warn_once(
+        ("unavailable", preferred),
+        f"unlearnopt: {preferred} kernels unavailable ({why}); using the slower reference backend",
+    )
     return "reference"
 
 
-def choose_backend(op: str, backend: str | None, device: torch.device,
-                   unsupported: Callable[[str], str | None] | None = None) -> str:
+def choose_backend(
+    op: str,
+    backend: str | None,
+    device: torch.device,
+    unsupported: Callable[[str], str | None] | None = None,
+) -> str:
     """The backend that runs one call of ``op`` on tensors on ``device``.
 
     Args:
@@ -141,11 +148,15 @@ def choose_backend(op: str, backend: str | None, device: torch.device,
     if gap is None:
         return chosen
     if name != "auto":
-        raise ValueError(f"{op}: backend={chosen!r} cannot run {gap}; pass backend='reference' "
-                         "(or 'auto', which falls back to it with a warning)")
-    _warn_once((op, chosen, gap),
-               f"unlearnopt.{op}: the {chosen} kernels cannot run {gap}; using the reference "
-               "backend for them")
+        raise ValueError(
+            f"{op}: backend={chosen!r} cannot run {gap}; pass backend='reference' "
+            "(or 'auto', which falls back to it with a warning)"
+        )
+    _warn_once(
+        (op, chosen, gap),
+        f"unlearnopt.{op}: the {chosen} kernels cannot run {gap}; using the reference "
+        "backend for them",
+    )
     return "reference"
 
 

@@ -31,8 +31,10 @@ def check_float(name: str, t) -> None:
     if not isinstance(t, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
     if t.dtype not in FLOAT_DTYPES:
-        raise ValueError(f"{name} must be a floating tensor (float32/bfloat16/float16/float64), "
-                         f"got dtype {t.dtype}")
+        raise ValueError(
+            f"{name} must be a floating tensor (float32/bfloat16/float16/float64), "
+            f"got dtype {t.dtype}"
+        )
 
 
 def check_same_device(**tensors) -> None:
@@ -40,8 +42,10 @@ def check_same_device(**tensors) -> None:
     first_name, first = items[0]
     for name, t in items[1:]:
         if t.device != first.device:
-            raise ValueError(f"{name} is on {t.device} but {first_name} is on {first.device}; "
-                             "expected the same device")
+            raise ValueError(
+                f"{name} is on {t.device} but {first_name} is on {first.device}; "
+                "expected the same device"
+            )
 
 
 LABEL_DTYPES = (torch.int64, torch.int32)
@@ -62,24 +66,31 @@ def eager_label_check(labels: torch.Tensor) -> bool:
     return eager and not (labels.is_cuda and torch.cuda.is_current_stream_capturing())
 
 
-def check_labels(labels, expected_shape: torch.Size, vocab: int, ignore_index: int,
-                 logits_name: str = "logits") -> None:
+def check_labels(
+    labels, expected_shape: torch.Size, vocab: int, ignore_index: int, logits_name: str = "logits"
+) -> None:
     """labels: int64/int32 tensor of ``expected_shape``, values in [0, vocab) or
     ``ignore_index`` (the range is read only when :func:`eager_label_check` says so)."""
     if not isinstance(labels, torch.Tensor):
         raise TypeError(f"labels must be a torch.Tensor, got {type(labels).__name__}")
     if labels.dtype not in LABEL_DTYPES:
-        raise TypeError(f"labels must be an int64 or int32 tensor, got dtype {labels.dtype} "
-                        "(cast with labels.long())")
+        raise TypeError(
+            f"labels must be an int64 or int32 tensor, got dtype {labels.dtype} "
+            "(cast with labels.long())"
+        )
     if tuple(labels.shape) != tuple(expected_shape):
-        raise ValueError(f"labels has shape {tuple(labels.shape)} but {logits_name} needs "
-                         f"{tuple(expected_shape)} (the shape of {logits_name} without its last dim)")
+        raise ValueError(
+            f"labels has shape {tuple(labels.shape)} but {logits_name} needs "
+            f"{tuple(expected_shape)} (the shape of {logits_name} without its last dim)"
+        )
     if labels.numel() and eager_label_check(labels):
         bad = (labels != ignore_index) & ((labels < 0) | (labels >= vocab))
         if bool(bad.any()):
             value = int(labels[bad][0])
-            raise ValueError(f"labels must lie in [0, {vocab}) or equal ignore_index={ignore_index}; "
-                             f"found {value}")
+            raise ValueError(
+                f"labels must lie in [0, {vocab}) or equal ignore_index={ignore_index}; "
+                f"found {value}"
+            )
 
 
 def check_gram_values(name: str, gram: torch.Tensor) -> None:
@@ -99,17 +110,22 @@ def check_gram_values(name: str, gram: torch.Tensor) -> None:
     slack = tol * diag.abs().amax(-1)[..., None, None]
     sym = (g - g.transpose(-1, -2)).abs() <= slack
     root = diag.clamp(min=0).sqrt()
-    cauchy = ((g + g.transpose(-1, -2)) / 2).abs() <= root[..., :, None] * root[..., None, :] + slack
+    cauchy = ((g + g.transpose(-1, -2)) / 2).abs() <= root[..., :, None] * root[
+        ..., None, :
+    ] + slack
     nonneg = diag >= -slack[..., 0]
     flags = torch.stack([finite, nonneg.all(), sym.all(), cauchy.all()]).tolist()  # one sync
     if not flags[0]:
         raise ValueError(f"{name} contains NaN or Inf; min_norm needs finite Gram matrices")
-    for ok, what in zip(flags[1:], ("every diagonal entry >= 0", "symmetric",
-                                    "|G_ij| <= sqrt(G_ii G_jj)")):
+    for ok, what in zip(
+        flags[1:], ("every diagonal entry >= 0", "symmetric", "|G_ij| <= sqrt(G_ii G_jj)")
+    ):
         if not ok:
-            raise ValueError(f"{name} is not a Gram matrix of real vectors: expected {what} "
-                             f"(up to rounding, {tol:.0e} relative to the largest diagonal "
-                             "entry); pass check=False to skip this check")
+            raise ValueError(
+                f"{name} is not a Gram matrix of real vectors: expected {what} "
+                f"(up to rounding, {tol:.0e} relative to the largest diagonal "
+                "entry); pass check=False to skip this check"
+            )
 
 
 def check_alpha(alpha) -> None:

@@ -58,7 +58,7 @@ class HeadGrads(NamedTuple):
 
     hidden: torch.Tensor | None  # [N, H], hidden's dtype
     weight: torch.Tensor | None  # [V, H] float32
-    bias: torch.Tensor | None    # [V] float32
+    bias: torch.Tensor | None  # [V] float32
 
 
 #: ``step(lo, hi, logits) -> G rows | None``: the losses of tokens ``[lo, hi)`` from their
@@ -68,8 +68,14 @@ class HeadGrads(NamedTuple):
 RowStep = Callable[[int, int, torch.Tensor], "torch.Tensor | None"]
 
 
-def chunk_loop(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
-               chunk: int, step: RowStep, want: tuple[bool, bool, bool]) -> HeadGrads:
+def chunk_loop(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    chunk: int,
+    step: RowStep,
+    want: tuple[bool, bool, bool],
+) -> HeadGrads:
     """Run ``step`` over the logits of ``hidden @ weight.T + bias``, ``chunk`` tokens at a time.
 
     Args:
@@ -86,8 +92,11 @@ def chunk_loop(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | 
     device = hidden.device
     grad_h = torch.empty_like(hidden, memory_format=torch.contiguous_format) if want[0] else None
     grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=device) if want[1] else None
-    grad_b = (torch.zeros(vocab, dtype=torch.float32, device=device)
-              if want[2] and bias is not None else None)
+    grad_b = (
+        torch.zeros(vocab, dtype=torch.float32, device=device)
+        if want[2] and bias is not None
+        else None
+    )
     buffer = torch.empty(min(chunk, n), vocab, dtype=hidden.dtype, device=device)
     weight_t = weight.t()
     for lo in range(0, n, chunk):
@@ -145,9 +154,11 @@ def take_scaled(ctx, op: str, grad_output: torch.Tensor, per_token: bool) -> Hea
     """
     grads = ctx.head_grads
     if grads is None:
-        raise RuntimeError(f"{op}: backward ran twice through one forward; its gradients are "
-                           "computed in the forward and handed over once. Call the op again "
-                           "instead of backpropagating with retain_graph=True")
+        raise RuntimeError(
+            f"{op}: backward ran twice through one forward; its gradients are "
+            "computed in the forward and handed over once. Call the op again "
+            "instead of backpropagating with retain_graph=True"
+        )
     ctx.head_grads = None
     gh, gw, gb = grads
     if per_token:

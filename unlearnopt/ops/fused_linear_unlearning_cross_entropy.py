@@ -48,8 +48,9 @@ def _run(h2d, weight, bias, labels1d, cfg, scale, stats_in, want):
     def step(lo, hi, logits):
         part_stats = None if stats_in is None else stats_in[lo:hi]
         if scale is None:
-            loss[lo:hi], stats[lo:hi] = rows(logits, labels1d[lo:hi], mode_id, alpha,
-                                             ignore_index, part_stats, None, None)
+            loss[lo:hi], stats[lo:hi] = rows(
+                logits, labels1d[lo:hi], mode_id, alpha, ignore_index, part_stats, None, None
+            )
             return None
         part = scale if scale.numel() == 1 else scale[lo:hi]
         # The kernel overwrites ``logits`` with d(loss)/d(logits), scaled.
@@ -64,8 +65,20 @@ def _run(h2d, weight, bias, labels1d, cfg, scale, stats_in, want):
 
 class FusedLinearUnlearningCrossEntropyFunction(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, hidden, weight, labels, bias, mode, alpha, ignore_index, reduction, backend,
-                chunk, want):
+    def forward(
+        ctx,
+        hidden,
+        weight,
+        labels,
+        bias,
+        mode,
+        alpha,
+        ignore_index,
+        reduction,
+        backend,
+        chunk,
+        want,
+    ):
         h2d = hidden.reshape(-1, hidden.shape[-1])
         labels1d = labels.reshape(-1).long()
         count = (labels1d != ignore_index).sum()
@@ -81,8 +94,14 @@ class FusedLinearUnlearningCrossEntropyFunction(torch.autograd.Function):
             unit = torch.ones((), dtype=torch.float32, device=hidden.device)
             scale = upstream_scale(unit, "sum" if reduction == "none" else reduction, count)
             loss, _, ctx.head_grads = _run(h2d, weight, bias, labels1d, cfg, scale, None, want)
-        ctx.config = (cfg, reduction, want, hidden.shape, weight.dtype,
-                      None if bias is None else bias.dtype)
+        ctx.config = (
+            cfg,
+            reduction,
+            want,
+            hidden.shape,
+            weight.dtype,
+            None if bias is None else bias.dtype,
+        )
         out = reduce_rows(loss, reduction, count)
         return out.reshape(labels.shape) if reduction == "none" else out
 
@@ -95,19 +114,35 @@ class FusedLinearUnlearningCrossEntropyFunction(torch.autograd.Function):
             _, _, (gh, gw, gb) = _run(h2d, weight, bias, labels1d, cfg, scale, stats, want)
         else:
             gh, gw, gb = take_scaled(ctx, NAME, grad_output, per_token=reduction == "none")
-        return (None if gh is None else gh.view(hidden_shape),
-                None if gw is None else gw.to(w_dtype),
-                None, None if gb is None else gb.to(b_dtype),
-                None, None, None, None, None, None, None)
+        return (
+            None if gh is None else gh.view(hidden_shape),
+            None if gw is None else gw.to(w_dtype),
+            None,
+            None if gb is None else gb.to(b_dtype),
+            None,
+            None,
+            None,
+            None,
+            None,
+            None,
+            None,
+        )
 
 
 @torch.compiler.disable
-def fused_linear_unlearning_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor,
-                                          labels: torch.Tensor, bias: torch.Tensor | None = None,
-                                          mode: str = "nll", ignore_index: int = -100,
-                                          reduction: str = "mean", alpha: float = 0.5, *,
-                                          chunk_size: int | None = None,
-                                          backend: str | None = None) -> torch.Tensor:
+def fused_linear_unlearning_cross_entropy(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    labels: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    mode: str = "nll",
+    ignore_index: int = -100,
+    reduction: str = "mean",
+    alpha: float = 0.5,
+    *,
+    chunk_size: int | None = None,
+    backend: str | None = None,
+) -> torch.Tensor:
     """Unlearning cross-entropy of a linear head, chunked over tokens.
 
     Args:
@@ -129,14 +164,18 @@ def fused_linear_unlearning_cross_entropy(hidden: torch.Tensor, weight: torch.Te
         through one call (``retain_graph=True``) raises ``RuntimeError``.
 
     Example:
-        >>> h = torch.randn(6, 8, requires_grad=True); w = torch.randn(50, 8, requires_grad=True)
-        >>> fused_linear_unlearning_cross_entropy(h, w, torch.randint(0, 50, (6,)), mode="ga").backward()
+        >>> h = torch.randn(6, 8, requires_grad=True)
+        >>> w = torch.randn(50, 8, requires_grad=True)
+        >>> labels = torch.randint(0, 50, (6,))
+        >>> fused_linear_unlearning_cross_entropy(h, w, labels, mode="ga").backward()
     """
     check_float("hidden", hidden)
     check_float("weight", weight)
     if weight.dim() != 2 or hidden.shape[-1] != weight.shape[1]:
-        raise ValueError(f"weight must be [V, H] with H = hidden.shape[-1] = {hidden.shape[-1]}, "
-                         f"got shape {tuple(weight.shape)}")
+        raise ValueError(
+            f"weight must be [V, H] with H = hidden.shape[-1] = {hidden.shape[-1]}, "
+            f"got shape {tuple(weight.shape)}"
+        )
     if hidden.dtype != weight.dtype:
         raise ValueError(f"hidden ({hidden.dtype}) and weight ({weight.dtype}) must share a dtype")
     if bias is not None:
@@ -152,11 +191,22 @@ def fused_linear_unlearning_cross_entropy(hidden: torch.Tensor, weight: torch.Te
     check_labels(labels, hidden.shape[:-1], weight.shape[0], ignore_index, "hidden")
     chosen = choose_backend(NAME, backend, hidden.device, float64_gap(hidden, weight, bias))
     if chosen == "reference":
-        return ref.fused_linear_unlearning_cross_entropy(hidden, weight, labels, bias, mode,
-                                                          ignore_index, reduction, alpha)
+        return ref.fused_linear_unlearning_cross_entropy(
+            hidden, weight, labels, bias, mode, ignore_index, reduction, alpha
+        )
     grad_on = torch.is_grad_enabled()
     want = tuple(grad_on and t is not None and t.requires_grad for t in (hidden, weight, bias))
     chunk = chunk_size or default_chunk_size(math.prod(hidden.shape[:-1]), weight.shape[0])
     return FusedLinearUnlearningCrossEntropyFunction.apply(
-        hidden, weight, labels, bias, mode, float(alpha), ignore_index, reduction, chosen,
-        chunk, want)
+        hidden,
+        weight,
+        labels,
+        bias,
+        mode,
+        float(alpha),
+        ignore_index,
+        reduction,
+        chosen,
+        chunk,
+        want,
+    )

@@ -33,24 +33,30 @@ MAX_OBJECTIVES = {"triton": 16, "native": 64}
 
 def _check_structure(grads) -> tuple[int, int]:
     if isinstance(grads, torch.Tensor) or not isinstance(grads, Sequence):
-        raise TypeError("grads must be a sequence of K sequences of tensors (one per objective), "
-                        f"got {type(grads).__name__}")
+        raise TypeError(
+            "grads must be a sequence of K sequences of tensors (one per objective), "
+            f"got {type(grads).__name__}"
+        )
     k = len(grads)
     if k == 0:
         raise ValueError("grads must hold at least one objective's gradients, got 0 sequences")
     for i, seq in enumerate(grads):
         if isinstance(seq, torch.Tensor) or not isinstance(seq, Sequence):
-            raise TypeError(f"grads[{i}] must be a sequence of tensors (or None), got "
-                            f"{type(seq).__name__}")
+            raise TypeError(
+                f"grads[{i}] must be a sequence of tensors (or None), got {type(seq).__name__}"
+            )
     p_count = len(grads[0])
     for i, seq in enumerate(grads):
         if len(seq) != p_count:
-            raise ValueError(f"grads[{i}] has {len(seq)} tensors but grads[0] has {p_count}; "
-                             "every objective must list the same tensors in the same order")
+            raise ValueError(
+                f"grads[{i}] has {len(seq)} tensors but grads[0] has {p_count}; "
+                "every objective must list the same tensors in the same order"
+            )
         for p, g in enumerate(seq):
             if g is not None and not isinstance(g, torch.Tensor):
-                raise TypeError(f"grads[{i}][{p}] must be a torch.Tensor or None, got "
-                                f"{type(g).__name__}")
+                raise TypeError(
+                    f"grads[{i}][{p}] must be a torch.Tensor or None, got {type(g).__name__}"
+                )
     return k, p_count
 
 
@@ -75,22 +81,30 @@ def _unwrap(grads, k: int, p_count: int):
             g = local[i][p]
             if not isinstance(g, dtensor):
                 if g is not None and owner is not None:
-                    raise ValueError(f"grads[{i}][{p}] is a plain tensor but grads[{owner}][{p}] is "
-                                     "a DTensor; expected the same kind for every objective")
+                    raise ValueError(
+                        f"grads[{i}][{p}] is a plain tensor but grads[{owner}][{p}] is "
+                        "a DTensor; expected the same kind for every objective"
+                    )
                 continue
             here = (g.device_mesh, tuple(g.placements))
             if owner is None:
                 if any(local[j][p] is not None for j in range(i)):
-                    raise ValueError(f"grads[{i}][{p}] is a DTensor but an earlier objective's "
-                                     f"gradient of tensor {p} is a plain tensor")
+                    raise ValueError(
+                        f"grads[{i}][{p}] is a DTensor but an earlier objective's "
+                        f"gradient of tensor {p} is a plain tensor"
+                    )
                 owner, layout[p] = i, here
             elif here != layout[p]:
-                raise ValueError(f"grads[{i}][{p}] has placements {here[1]} on {here[0]} but "
-                                 f"grads[{owner}][{p}] has {layout[p][1]} on {layout[p][0]}")
+                raise ValueError(
+                    f"grads[{i}][{p}] has placements {here[1]} on {here[0]} but "
+                    f"grads[{owner}][{p}] has {layout[p][1]} on {layout[p][0]}"
+                )
             if any(pl.is_partial() for pl in here[1]):
-                raise ValueError(f"grads[{i}][{p}] is a DTensor with Partial placement "
-                                 f"{here[1]}: its Gram is not a sum over ranks; redistribute it "
-                                 "to Shard or Replicate first")
+                raise ValueError(
+                    f"grads[{i}][{p}] is a DTensor with Partial placement "
+                    f"{here[1]}: its Gram is not a sum over ranks; redistribute it "
+                    "to Shard or Replicate first"
+                )
             local[i][p] = g.to_local()
     return local, layout
 
@@ -105,23 +119,30 @@ def _check_tensors(local, k: int, p_count: int) -> torch.device | None:
             if g is None:
                 continue
             if g.dtype not in _DTYPES:
-                raise ValueError(f"grads[{i}][{p}] must be float32/bfloat16/float16/float64, got "
-                                 f"dtype {g.dtype}")
+                raise ValueError(
+                    f"grads[{i}][{p}] must be float32/bfloat16/float16/float64, got dtype {g.dtype}"
+                )
             if device is None:
                 device, first = g.device, (i, p)
             elif g.device != device:
-                raise ValueError(f"grads[{i}][{p}] is on {g.device} but grads[{first[0]}]"
-                                 f"[{first[1]}] is on {device}; expected one device")
+                raise ValueError(
+                    f"grads[{i}][{p}] is on {g.device} but grads[{first[0]}]"
+                    f"[{first[1]}] is on {device}; expected one device"
+                )
             if ref_i is None:
                 ref_i = i
                 continue
             r = local[ref_i][p]
             if g.shape != r.shape:
-                raise ValueError(f"grads[{i}][{p}] has shape {tuple(g.shape)} but grads[{ref_i}]"
-                                 f"[{p}] has shape {tuple(r.shape)}; expected the same shape")
+                raise ValueError(
+                    f"grads[{i}][{p}] has shape {tuple(g.shape)} but grads[{ref_i}]"
+                    f"[{p}] has shape {tuple(r.shape)}; expected the same shape"
+                )
             if g.dtype != r.dtype:
-                raise ValueError(f"grads[{i}][{p}] has dtype {g.dtype} but grads[{ref_i}][{p}] "
-                                 f"has dtype {r.dtype}; expected the same dtype")
+                raise ValueError(
+                    f"grads[{i}][{p}] has dtype {g.dtype} but grads[{ref_i}][{p}] "
+                    f"has dtype {r.dtype}; expected the same dtype"
+                )
     return device
 
 
@@ -171,6 +192,7 @@ def _per_tensor(flat, backend: str) -> torch.Tensor:
 
 def _kernel_gap(k: int, any_f64: bool, needs_grad: bool):
     """``unsupported`` for :func:`choose_backend`: what the Gram kernels cannot run."""
+
     def gap(backend: str) -> str | None:
         if any_f64:
             return "float64 gradients (the kernels accumulate in float32 blocks)"
@@ -179,6 +201,7 @@ def _kernel_gap(k: int, any_f64: bool, needs_grad: bool):
         if k > MAX_OBJECTIVES[backend]:
             return f"more than {MAX_OBJECTIVES[backend]} objectives"
         return None
+
     return gap
 
 
@@ -188,16 +211,20 @@ def _all_reduce(per: torch.Tensor, layout, reduce: bool | None, process_group) -
     dtensors = [lay for lay in layout if lay is not None]
     if dtensors and reduce is not False:
         if process_group is not None:
-            raise ValueError("process_group= is for plain local shards; DTensor gradients are "
-                             "reduced over their own device mesh")
+            raise ValueError(
+                "process_group= is for plain local shards; DTensor gradients are "
+                "reduced over their own device mesh"
+            )
         meshes = {lay[0] for lay in dtensors}
         if len(meshes) != 1:
-            raise ValueError("DTensor gradients must share one device mesh, got "
-                             f"{len(meshes)} meshes")
+            raise ValueError(
+                f"DTensor gradients must share one device mesh, got {len(meshes)} meshes"
+            )
         mesh = meshes.pop()
         for d in range(mesh.ndim):
-            sharded = torch.tensor([lay is not None and lay[1][d].is_shard() for lay in layout],
-                                   dtype=torch.bool)
+            sharded = torch.tensor(
+                [lay is not None and lay[1][d].is_shard() for lay in layout], dtype=torch.bool
+            )
             if not bool(sharded.any()):
                 continue
             # Replicated tensors are counted once: only mesh coordinate 0 contributes them.
@@ -207,15 +234,21 @@ def _all_reduce(per: torch.Tensor, layout, reduce: bool | None, process_group) -
         return per
     if reduce or (reduce is None and process_group is not None):
         if not dist.is_available() or not dist.is_initialized():
-            raise ValueError("reduce=True / process_group= need an initialised torch.distributed "
-                             "process group")
+            raise ValueError(
+                "reduce=True / process_group= need an initialised torch.distributed process group"
+            )
         dist.all_reduce(per, group=process_group)
     return per
 
 
 @torch.compiler.disable
-def grad_gram(grads: Sequence[Sequence[torch.Tensor | None]], *, reduce: bool | None = None,
-              process_group=None, backend: str | None = None) -> GradGram:
+def grad_gram(
+    grads: Sequence[Sequence[torch.Tensor | None]],
+    *,
+    reduce: bool | None = None,
+    process_group=None,
+    backend: str | None = None,
+) -> GradGram:
     """Per-tensor and total Gram matrices of K gradients, from one read of every element.
 
     Args:
@@ -260,14 +293,14 @@ def grad_gram(grads: Sequence[Sequence[torch.Tensor | None]], *, reduce: bool | 
     device = _check_tensors(local, k, p_count)
     any_f64 = any(g is not None and g.dtype == torch.float64 for seq in local for g in seq)
     needs_grad = torch.is_grad_enabled() and any(
-        g is not None and g.requires_grad for seq in local for g in seq)
+        g is not None and g.requires_grad for seq in local for g in seq
+    )
     out_dtype = torch.float64 if any_f64 else torch.float32
     if device is None:  # nothing but None (or no tensors at all)
         device = torch.device("cpu")
         per = torch.zeros(p_count, k, k, dtype=torch.float64)
     else:
-        chosen = choose_backend("grad_gram", backend, device,
-                                _kernel_gap(k, any_f64, needs_grad))
+        chosen = choose_backend("grad_gram", backend, device, _kernel_gap(k, any_f64, needs_grad))
         if chosen == "reference":
             per = ref.grad_gram(local, out_dtype=torch.float64).per_tensor
         else:

@@ -8,7 +8,8 @@ original), vocabulary mask u and token mask m, token t's loss is ``m_t * KL_t`` 
              f = log p - log q,  C = KL + sum u p
 
 (the reverse derivation is written next to the kernels' gradient loops). The masks multiply
-the terms, the distributions are not renormalised (sum_v u_v q_v may be below 1). The gradient with respect
+the terms, the distributions are not renormalised (sum_v u_v q_v may be below 1). The
+gradient with respect
 to the logits carries the 1/T of z = logits / T; the loss is not rescaled by T^2.
 
 Passes over the logits, same deferred design as ``unlearning_cross_entropy``: the forward
@@ -34,8 +35,18 @@ from unlearnopt.reference import masked_kl as ref
 DIRECTIONS = ref.DIRECTIONS
 REDUCTIONS = ref.REDUCTIONS
 DIRECTION_ID = {"forward": 0, "reverse": 1}
-MASK_DTYPES = (torch.bool, torch.float32, torch.float16, torch.bfloat16, torch.float64,
-               torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8)
+MASK_DTYPES = (
+    torch.bool,
+    torch.float32,
+    torch.float16,
+    torch.bfloat16,
+    torch.float64,
+    torch.int64,
+    torch.int32,
+    torch.int16,
+    torch.int8,
+    torch.uint8,
+)
 
 
 # Row kernel contract, the same for ``kernel("masked_kl", "triton"|"native")``:
@@ -56,8 +67,9 @@ def token_mask_from_labels(labels: torch.Tensor, ignore_index: int = -100) -> to
     return labels != ignore_index
 
 
-def vocab_mask_from_token_ids(token_ids, vocab_size: int,
-                              device: torch.device | str | None = None) -> torch.Tensor:
+def vocab_mask_from_token_ids(
+    token_ids, vocab_size: int, device: torch.device | str | None = None
+) -> torch.Tensor:
     """Float32 ``[vocab_size]`` vocabulary mask: 0 at ``token_ids`` (the concept), 1 elsewhere."""
     if not isinstance(vocab_size, int) or vocab_size <= 0:
         raise ValueError(f"vocab_size must be a positive int, got {vocab_size!r}")
@@ -70,8 +82,12 @@ def vocab_mask_from_token_ids(token_ids, vocab_size: int,
 
 
 def _check_temperature(temperature) -> None:
-    if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) \
-            or not math.isfinite(float(temperature)) or float(temperature) <= 0.0:
+    if (
+        isinstance(temperature, bool)
+        or not isinstance(temperature, (int, float))
+        or not math.isfinite(float(temperature))
+        or float(temperature) <= 0.0
+    ):
         raise ValueError(f"temperature must be a finite number > 0, got {temperature!r}")
 
 
@@ -81,34 +97,58 @@ def _check_mask(name: str, mask, allowed: tuple[tuple[int, ...], ...], what: str
     if not isinstance(mask, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor or None, got {type(mask).__name__}")
     if mask.dtype not in MASK_DTYPES:
-        raise ValueError(f"{name} must be a bool, integer or floating tensor, "
-                         f"got dtype {mask.dtype}")
+        raise ValueError(
+            f"{name} must be a bool, integer or floating tensor, got dtype {mask.dtype}"
+        )
     if tuple(mask.shape) not in allowed:
         raise ValueError(f"{name} has shape {tuple(mask.shape)}, expected {what}")
 
 
-def validate(logits, ref_logits, token_mask, vocab_mask, direction, reduction, temperature,
-             logits_name: str = "logits", ref_name: str = "ref_logits") -> None:
+def validate(
+    logits,
+    ref_logits,
+    token_mask,
+    vocab_mask,
+    direction,
+    reduction,
+    temperature,
+    logits_name: str = "logits",
+    ref_name: str = "ref_logits",
+) -> None:
     check_float(logits_name, logits)
     check_float(ref_name, ref_logits)
     if logits.dim() < 2:
-        raise ValueError(f"{logits_name} must be [N, V] or [B, T, V], "
-                         f"got shape {tuple(logits.shape)}")
+        raise ValueError(
+            f"{logits_name} must be [N, V] or [B, T, V], got shape {tuple(logits.shape)}"
+        )
     if ref_logits.shape != logits.shape:
-        raise ValueError(f"{ref_name} has shape {tuple(ref_logits.shape)} but {logits_name} has "
-                         f"{tuple(logits.shape)}; expected the same shape")
+        raise ValueError(
+            f"{ref_name} has shape {tuple(ref_logits.shape)} but {logits_name} has "
+            f"{tuple(logits.shape)}; expected the same shape"
+        )
     check_choice("direction", direction, DIRECTIONS)
     check_choice("reduction", reduction, REDUCTIONS)
     _check_temperature(temperature)
     vocab = logits.shape[-1]
     n = math.prod(logits.shape[:-1])
     lead = tuple(logits.shape[:-1])
-    _check_mask("token_mask", token_mask, (lead, (n,)),
-                f"{lead} or ({n},) (the {logits_name} shape without its last dim)")
-    _check_mask("vocab_mask", vocab_mask, ((vocab,),), f"({vocab},) (the vocabulary size of "
-                f"{logits_name})")
-    check_same_device(**{logits_name: logits, ref_name: ref_logits, "token_mask": token_mask,
-                         "vocab_mask": vocab_mask})
+    _check_mask(
+        "token_mask",
+        token_mask,
+        (lead, (n,)),
+        f"{lead} or ({n},) (the {logits_name} shape without its last dim)",
+    )
+    _check_mask(
+        "vocab_mask", vocab_mask, ((vocab,),), f"({vocab},) (the vocabulary size of {logits_name})"
+    )
+    check_same_device(
+        **{
+            logits_name: logits,
+            ref_name: ref_logits,
+            "token_mask": token_mask,
+            "vocab_mask": vocab_mask,
+        }
+    )
 
 
 def _float_mask(mask: torch.Tensor | None) -> torch.Tensor | None:
@@ -129,12 +169,23 @@ def _rows2d(t: torch.Tensor) -> torch.Tensor:
 
 class MaskedKLFunction(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, logits, ref_logits, tmask, vmask, direction_id, inv_t, reduction, backend,
-                inplace_backward):
+    def forward(
+        ctx,
+        logits,
+        ref_logits,
+        tmask,
+        vmask,
+        direction_id,
+        inv_t,
+        reduction,
+        backend,
+        inplace_backward,
+    ):
         logits2d = _rows2d(logits)
         ref2d = _rows2d(ref_logits)
-        loss_rows, stats = kernel(OP, backend)(logits2d, ref2d, tmask, vmask, direction_id,
-                                                  inv_t, None, None, None)
+        loss_rows, stats = kernel(OP, backend)(
+            logits2d, ref2d, tmask, vmask, direction_id, inv_t, None, None, None
+        )
         count = _token_count(tmask, logits2d.shape[0], logits.device)
         ctx.save_for_backward(logits2d, ref2d, tmask, vmask, stats, count)
         ctx.config = (direction_id, inv_t, reduction, backend, inplace_backward, logits.shape)
@@ -147,16 +198,23 @@ class MaskedKLFunction(torch.autograd.Function):
         logits2d, ref2d, tmask, vmask, stats, count = ctx.saved_tensors
         grad = logits2d if inplace_backward else torch.empty_like(logits2d)
         scale = upstream_scale(grad_output, reduction, count)
-        kernel(OP, backend)(logits2d, ref2d, tmask, vmask, direction_id, inv_t, stats, scale,
-                               grad)
+        kernel(OP, backend)(logits2d, ref2d, tmask, vmask, direction_id, inv_t, stats, scale, grad)
         return grad.view(shape), None, None, None, None, None, None, None, None
 
 
 @torch.compiler.disable
-def masked_kl(logits: torch.Tensor, ref_logits: torch.Tensor,
-              token_mask: torch.Tensor | None = None, vocab_mask: torch.Tensor | None = None,
-              direction: str = "forward", reduction: str = "mean", temperature: float = 1.0, *,
-              inplace_backward: bool = False, backend: str | None = None) -> torch.Tensor:
+def masked_kl(
+    logits: torch.Tensor,
+    ref_logits: torch.Tensor,
+    token_mask: torch.Tensor | None = None,
+    vocab_mask: torch.Tensor | None = None,
+    direction: str = "forward",
+    reduction: str = "mean",
+    temperature: float = 1.0,
+    *,
+    inplace_backward: bool = False,
+    backend: str | None = None,
+) -> torch.Tensor:
     """Masked KL divergence between the model and the frozen original, fused.
 
     Args:
@@ -207,11 +265,20 @@ def masked_kl(logits: torch.Tensor, ref_logits: torch.Tensor,
     chosen = choose_backend(OP, backend, logits.device, float64_gap(logits, ref_logits))
     dtype = torch.promote_types(logits.dtype, ref_logits.dtype)
     if chosen == "reference":
-        return ref.masked_kl(logits, ref_logits, token_mask, vocab_mask, direction, reduction,
-                             float(temperature))
-    return MaskedKLFunction.apply(logits.to(dtype), ref_logits.to(dtype), _float_mask(token_mask),
-                                  _float_mask(vocab_mask), DIRECTION_ID[direction],
-                                  1.0 / float(temperature), reduction, chosen, inplace_backward)
+        return ref.masked_kl(
+            logits, ref_logits, token_mask, vocab_mask, direction, reduction, float(temperature)
+        )
+    return MaskedKLFunction.apply(
+        logits.to(dtype),
+        ref_logits.to(dtype),
+        _float_mask(token_mask),
+        _float_mask(vocab_mask),
+        DIRECTION_ID[direction],
+        1.0 / float(temperature),
+        reduction,
+        chosen,
+        inplace_backward,
+    )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -224,8 +291,9 @@ def masked_kl(logits: torch.Tensor, ref_logits: torch.Tensor,
 FUSED_NAME = "fused_linear_masked_kl"
 
 
-def _linear_chunks(h2, weight, bias, rh2, ref_weight, ref_bias, tmask, vmask, cfg, scale,
-                   stats_in, want):
+def _linear_chunks(
+    h2, weight, bias, rh2, ref_weight, ref_bias, tmask, vmask, cfg, scale, stats_in, want
+):
     """One pass: loss [N] and stats [N, 3] per token and, with ``scale`` (float32, 1 or N
     elements), the head's gradients. ``stats_in``: the forward's statistics (backward pass)."""
     direction_id, inv_t, backend, chunk = cfg
@@ -233,8 +301,9 @@ def _linear_chunks(h2, weight, bias, rh2, ref_weight, ref_bias, tmask, vmask, cf
     n, vocab = h2.shape[0], weight.shape[0]
     device = h2.device
     loss = torch.empty(n, dtype=torch.float32, device=device)
-    stats = stats_in if stats_in is not None else torch.empty(n, 3, dtype=torch.float32,
-                                                              device=device)
+    stats = (
+        stats_in if stats_in is not None else torch.empty(n, 3, dtype=torch.float32, device=device)
+    )
     ref_buffer = torch.empty(min(chunk, n), vocab, dtype=rh2.dtype, device=device)
     ref_weight_t = ref_weight.t()
     dtype = torch.promote_types(h2.dtype, rh2.dtype)
@@ -248,8 +317,7 @@ def _linear_chunks(h2, weight, bias, rh2, ref_weight, ref_bias, tmask, vmask, cf
         z, r = logits.to(dtype), ref_logits.to(dtype)
         tm = None if tmask is None else tmask[lo:hi]
         if scale is None:
-            loss[lo:hi], stats[lo:hi] = rows(z, r, tm, vmask, direction_id, inv_t, None, None,
-                                             None)
+            loss[lo:hi], stats[lo:hi] = rows(z, r, tm, vmask, direction_id, inv_t, None, None, None)
             return None
         part = scale if scale.numel() == 1 else scale[lo:hi]
         st_in = None if stats_in is None else stats_in[lo:hi]
@@ -265,8 +333,23 @@ def _linear_chunks(h2, weight, bias, rh2, ref_weight, ref_bias, tmask, vmask, cf
 
 class FusedLinearMaskedKLFunction(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, hidden, weight, bias, ref_hidden, ref_weight, ref_bias, tmask, vmask,
-                direction_id, inv_t, reduction, backend, chunk, want):
+    def forward(
+        ctx,
+        hidden,
+        weight,
+        bias,
+        ref_hidden,
+        ref_weight,
+        ref_bias,
+        tmask,
+        vmask,
+        direction_id,
+        inv_t,
+        reduction,
+        backend,
+        chunk,
+        want,
+    ):
         h2 = hidden.reshape(-1, hidden.shape[-1])
         rh2 = ref_hidden.reshape(-1, ref_hidden.shape[-1])
         count = _token_count(tmask, h2.shape[0], hidden.device)
@@ -277,14 +360,21 @@ class FusedLinearMaskedKLFunction(torch.autograd.Function):
         if not any(want) or ctx.recompute:
             loss, stats, _ = _linear_chunks(*heads, None, None, want)
             if ctx.recompute:
-                ctx.save_for_backward(h2, weight, bias, rh2, ref_weight, ref_bias, tmask, vmask,
-                                      stats)
+                ctx.save_for_backward(
+                    h2, weight, bias, rh2, ref_weight, ref_bias, tmask, vmask, stats
+                )
         else:
             unit = torch.ones((), dtype=torch.float32, device=hidden.device)
             scale = upstream_scale(unit, "sum" if reduction == "none" else reduction, count)
             loss, _, ctx.head_grads = _linear_chunks(*heads, scale, None, want)
-        ctx.config = (cfg, reduction, want, hidden.shape, weight.dtype,
-                      None if bias is None else bias.dtype)
+        ctx.config = (
+            cfg,
+            reduction,
+            want,
+            hidden.shape,
+            weight.dtype,
+            None if bias is None else bias.dtype,
+        )
         out = reduce_rows(loss, reduction, count)
         return out.reshape(hidden.shape[:-1]) if reduction == "none" else out
 
@@ -294,25 +384,46 @@ class FusedLinearMaskedKLFunction(torch.autograd.Function):
         if ctx.recompute:
             h2, weight, bias, rh2, ref_weight, ref_bias, tmask, vmask, stats = ctx.saved_tensors
             scale = grad_output.float().reshape(-1).contiguous()
-            _, _, (gh, gw, gb) = _linear_chunks(h2, weight, bias, rh2, ref_weight, ref_bias,
-                                                tmask, vmask, cfg, scale, stats, want)
+            _, _, (gh, gw, gb) = _linear_chunks(
+                h2, weight, bias, rh2, ref_weight, ref_bias, tmask, vmask, cfg, scale, stats, want
+            )
         else:
             gh, gw, gb = take_scaled(ctx, FUSED_NAME, grad_output, per_token=reduction == "none")
-        return (None if gh is None else gh.view(hidden_shape),
-                None if gw is None else gw.to(w_dtype),
-                None if gb is None else gb.to(b_dtype),
-                None, None, None, None, None, None, None, None, None, None, None)
+        return (
+            None if gh is None else gh.view(hidden_shape),
+            None if gw is None else gw.to(w_dtype),
+            None if gb is None else gb.to(b_dtype),
+            None,
+            None,
+            None,
+            None,
+            None,
+            None,
+            None,
+            None,
+            None,
+            None,
+            None,
+        )
 
 
 @torch.compiler.disable
-def fused_linear_masked_kl(hidden: torch.Tensor, weight: torch.Tensor, ref_hidden: torch.Tensor,
-                           ref_weight: torch.Tensor, bias: torch.Tensor | None = None,
-                           ref_bias: torch.Tensor | None = None,
-                           token_mask: torch.Tensor | None = None,
-                           vocab_mask: torch.Tensor | None = None, direction: str = "forward",
-                           reduction: str = "mean", temperature: float = 1.0,
-                           chunk_size: int | None = None, *,
-                           backend: str | None = None) -> torch.Tensor:
+def fused_linear_masked_kl(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    ref_hidden: torch.Tensor,
+    ref_weight: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    ref_bias: torch.Tensor | None = None,
+    token_mask: torch.Tensor | None = None,
+    vocab_mask: torch.Tensor | None = None,
+    direction: str = "forward",
+    reduction: str = "mean",
+    temperature: float = 1.0,
+    chunk_size: int | None = None,
+    *,
+    backend: str | None = None,
+) -> torch.Tensor:
     """Masked KL of ``hidden @ weight.T + bias`` against the original model's
     ``ref_hidden @ ref_weight.T + ref_bias``, without holding either ``[N, V]`` logits whole.
 
@@ -341,22 +452,34 @@ def fused_linear_masked_kl(hidden: torch.Tensor, weight: torch.Tensor, ref_hidde
         >>> h = torch.randn(6, 8, requires_grad=True); w = torch.randn(50, 8, requires_grad=True)
         >>> fused_linear_masked_kl(h, w, h.detach(), w.detach() + 0.1).backward()
     """
-    for name, t in (("hidden", hidden), ("weight", weight), ("ref_hidden", ref_hidden),
-                    ("ref_weight", ref_weight)):
+    for name, t in (
+        ("hidden", hidden),
+        ("weight", weight),
+        ("ref_hidden", ref_hidden),
+        ("ref_weight", ref_weight),
+    ):
         check_float(name, t)
     if weight.dim() != 2 or ref_weight.dim() != 2:
-        raise ValueError(f"weight and ref_weight must be [V, H], got {tuple(weight.shape)} and "
-                         f"{tuple(ref_weight.shape)}")
+        raise ValueError(
+            f"weight and ref_weight must be [V, H], got {tuple(weight.shape)} and "
+            f"{tuple(ref_weight.shape)}"
+        )
     if hidden.dim() < 2 or hidden.shape[-1] != weight.shape[1]:
-        raise ValueError(f"hidden has shape {tuple(hidden.shape)}; expected [..., "
-                         f"{weight.shape[1]}] (weight is {tuple(weight.shape)})")
+        raise ValueError(
+            f"hidden has shape {tuple(hidden.shape)}; expected [..., "
+            f"{weight.shape[1]}] (weight is {tuple(weight.shape)})"
+        )
     if ref_hidden.shape[:-1] != hidden.shape[:-1] or ref_hidden.shape[-1] != ref_weight.shape[1]:
-        raise ValueError(f"ref_hidden has shape {tuple(ref_hidden.shape)}; expected "
-                         f"{tuple(hidden.shape[:-1]) + (ref_weight.shape[1],)}")
+        raise ValueError(
+            f"ref_hidden has shape {tuple(ref_hidden.shape)}; expected "
+            f"{(*tuple(hidden.shape[:-1]), ref_weight.shape[1])}"
+        )
     vocab = weight.shape[0]
     if ref_weight.shape[0] != vocab:
-        raise ValueError(f"ref_weight has {ref_weight.shape[0]} rows but weight has {vocab}; "
-                         "expected the same vocabulary")
+        raise ValueError(
+            f"ref_weight has {ref_weight.shape[0]} rows but weight has {vocab}; "
+            "expected the same vocabulary"
+        )
     for name, b in (("bias", bias), ("ref_bias", ref_bias)):
         if b is not None:
             check_float(name, b)
@@ -371,21 +494,54 @@ def fused_linear_masked_kl(hidden: torch.Tensor, weight: torch.Tensor, ref_hidde
     _check_mask("vocab_mask", vocab_mask, ((vocab,),), f"({vocab},)")
     if chunk_size is not None and (not isinstance(chunk_size, int) or chunk_size <= 0):
         raise ValueError(f"chunk_size must be a positive int or None, got {chunk_size!r}")
-    check_same_device(hidden=hidden, weight=weight, ref_hidden=ref_hidden, ref_weight=ref_weight,
-                      bias=bias, ref_bias=ref_bias, token_mask=token_mask, vocab_mask=vocab_mask)
+    check_same_device(
+        hidden=hidden,
+        weight=weight,
+        ref_hidden=ref_hidden,
+        ref_weight=ref_weight,
+        bias=bias,
+        ref_bias=ref_bias,
+        token_mask=token_mask,
+        vocab_mask=vocab_mask,
+    )
     ref_hidden, ref_weight = ref_hidden.detach(), ref_weight.detach()
     ref_bias = None if ref_bias is None else ref_bias.detach()
-    chosen = choose_backend(FUSED_NAME, backend, hidden.device,
-                            float64_gap(hidden, weight, bias, ref_hidden, ref_weight, ref_bias))
+    chosen = choose_backend(
+        FUSED_NAME,
+        backend,
+        hidden.device,
+        float64_gap(hidden, weight, bias, ref_hidden, ref_weight, ref_bias),
+    )
     if chosen == "reference":
-        return ref.fused_linear_masked_kl(hidden, weight, ref_hidden, ref_weight, bias, ref_bias,
-                                          token_mask, vocab_mask, direction, reduction,
-                                          float(temperature))
+        return ref.fused_linear_masked_kl(
+            hidden,
+            weight,
+            ref_hidden,
+            ref_weight,
+            bias,
+            ref_bias,
+            token_mask,
+            vocab_mask,
+            direction,
+            reduction,
+            float(temperature),
+        )
     chunk = chunk_size or default_chunk_size(n, vocab)
     grad_on = torch.is_grad_enabled()
     want = tuple(grad_on and t is not None and t.requires_grad for t in (hidden, weight, bias))
-    return FusedLinearMaskedKLFunction.apply(hidden, weight, bias, ref_hidden, ref_weight, ref_bias,
-                                   _float_mask(token_mask), _float_mask(vocab_mask),
-                                   DIRECTION_ID[direction], 1.0 / float(temperature), reduction,
-                                   chosen, chunk, want)
-
+    return FusedLinearMaskedKLFunction.apply(
+        hidden,
+        weight,
+        bias,
+        ref_hidden,
+        ref_weight,
+        ref_bias,
+        _float_mask(token_mask),
+        _float_mask(vocab_mask),
+        DIRECTION_ID[direction],
+        1.0 / float(temperature),
+        reduction,
+        chosen,
+        chunk,
+        want,
+    )

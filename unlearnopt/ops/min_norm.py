@@ -36,13 +36,15 @@ __all__ = ["MinNorm", "kkt_residual", "min_norm"]
 def _validate_gram(gram) -> None:
     check_float("gram", gram)
     if gram.dim() not in (2, 3) or gram.shape[-1] != gram.shape[-2] or gram.shape[-1] < 1:
-        raise ValueError(f"gram must be [K, K] or [B, K, K] with K >= 1, got shape "
-                         f"{tuple(gram.shape)}")
+        raise ValueError(
+            f"gram must be [K, K] or [B, K, K] with K >= 1, got shape {tuple(gram.shape)}"
+        )
 
 
 @torch.compiler.disable
-def min_norm(gram: torch.Tensor, *, iters: int | None = None, check: bool = True,
-             backend: str | None = None) -> MinNorm:
+def min_norm(
+    gram: torch.Tensor, *, iters: int | None = None, check: bool = True, backend: str | None = None
+) -> MinNorm:
     """Min-norm point of the convex hull of K vectors, given their Gram matrix, batched.
 
     Args:
@@ -79,8 +81,7 @@ def min_norm(gram: torch.Tensor, *, iters: int | None = None, check: bool = True
         tensor([0.5000, 0.5000])
     """
     _validate_gram(gram)
-    if iters is not None and (not isinstance(iters, int) or isinstance(iters, bool)
-                              or iters < 0):
+    if iters is not None and (not isinstance(iters, int) or isinstance(iters, bool) or iters < 0):
         raise ValueError(f"iters must be None or a non-negative int, got {iters!r}")
     if check:
         check_gram_values("gram", gram)
@@ -128,11 +129,14 @@ def kkt_residual(gram: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
     _validate_gram(gram)
     check_float("weights", weights)
     if tuple(weights.shape) != tuple(gram.shape[:-1]):
-        raise ValueError(f"weights must have shape {tuple(gram.shape[:-1])} to match gram "
-                         f"{tuple(gram.shape)}, got {tuple(weights.shape)}")
+        raise ValueError(
+            f"weights must have shape {tuple(gram.shape[:-1])} to match gram "
+            f"{tuple(gram.shape)}, got {tuple(weights.shape)}"
+        )
     if weights.device != gram.device:
-        raise ValueError(f"weights is on {weights.device} but gram is on {gram.device}; "
-                         "expected the same device")
+        raise ValueError(
+            f"weights is on {weights.device} but gram is on {gram.device}; expected the same device"
+        )
     with torch.no_grad():
         if gram.dim() == 2:
             return ref.kkt_residual(gram.unsqueeze(0), weights.unsqueeze(0))[0]

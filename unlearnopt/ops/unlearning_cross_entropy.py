@@ -84,19 +84,29 @@ def reduce_rows(loss_rows: torch.Tensor, reduction: str, count: torch.Tensor) ->
 
 class UnlearningCrossEntropyFunction(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, logits, labels, mode, alpha, ignore_index, reduction, backend, inplace_backward):
+    def forward(
+        ctx, logits, labels, mode, alpha, ignore_index, reduction, backend, inplace_backward
+    ):
         vocab = logits.shape[-1]
         logits2d = logits.reshape(-1, vocab)
         if logits2d.stride(-1) != 1:
             logits2d = logits2d.contiguous()
         labels1d = labels.reshape(-1).long()
         rows = kernel(OP, backend)
-        loss_rows, stats = rows(logits2d, labels1d, MODE_ID[mode], float(alpha), ignore_index,
-                              None, None, None)
+        loss_rows, stats = rows(
+            logits2d, labels1d, MODE_ID[mode], float(alpha), ignore_index, None, None, None
+        )
         count = (labels1d != ignore_index).sum()
         ctx.save_for_backward(logits2d, labels1d, stats, count)
-        ctx.config = (mode, float(alpha), ignore_index, reduction, backend, inplace_backward,
-                      logits.shape)
+        ctx.config = (
+            mode,
+            float(alpha),
+            ignore_index,
+            reduction,
+            backend,
+            inplace_backward,
+            logits.shape,
+        )
         out = reduce_rows(loss_rows, reduction, count)
         return out.reshape(labels.shape) if reduction == "none" else out
 
@@ -106,16 +116,24 @@ class UnlearningCrossEntropyFunction(torch.autograd.Function):
         logits2d, labels1d, stats, count = ctx.saved_tensors
         grad = logits2d if inplace_backward else torch.empty_like(logits2d)
         scale = upstream_scale(grad_output, reduction, count)
-        kernel(OP, backend)(logits2d, labels1d, MODE_ID[mode], alpha, ignore_index, stats, scale,
-                               grad)
+        kernel(OP, backend)(
+            logits2d, labels1d, MODE_ID[mode], alpha, ignore_index, stats, scale, grad
+        )
         return grad.view(shape), None, None, None, None, None, None, None
 
 
 @torch.compiler.disable
-def unlearning_cross_entropy(logits: torch.Tensor, labels: torch.Tensor, mode: str = "nll",
-                             ignore_index: int = -100, reduction: str = "mean",
-                             alpha: float = 0.5, *, inplace_backward: bool = False,
-                             backend: str | None = None) -> torch.Tensor:
+def unlearning_cross_entropy(
+    logits: torch.Tensor,
+    labels: torch.Tensor,
+    mode: str = "nll",
+    ignore_index: int = -100,
+    reduction: str = "mean",
+    alpha: float = 0.5,
+    *,
+    inplace_backward: bool = False,
+    backend: str | None = None,
+) -> torch.Tensor:
     """Cross-entropy for unlearning, fused: loss and gradient without materialising softmax.
 
     Args:
@@ -150,5 +168,6 @@ def unlearning_cross_entropy(logits: torch.Tensor, labels: torch.Tensor, mode: s
     chosen = choose_backend(OP, backend, logits.device, float64_gap(logits))
     if chosen == "reference":
         return ref.unlearning_cross_entropy(logits, labels, mode, ignore_index, reduction, alpha)
-    return UnlearningCrossEntropyFunction.apply(logits, labels, mode, float(alpha), ignore_index,
-                                                reduction, chosen, inplace_backward)
+    return UnlearningCrossEntropyFunction.apply(
+        logits, labels, mode, float(alpha), ignore_index, reduction, chosen, inplace_backward
+    )

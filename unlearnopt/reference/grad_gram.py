@@ -38,8 +38,9 @@ def _present(grads: Sequence[Sequence[torch.Tensor | None]], p: int) -> torch.Te
     return None
 
 
-def grad_gram(grads: Sequence[Sequence[torch.Tensor | None]],
-              out_dtype: torch.dtype | None = None) -> GradGram:
+def grad_gram(
+    grads: Sequence[Sequence[torch.Tensor | None]], out_dtype: torch.dtype | None = None
+) -> GradGram:
     """Per-tensor and total Gram matrices, every product computed in float64.
 
     Args:
@@ -68,8 +69,12 @@ def grad_gram(grads: Sequence[Sequence[torch.Tensor | None]],
         # Rows of zeros for None: the Gram of [K, n] is then simply X @ X^T.
         rows = [g[p].reshape(-1).double() if g[p] is not None else None for g in grads]
         n = next(r.numel() for r in rows if r is not None)
-        x = torch.stack([r if r is not None else torch.zeros(n, dtype=torch.float64, device=device)
-                         for r in rows])
+        x = torch.stack(
+            [
+                r if r is not None else torch.zeros(n, dtype=torch.float64, device=device)
+                for r in rows
+            ]
+        )
         per_tensor[p] = x @ x.T
     total = per_tensor.sum(0)
     return GradGram(per_tensor.to(out_dtype), total.to(out_dtype))

@@ -27,8 +27,13 @@ def _compute_dtype(t: torch.Tensor) -> torch.dtype:
     return torch.float64 if t.dtype == torch.float64 else torch.float32
 
 
-def token_kl(logits: torch.Tensor, ref_logits: torch.Tensor, vocab_mask: torch.Tensor | None,
-             direction: str, temperature: float) -> torch.Tensor:
+def token_kl(
+    logits: torch.Tensor,
+    ref_logits: torch.Tensor,
+    vocab_mask: torch.Tensor | None,
+    direction: str,
+    temperature: float,
+) -> torch.Tensor:
     """Per-token masked KL ``[N]`` from logits and ref_logits ``[N, V]`` (no token mask)."""
     dtype = _compute_dtype(logits)
     log_p = torch.log_softmax(logits.to(dtype) / temperature, dim=-1)
@@ -44,8 +49,9 @@ def token_kl(logits: torch.Tensor, ref_logits: torch.Tensor, vocab_mask: torch.T
     return terms.sum(-1)
 
 
-def reduce_tokens(loss: torch.Tensor, token_mask: torch.Tensor | None,
-                  reduction: str) -> torch.Tensor:
+def reduce_tokens(
+    loss: torch.Tensor, token_mask: torch.Tensor | None, reduction: str
+) -> torch.Tensor:
     """``loss`` ``[N]`` already multiplied by the token mask -> reduced loss."""
     if reduction == "none":
         return loss
@@ -57,10 +63,15 @@ def reduce_tokens(loss: torch.Tensor, token_mask: torch.Tensor | None,
     raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
 
 
-def masked_kl(logits: torch.Tensor, ref_logits: torch.Tensor,
-              token_mask: torch.Tensor | None = None, vocab_mask: torch.Tensor | None = None,
-              direction: str = "forward", reduction: str = "mean",
-              temperature: float = 1.0) -> torch.Tensor:
+def masked_kl(
+    logits: torch.Tensor,
+    ref_logits: torch.Tensor,
+    token_mask: torch.Tensor | None = None,
+    vocab_mask: torch.Tensor | None = None,
+    direction: str = "forward",
+    reduction: str = "mean",
+    temperature: float = 1.0,
+) -> torch.Tensor:
     """logits, ref_logits ``[..., V]``; token_mask ``[...]`` or ``[N]``; vocab_mask ``[V]`` -> loss.
 
     ``reduction="none"`` returns ``m_t * KL_t`` with the shape of ``logits.shape[:-1]``.
@@ -83,12 +94,19 @@ def masked_kl(logits: torch.Tensor, ref_logits: torch.Tensor,
     return out.reshape(logits.shape[:-1]) if reduction == "none" else out
 
 
-def fused_linear_masked_kl(hidden: torch.Tensor, weight: torch.Tensor, ref_hidden: torch.Tensor,
-                           ref_weight: torch.Tensor, bias: torch.Tensor | None = None,
-                           ref_bias: torch.Tensor | None = None,
-                           token_mask: torch.Tensor | None = None,
-                           vocab_mask: torch.Tensor | None = None, direction: str = "forward",
-                           reduction: str = "mean", temperature: float = 1.0) -> torch.Tensor:
+def fused_linear_masked_kl(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    ref_hidden: torch.Tensor,
+    ref_weight: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    ref_bias: torch.Tensor | None = None,
+    token_mask: torch.Tensor | None = None,
+    vocab_mask: torch.Tensor | None = None,
+    direction: str = "forward",
+    reduction: str = "mean",
+    temperature: float = 1.0,
+) -> torch.Tensor:
     """Masked KL of ``hidden @ weight.T + bias`` vs ``ref_hidden @ ref_weight.T + ref_bias``."""
     logits = torch.nn.functional.linear(hidden, weight, bias)
     with torch.no_grad():

@@ -50,15 +50,15 @@ from typing import NamedTuple
 
 import torch
 
-ENUM_MAX_K = 8          # exact face enumeration up to here (2^8 - 1 = 255 faces)
-PIVOT_TOL = 1e-13       # smallest accepted Cholesky pivot of G'_S (G scaled to max diag 1)
-FEAS_TOL = 1e-10        # a face's weights may dip this far below 0 and still count
-DUAL_TOL = 1e-13        # active set: an index off the support enters when its dual exceeds this
+ENUM_MAX_K = 8  # exact face enumeration up to here (2^8 - 1 = 255 faces)
+PIVOT_TOL = 1e-13  # smallest accepted Cholesky pivot of G'_S (G scaled to max diag 1)
+FEAS_TOL = 1e-10  # a face's weights may dip this far below 0 and still count
+DUAL_TOL = 1e-13  # active set: an index off the support enters when its dual exceeds this
 CHUNK_FACE_ENTRIES = 1 << 22  # problems x faces x K per enumeration batch (bounds memory)
 
 
 class MinNorm(NamedTuple):
-    """Result of :func:`min_norm`: simplex ``weights`` ``[B, K]`` and ``value`` ``[B]`` = w^T G w."""
+    """Result of :func:`min_norm`: simplex ``weights`` ``[B, K]``, ``value`` ``[B]`` = w^T G w."""
 
     weights: torch.Tensor
     value: torch.Tensor
@@ -219,11 +219,14 @@ def _solve_active_set(gn: torch.Tensor, max_steps: int) -> torch.Tensor:
         alpha = torch.where(drop, alpha, torch.zeros_like(alpha))
         moved = u + alpha[:, None] * (s - u)
         keep = support & (moved > 0) & (cols != i_drop[:, None])
-        u = torch.where(accept[:, None], s,
-                        torch.where(drop[:, None], torch.where(keep, moved, 0.0), u))
-        support = torch.where(undo[:, None] & just_added[:, None], support & (cols != last[:, None]),
-                              torch.where(drop[:, None], keep,
-                                          support | (add[:, None] & (cols == j[:, None]))))
+        u = torch.where(
+            accept[:, None], s, torch.where(drop[:, None], torch.where(keep, moved, 0.0), u)
+        )
+        support = torch.where(
+            undo[:, None] & just_added[:, None],
+            support & (cols != last[:, None]),
+            torch.where(drop[:, None], keep, support | (add[:, None] & (cols == j[:, None]))),
+        )
         last = torch.where(add, j, last)
         just_added = add
         done = done | undo | optimal
@@ -241,8 +244,11 @@ def solve_scaled(gn: torch.Tensor, max_steps: int | None = None) -> torch.Tensor
         return _solve_k2(gn)
     if k <= ENUM_MAX_K:
         chunk = max(1, CHUNK_FACE_ENTRIES // ((1 << k) * k))
-        return torch.cat([_solve_enumerate(part) for part in gn.split(chunk)]) if b else \
-            gn.new_zeros(0, k)
+        return (
+            torch.cat([_solve_enumerate(part) for part in gn.split(chunk)])
+            if b
+            else gn.new_zeros(0, k)
+        )
     return _solve_active_set(gn, default_max_steps(k) if max_steps is None else max_steps)
 
 

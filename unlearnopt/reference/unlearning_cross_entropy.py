@@ -31,8 +31,9 @@ REDUCTIONS = ("mean", "sum", "none")
 _LABEL_SLOT_OFFSET = 1e4
 
 
-def label_log_odds(logits: torch.Tensor, labels: torch.Tensor,
-                   ignore_index: int) -> tuple[torch.Tensor, torch.Tensor]:
+def label_log_odds(
+    logits: torch.Tensor, labels: torch.Tensor, ignore_index: int
+) -> tuple[torch.Tensor, torch.Tensor]:
     """``(t [N], keep [N])``: ``t = log p_y - log(1 - p_y)`` per row of ``logits [N, V]``.
 
     Ignored rows see zero logits (so they get exactly zero gradient); rows whose label is
@@ -51,8 +52,9 @@ def label_log_odds(logits: torch.Tensor, labels: torch.Tensor,
     return logp_y - torch.logsumexp(others, dim=-1), keep
 
 
-def token_losses(logits: torch.Tensor, labels: torch.Tensor, mode: str, alpha: float,
-                 ignore_index: int) -> torch.Tensor:
+def token_losses(
+    logits: torch.Tensor, labels: torch.Tensor, mode: str, alpha: float, ignore_index: int
+) -> torch.Tensor:
     """Per-token loss ``[N]`` (0 at ignored tokens) from logits ``[N, V]``, labels ``[N]``.
 
     Math in float32 for 16-bit logits, float64 for float64 logits (the oracle of the tests
@@ -87,9 +89,14 @@ def reduce_tokens(loss: torch.Tensor, keep: torch.Tensor, reduction: str) -> tor
     raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
 
 
-def unlearning_cross_entropy(logits: torch.Tensor, labels: torch.Tensor, mode: str = "nll",
-                             ignore_index: int = -100, reduction: str = "mean",
-                             alpha: float = 0.5) -> torch.Tensor:
+def unlearning_cross_entropy(
+    logits: torch.Tensor,
+    labels: torch.Tensor,
+    mode: str = "nll",
+    ignore_index: int = -100,
+    reduction: str = "mean",
+    alpha: float = 0.5,
+) -> torch.Tensor:
     """logits ``[..., V]`` (any float dtype), labels ``[...]`` int64/int32 -> loss (float32,
     or float64 for float64 logits).
 
@@ -103,11 +110,17 @@ def unlearning_cross_entropy(logits: torch.Tensor, labels: torch.Tensor, mode: s
     return out.reshape(labels.shape) if reduction == "none" else out
 
 
-def fused_linear_unlearning_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor,
-                                          labels: torch.Tensor, bias: torch.Tensor | None = None,
-                                          mode: str = "nll", ignore_index: int = -100,
-                                          reduction: str = "mean",
-                                          alpha: float = 0.5) -> torch.Tensor:
-    """hidden ``[..., H]``, weight ``[V, H]``, bias ``[V]`` -> the loss of ``hidden @ weight.T + bias``."""
+def fused_linear_unlearning_cross_entropy(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    labels: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    mode: str = "nll",
+    ignore_index: int = -100,
+    reduction: str = "mean",
+    alpha: float = 0.5,
+) -> torch.Tensor:
+    """hidden ``[..., H]``, weight ``[V, H]``, bias ``[V]`` -> the loss of
+    ``hidden @ weight.T + bias``."""
     logits = torch.nn.functional.linear(hidden, weight, bias)
     return unlearning_cross_entropy(logits, labels, mode, ignore_index, reduction, alpha)

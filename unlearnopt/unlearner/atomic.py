@@ -2,7 +2,8 @@
 
 Inside ``with AtomicStep(...) as step:`` a method may move the parameters directly
 (:meth:`AtomicStep.move`, e.g. OFMU's inner ascent; before or after the step) and takes at
-most one optimizer step (:meth:`AtomicStep.apply`: write the direction into ``p.grad``, unscale, clip, the
+most one optimizer step (:meth:`AtomicStep.apply`: write the direction into ``p.grad``,
+unscale, clip, the
 wrapped optimizer's or the GradScaler's step). If anything in the block raises, or the
 GradScaler skips the step, the parameters are restored bit-exactly (from a copy taken at the
 first ``move``; none is taken if nothing moves them) and every ``p.grad`` is as it was. The
@@ -44,8 +45,14 @@ class AtomicStep:
         stepped: True once :meth:`apply` took the optimizer's step.
     """
 
-    def __init__(self, params: Sequence[torch.nn.Parameter], optimizer: torch.optim.Optimizer,
-                 *, max_grad_norm: float | None, scaler: torch.amp.GradScaler | None):
+    def __init__(
+        self,
+        params: Sequence[torch.nn.Parameter],
+        optimizer: torch.optim.Optimizer,
+        *,
+        max_grad_norm: float | None,
+        scaler: torch.amp.GradScaler | None,
+    ):
         self.params = list(params)
         self.optimizer = optimizer
         self.max_grad_norm = max_grad_norm
@@ -54,7 +61,7 @@ class AtomicStep:
         self._grads: list[torch.Tensor | None] = []
         self._saved_params: list[torch.Tensor] | None = None
 
-    def __enter__(self) -> AtomicStep:  # noqa: PYI034 (typing.Self needs Python 3.11)
+    def __enter__(self) -> AtomicStep:
         self._grads = [p.grad for p in self.params]
         return self
 
@@ -70,8 +77,9 @@ class AtomicStep:
         for p, g in zip(self.params, self._grads):
             p.grad = g
 
-    def move(self, delta: Sequence[torch.Tensor | None], *,
-             alpha: Sequence[float] | None = None) -> None:
+    def move(
+        self, delta: Sequence[torch.Tensor | None], *, alpha: Sequence[float] | None = None
+    ) -> None:
         """θ ← θ + alpha·delta (P tensors, None = no change; ``alpha`` one factor per
         parameter, default 1), not through the optimizer. Before :meth:`apply` the move is
         undone if the update fails (a copy of the parameters is kept from the first move);
@@ -94,12 +102,16 @@ class AtomicStep:
         gradients overflowed, make the GradScaler see it (it then skips the step and backs
         off). Returns False if the step was skipped; then everything is restored."""
         if len(direction) != len(self.params):
-            raise ValueError(f"direction has {len(direction)} tensors, expected "
-                             f"{len(self.params)} (one per trainable parameter)")
+            raise ValueError(
+                f"direction has {len(direction)} tensors, expected "
+                f"{len(self.params)} (one per trainable parameter)"
+            )
         for p, d in zip(self.params, direction):
             if d is not None and d.shape != p.shape:
-                raise ValueError(f"direction tensor of shape {tuple(d.shape)} for a "
-                                 f"parameter of shape {tuple(p.shape)}")
+                raise ValueError(
+                    f"direction tensor of shape {tuple(d.shape)} for a "
+                    f"parameter of shape {tuple(p.shape)}"
+                )
         if overflow:
             first = next(d for d in direction if d is not None)
             first.fill_(float("inf"))

@@ -22,29 +22,43 @@ _PER_IMAGE_KEYS = ("image_sizes", "pixel_values")
 def check_batch(batch: Any, name: str) -> None:
     """Raise ``TypeError`` / ``ValueError`` naming ``name`` unless ``batch`` is a valid batch."""
     if not isinstance(batch, Mapping):
-        raise TypeError(f"{name} must be a dict of tensors (a Hugging Face batch), "
-                        f"got {type(batch).__name__}")
+        raise TypeError(
+            f"{name} must be a dict of tensors (a Hugging Face batch), got {type(batch).__name__}"
+        )
     labels = batch.get("labels")
     if not isinstance(labels, torch.Tensor):
-        raise TypeError(f"{name} needs a 'labels' tensor [B, T] (-100 = ignored); "
-                        f"keys present: {sorted(batch)}")
+        raise TypeError(
+            f"{name} needs a 'labels' tensor [B, T] (-100 = ignored); keys present: {sorted(batch)}"
+        )
     if labels.dim() != 2 or labels.dtype.is_floating_point or labels.dtype == torch.bool:
-        raise ValueError(f"{name}['labels'] must be an integer tensor [B, T], got shape "
-                         f"{tuple(labels.shape)} dtype {labels.dtype}")
+        raise ValueError(
+            f"{name}['labels'] must be an integer tensor [B, T], got shape "
+            f"{tuple(labels.shape)} dtype {labels.dtype}"
+        )
     if labels.shape[0] == 0 or labels.shape[1] < 2:
-        raise ValueError(f"{name}['labels'] has shape {tuple(labels.shape)}; expected B >= 1 "
-                         "and T >= 2 (a next-token loss needs two positions)")
+        raise ValueError(
+            f"{name}['labels'] has shape {tuple(labels.shape)}; expected B >= 1 "
+            "and T >= 2 (a next-token loss needs two positions)"
+        )
     for key in ("input_ids", "attention_mask"):
         t = batch.get(key)
         if t is not None and (not isinstance(t, torch.Tensor) or t.shape != labels.shape):
             shape = tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__
-            raise ValueError(f"{name}[{key!r}] has shape {shape} but labels has "
-                             f"{tuple(labels.shape)}; expected the same [B, T]")
+            raise ValueError(
+                f"{name}[{key!r}] has shape {shape} but labels has "
+                f"{tuple(labels.shape)}; expected the same [B, T]"
+            )
     for key, t in batch.items():
-        if isinstance(t, torch.Tensor) and t.dim() > 0 and t.shape[0] != labels.shape[0] \
-                and key not in _PER_IMAGE_KEYS:
-            raise ValueError(f"{name}[{key!r}] has leading size {t.shape[0]} but the batch has "
-                             f"{labels.shape[0]} sequences")
+        if (
+            isinstance(t, torch.Tensor)
+            and t.dim() > 0
+            and t.shape[0] != labels.shape[0]
+            and key not in _PER_IMAGE_KEYS
+        ):
+            raise ValueError(
+                f"{name}[{key!r}] has leading size {t.shape[0]} but the batch has "
+                f"{labels.shape[0]} sequences"
+            )
 
 
 def split(batch: Batch, parts: int, name: str) -> list[Batch]:

@@ -47,7 +47,7 @@ def fsdp_modules(model: torch.nn.Module) -> list[torch.nn.Module]:
     """The FSDP2 (``fully_shard``) modules of ``model``, outermost first; [] without FSDP2."""
     try:
         from torch.distributed.fsdp import FSDPModule
-    except ImportError:                                    # torch built without distributed
+    except ImportError:  # torch built without distributed
         return []
     return [m for m in model.modules() if isinstance(m, FSDPModule)]
 
@@ -71,11 +71,14 @@ class Distributed:
         self.params = list(params)
         self.ddp = is_ddp(model)
         self.fsdp = fsdp_modules(model)
-        if not self.fsdp and any(type(p).__name__ == "DTensor" or hasattr(p, "device_mesh")
-                                 for p in self.params):
-            raise NotImplementedError("DTensor parameters outside FSDP2 (fully_shard), e.g. "
-                                      "tensor parallelism, are not supported by "
-                                      "MultiObjectiveUnlearner; use DDP or fully_shard")
+        if not self.fsdp and any(
+            type(p).__name__ == "DTensor" or hasattr(p, "device_mesh") for p in self.params
+        ):
+            raise NotImplementedError(
+                "DTensor parameters outside FSDP2 (fully_shard), e.g. "
+                "tensor parallelism, are not supported by "
+                "MultiObjectiveUnlearner; use DDP or fully_shard"
+            )
 
     @property
     def world_size(self) -> int:
@@ -148,8 +151,11 @@ class Distributed:
         A parameter some rank did not reach is zeros there: every rank must call the same
         collectives, so a None gradient is materialised as zeros where any rank has one.
         """
-        presence = torch.tensor([[g is not None for g in per] for per in grads],
-                                dtype=torch.int32, device=self.params[0].device)
+        presence = torch.tensor(
+            [[g is not None for g in per] for per in grads],
+            dtype=torch.int32,
+            device=self.params[0].device,
+        )
         dist.all_reduce(presence, op=dist.ReduceOp.MAX)
         flags = presence.tolist()
         works = []

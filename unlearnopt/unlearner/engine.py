@@ -56,10 +56,19 @@ class StepEngine:
             :meth:`objective_gradients` (all ranks), checked by the next :meth:`weigh`.
     """
 
-    def __init__(self, params: Sequence[torch.nn.Parameter], optimizer: torch.optim.Optimizer,
-                 forwards: Forwards, distributed: Distributed, *, method_name: str,
-                 max_grad_norm: float | None, accumulate: int,
-                 scaler: torch.amp.GradScaler | None, heads: HeadForwards | None = None):
+    def __init__(
+        self,
+        params: Sequence[torch.nn.Parameter],
+        optimizer: torch.optim.Optimizer,
+        forwards: Forwards,
+        distributed: Distributed,
+        *,
+        method_name: str,
+        max_grad_norm: float | None,
+        accumulate: int,
+        scaler: torch.amp.GradScaler | None,
+        heads: HeadForwards | None = None,
+    ):
         self.params = list(params)
         self.heads = heads
         self.optimizer = optimizer
@@ -91,13 +100,19 @@ class StepEngine:
         inputs on the fused-linear path, the reference's outputs through its cache)."""
         layers = self.forwards.layer_forward
         if self.heads is None:
-            return ObjectiveContext(batch, kind, self.forward, self.ref_forward,
-                                    layer_forward=layers)
-        return ObjectiveContext(batch, kind, self.forward, self.heads.ref_logits,
-                                head_forward=self.heads.head,
-                                ref_head_forward=self.heads.ref_head,
-                                ref_log_prob_forward=self.heads.ref_sequence_log_prob,
-                                layer_forward=layers)
+            return ObjectiveContext(
+                batch, kind, self.forward, self.ref_forward, layer_forward=layers
+            )
+        return ObjectiveContext(
+            batch,
+            kind,
+            self.forward,
+            self.heads.ref_logits,
+            head_forward=self.heads.head,
+            ref_head_forward=self.heads.ref_head,
+            ref_log_prob_forward=self.heads.ref_sequence_log_prob,
+            layer_forward=layers,
+        )
 
     def learning_rates(self) -> list[float]:
         group_lr = {}
@@ -128,8 +143,9 @@ class StepEngine:
             for p, g in zip(self.params, saved):
                 p.grad = g
 
-    def objective_gradients(self, objectives: Sequence[Objective], forget: Any,
-                            retain: Any) -> tuple[dict[str, torch.Tensor], Grads]:
+    def objective_gradients(
+        self, objectives: Sequence[Objective], forget: Any, retain: Any
+    ) -> tuple[dict[str, torch.Tensor], Grads]:
         """Losses and gradients of ``objectives`` over the (micro-)batches, global means.
 
         Returns ``(losses, grads)``: ``losses[name]`` 0-dim float32 (the mean over the whole
@@ -144,8 +160,10 @@ class StepEngine:
         for kind, batch in (("forget", forget), ("retain", retain)):
             if any(o.batch == kind for o in objectives):
                 if batch is None:
-                    raise ValueError(f"method {self.method_name!r} needs a {kind} batch "
-                                     f"(objectives {[o.name for o in objectives if o.batch == kind]})")
+                    raise ValueError(
+                        f"method {self.method_name!r} needs a {kind} batch "
+                        f"(objectives {[o.name for o in objectives if o.batch == kind]})"
+                    )
                 batches[kind] = self.micro_batches(batch, kind)
 
         # Each micro-batch's loss is weighted by its share of the units (tokens/sequences) of
@@ -153,12 +171,11 @@ class StepEngine:
         counts = {o.name: [o.units(mb).float() for mb in batches[o.batch]] for o in objectives}
         totals = torch.stack([torch.stack(counts[n]).sum() for n in names])
         kinds = list(batches)
-        labelled = torch.stack([batches_mod.labelled_tokens(batches[k]).to(totals)
-                                for k in kinds])
-        if self.world_size > 1:                 # one collective for both
+        labelled = torch.stack([batches_mod.labelled_tokens(batches[k]).to(totals) for k in kinds])
+        if self.world_size > 1:  # one collective for both
             both = torch.cat([totals, labelled])
             torch.distributed.all_reduce(both)
-            totals, labelled = both[:len(names)], both[len(names):]
+            totals, labelled = both[: len(names)], both[len(names) :]
         self.labelled = dict(zip(kinds, labelled.unbind(0)))
         totals = totals.clamp(min=1)
         rank_factor = self.distributed.rank_factor
@@ -176,8 +193,10 @@ class StepEngine:
                             i = index[obj.name]
                             loss = obj.loss(ctx)
                             if not isinstance(loss, torch.Tensor) or loss.dim() != 0:
-                                raise TypeError(f"objective {obj.name!r} must return a 0-dim "
-                                                f"tensor, got {loss!r:.80}")
+                                raise TypeError(
+                                    f"objective {obj.name!r} must return a 0-dim "
+                                    f"tensor, got {loss!r:.80}"
+                                )
                             share = counts[obj.name][m].to(loss.device) / totals[i]
                             weighted = loss * share.to(loss.dtype)
                             losses[obj.name] = losses[obj.name] + weighted.detach().float()
@@ -195,16 +214,22 @@ class StepEngine:
         gram = grad_gram(grads)
         if self.scaler is not None and self.scaler.is_enabled():
             # The public way to read the scale without a host sync: scale a one.
-            scale = self.scaler.scale(torch.ones((), device=gram.total.device,
-                                                 dtype=torch.float32))
+            scale = self.scaler.scale(torch.ones((), device=gram.total.device, dtype=torch.float32))
             inv = 1.0 / scale
             gram = type(gram)(gram.per_tensor * inv * inv, gram.total * inv * inv)
         return gram
 
     # -- weighing and stepping ------------------------------------------------------------------
-    def weigh(self, aggregator: Aggregator, names: Sequence[str],
-              losses: Mapping[str, torch.Tensor], grads: Grads, *, gram: GradGram | None = None,
-              extra: Mapping[str, torch.Tensor] | None = None) -> Weighed:
+    def weigh(
+        self,
+        aggregator: Aggregator,
+        names: Sequence[str],
+        losses: Mapping[str, torch.Tensor],
+        grads: Grads,
+        *,
+        gram: GradGram | None = None,
+        extra: Mapping[str, torch.Tensor] | None = None,
+    ) -> Weighed:
         """Gram -> coefficients -> checked stats (one host sync); see ``weighing_stats``.
         Also raises ``ValueError`` if a batch read by the last :meth:`objective_gradients`
         had no labelled token (every objective's mean would be over nothing)."""
@@ -212,16 +237,24 @@ class StepEngine:
         result = aggregator.coefficients(gram.per_tensor, gram.total)
         dsq = aggregator.direction_sq_norm(gram.per_tensor, result.coefficients)
         labelled, self.labelled = self.labelled, {}
-        stats, overflow = weighing_stats(names, losses, gram, result, dsq,
-                                         scaled=self.scaler is not None, extra=extra,
-                                         labelled=labelled)
+        stats, overflow = weighing_stats(
+            names,
+            losses,
+            gram,
+            result,
+            dsq,
+            scaled=self.scaler is not None,
+            extra=extra,
+            labelled=labelled,
+        )
         return Weighed(stats, result.coefficients, overflow)
 
     @contextlib.contextmanager
     def atomic(self) -> Iterator[AtomicStep]:
         """An all-or-nothing update; counts the step when the optimizer took it."""
-        with AtomicStep(self.params, self.optimizer, max_grad_norm=self.max_grad_norm,
-                        scaler=self.scaler) as step:
+        with AtomicStep(
+            self.params, self.optimizer, max_grad_norm=self.max_grad_norm, scaler=self.scaler
+        ) as step:
             yield step
         if step.stepped:
             self.steps += 1
@@ -230,8 +263,13 @@ class StepEngine:
     def read_stats(values: Mapping[str, torch.Tensor]) -> dict[str, float]:
         return read_stats(values)
 
-    def aggregate_and_step(self, aggregator: Aggregator, names: Sequence[str],
-                           losses: Mapping[str, torch.Tensor], grads: Grads) -> dict[str, float]:
+    def aggregate_and_step(
+        self,
+        aggregator: Aggregator,
+        names: Sequence[str],
+        losses: Mapping[str, torch.Tensor],
+        grads: Grads,
+    ) -> dict[str, float]:
         """Gram -> coefficients -> checks -> combined direction -> optimizer step; stats."""
         with self.atomic() as step:
             weighed = self.weigh(aggregator, names, losses, grads)
@@ -241,8 +279,9 @@ class StepEngine:
         stats["skipped"] = 0.0 if step.stepped else 1.0
         return stats
 
-    def standard_step(self, objectives: Sequence[Objective], aggregator: Aggregator,
-                      forget: Any, retain: Any) -> dict[str, float]:
+    def standard_step(
+        self, objectives: Sequence[Objective], aggregator: Aggregator, forget: Any, retain: Any
+    ) -> dict[str, float]:
         """The generic step: K gradients -> Gram -> aggregator -> optimizer step."""
         losses, grads = self.objective_gradients(objectives, forget, retain)
         return self.aggregate_and_step(aggregator, [o.name for o in objectives], losses, grads)

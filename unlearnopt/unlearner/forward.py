@@ -25,8 +25,10 @@ def extract_logits(output: Any, who: str) -> torch.Tensor:
     elif getattr(output, "logits", None) is not None:
         logits = output.logits
     if not isinstance(logits, torch.Tensor):
-        raise TypeError(f"{who}'s forward returned {type(output).__name__} without logits; "
-                        "expected a tensor [B, T, V] or an output with a .logits tensor")
+        raise TypeError(
+            f"{who}'s forward returned {type(output).__name__} without logits; "
+            "expected a tensor [B, T, V] or an output with a .logits tensor"
+        )
     if logits.dim() != 3:
         raise ValueError(f"{who}'s logits must be [B, T, V], got shape {tuple(logits.shape)}")
     return logits
@@ -43,7 +45,7 @@ def vocabulary_size(model: torch.nn.Module) -> int | None:
     except (NotImplementedError, AttributeError):
         head = None
     weight = getattr(head, "weight", None)
-    if isinstance(weight, torch.Tensor) and weight.dim() == 2:     # a DTensor: global shape
+    if isinstance(weight, torch.Tensor) and weight.dim() == 2:  # a DTensor: global shape
         return int(weight.shape[0])
     config = getattr(model, "config", None)
     for cfg in (config, getattr(config, "text_config", None)):
@@ -86,35 +88,42 @@ class Forwards:
     def has_peft_reference(self) -> bool:
         return hasattr(unwrap(self.model), "disable_adapter")
 
-    def check_reference(self, trained: Sequence[torch.nn.Parameter], needs_ref: bool,
-                        method_name: str) -> None:
+    def check_reference(
+        self, trained: Sequence[torch.nn.Parameter], needs_ref: bool, method_name: str
+    ) -> None:
         """Validate and freeze ``ref_model`` (eval mode, no grad); raise if the method needs
         a reference and there is none."""
         if self.ref_model is not None:
             if not isinstance(self.ref_model, torch.nn.Module):
-                raise TypeError(f"ref_model must be a torch.nn.Module, "
-                                f"got {type(self.ref_model).__name__}")
+                raise TypeError(
+                    f"ref_model must be a torch.nn.Module, got {type(self.ref_model).__name__}"
+                )
             ids = {id(p) for p in trained}
             if any(id(p) in ids for p in self.ref_model.parameters()):
-                raise ValueError("ref_model shares parameters with the trained model; pass a "
-                                 "frozen copy (copy.deepcopy(model)) or, for PEFT, no ref_model")
+                raise ValueError(
+                    "ref_model shares parameters with the trained model; pass a "
+                    "frozen copy (copy.deepcopy(model)) or, for PEFT, no ref_model"
+                )
             mine, theirs = vocabulary_size(self.model), vocabulary_size(self.ref_model)
             if mine is not None and theirs is not None and mine != theirs:
-                raise ValueError(f"ref_model has a vocabulary of {theirs} tokens but model has "
-                                 f"{mine}; the reference must be a copy of the original model "
-                                 "(same tokenizer and output layer)")
+                raise ValueError(
+                    f"ref_model has a vocabulary of {theirs} tokens but model has "
+                    f"{mine}; the reference must be a copy of the original model "
+                    "(same tokenizer and output layer)"
+                )
             self.ref_model.requires_grad_(False)
             self.ref_model.eval()
         elif needs_ref and not self.has_peft_reference:
-            raise ValueError(f"method {method_name!r} needs a reference model: pass "
-                             "ref_model= (a frozen copy of the original model), or use a PEFT "
-                             "model, whose adapters are disabled for the reference")
+            raise ValueError(
+                f"method {method_name!r} needs a reference model: pass "
+                "ref_model= (a frozen copy of the original model), or use a PEFT "
+                "model, whose adapters are disabled for the reference"
+            )
 
     def inputs(self, batch: Batch) -> dict[str, Any]:
         """The model's keyword inputs: the batch without ``labels`` (so the model computes no
         loss of its own) and without the auxiliary ``aux_*`` entries."""
-        inputs = {k: v for k, v in batch.items()
-                  if k != "labels" and not k.startswith(AUX_PREFIX)}
+        inputs = {k: v for k, v in batch.items() if k != "labels" and not k.startswith(AUX_PREFIX)}
         if self._use_cache_kw:
             inputs.setdefault("use_cache", False)
         return inputs
@@ -123,19 +132,25 @@ class Forwards:
         """The trained model's logits ``[B, T, V]`` on ``batch``."""
         return extract_logits(self.model(**self.inputs(batch)), "model")
 
-    def layer_forward(self, batch: Batch, kind: str, layer: int, train_from: int | None = None,
-                      reference: bool = False) -> torch.Tensor:
+    def layer_forward(
+        self,
+        batch: Batch,
+        kind: str,
+        layer: int,
+        train_from: int | None = None,
+        reference: bool = False,
+    ) -> torch.Tensor:
         """Hidden states ``[B, T, H]`` after decoder layer ``layer`` of the trained model
         (gradient only into layers ``train_from .. layer`` when ``train_from`` is given) or,
         with ``reference=True``, of the reference (no grad)."""
         inputs = self.inputs(batch)
         if not reference:
-            return layer_output(lambda: self.model(**inputs), unwrap(self.model), layer,
-                                train_from)
+            return layer_output(lambda: self.model(**inputs), unwrap(self.model), layer, train_from)
         with torch.no_grad():
             if self.ref_model is not None:
-                return layer_output(lambda: self.ref_model(**inputs), self.ref_model,
-                                    layer).detach()
+                return layer_output(
+                    lambda: self.ref_model(**inputs), self.ref_model, layer
+                ).detach()
             model = unwrap(self.model)
             if not hasattr(model, "disable_adapter"):
                 raise ValueError("no reference: pass ref_model= or use a PEFT model")

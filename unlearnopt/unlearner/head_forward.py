@@ -17,7 +17,8 @@ The path is on unless ``enabled=False`` or a head cannot be fused (see
 so the objectives read the logits. The first call checks the reference too (when the
 method needs one), so the path never mixes: either every objective reads head inputs or
 none does. Reference outputs on *forget* batches go through a
-:class:`~unlearnopt.unlearner.reference_cache.ReferenceCache` (forget batches usually repeat at every
+:class:`~unlearnopt.unlearner.reference_cache.ReferenceCache` (forget batches usually repeat
+at every
 step of a request; retain batches usually change, so they are not kept).
 """
 
@@ -69,8 +70,7 @@ def adapters_disabled(model: torch.nn.Module) -> Iterator[torch.nn.Module]:
 def _peft_adapter_tensors(model: torch.nn.Module) -> list[torch.Tensor]:
     """The parameters of a PEFT model's adapters (unused by its adapter-disabled reference)."""
     names = list(getattr(model, "peft_config", {}) or {})
-    return [p for n, p in model.named_parameters()
-            if any(f".{a}." in f".{n}." for a in names)]
+    return [p for n, p in model.named_parameters() if any(f".{a}." in f".{n}." for a in names)]
 
 
 class HeadForwards:
@@ -85,8 +85,15 @@ class HeadForwards:
         who: the name used in the warning.
     """
 
-    def __init__(self, forwards: Any, *, enabled: bool = True, needs_ref: bool = False,
-                 cache: ReferenceCache | None = None, who: str = "MultiObjectiveUnlearner"):
+    def __init__(
+        self,
+        forwards: Any,
+        *,
+        enabled: bool = True,
+        needs_ref: bool = False,
+        cache: ReferenceCache | None = None,
+        who: str = "MultiObjectiveUnlearner",
+    ):
         if not isinstance(enabled, bool):
             raise TypeError(f"fused_linear must be a bool, got {type(enabled).__name__}")
         self.forwards = forwards
@@ -96,7 +103,7 @@ class HeadForwards:
         self.active = enabled
         self.reason: str | None = None if enabled else "fused_linear=False"
         self._checked = False
-        self._ref_fused = False         # the reference's head inputs were obtained once
+        self._ref_fused = False  # the reference's head inputs were obtained once
         # The reference's head inputs computed by the first head() call (to check that the
         # reference can be fused too), handed to the first reader of the same batch.
         self._first_ref: tuple[Batch, HeadInputs] | None = None
@@ -111,9 +118,12 @@ class HeadForwards:
     def _fall_back(self, reason: str) -> None:
         self.active = False
         self.reason = reason
-        warnings.warn(f"{self.who}: the fused-linear path is off because {reason}; the "
-                      "objectives read the full [B, T, V] logits instead", RuntimeWarning,
-                      stacklevel=4)
+        warnings.warn(
+            f"{self.who}: the fused-linear path is off because {reason}; the "
+            "objectives read the full [B, T, V] logits instead",
+            RuntimeWarning,
+            stacklevel=4,
+        )
 
     # -- the trained model ----------------------------------------------------------------------
     def head(self, batch: Batch, kind: str = "batch") -> HeadInputs | None:
@@ -176,8 +186,7 @@ class HeadForwards:
 
     def ref_logits(self, batch: Batch, kind: str = "batch") -> torch.Tensor:
         """The reference's logits ``[B, T, V]`` (no grad; cached for forget batches)."""
-        return self._cached(batch, kind, "logits",
-                            lambda: self.forwards.ref_forward(batch, kind))
+        return self._cached(batch, kind, "logits", lambda: self.forwards.ref_forward(batch, kind))
 
     def ref_sequence_log_prob(self, batch: Batch, kind: str = "batch") -> torch.Tensor:
         """``log pi_ref(y_i | x_i)`` per sequence, ``[B]`` (no grad; cached for forget

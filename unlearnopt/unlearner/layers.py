@@ -36,8 +36,10 @@ def decoder_layers(model: torch.nn.Module) -> torch.nn.ModuleList:
         if size > best_size:
             best, best_size = module, size
     if best is None:
-        raise ValueError(f"found no decoder layers in {type(model).__name__}: expected a "
-                         "torch.nn.ModuleList of same-class blocks (e.g. model.layers)")
+        raise ValueError(
+            f"found no decoder layers in {type(model).__name__}: expected a "
+            "torch.nn.ModuleList of same-class blocks (e.g. model.layers)"
+        )
     return best
 
 
@@ -55,8 +57,9 @@ def _detach_input(module, args, kwargs):
     raise ValueError(f"cannot find the hidden-states input of {type(module).__name__}")
 
 
-def layer_output(run: Callable[[], Any], model: torch.nn.Module, layer: int,
-                 train_from: int | None = None) -> torch.Tensor:
+def layer_output(
+    run: Callable[[], Any], model: torch.nn.Module, layer: int, train_from: int | None = None
+) -> torch.Tensor:
     """Hidden states ``[B, T, H]`` after decoder layer ``layer`` (0-based; negative counts from
     the end) while ``run()`` calls the model's forward.
 
@@ -71,11 +74,12 @@ def layer_output(run: Callable[[], Any], model: torch.nn.Module, layer: int,
     layers = decoder_layers(model)
     n = len(layers)
     if not isinstance(layer, int) or not -n <= layer < n:
-        raise ValueError(f"layer must be an int in [-{n}, {n}) for a model with {n} decoder "
-                         f"layers, got {layer!r}")
+        raise ValueError(
+            f"layer must be an int in [-{n}, {n}) for a model with {n} decoder "
+            f"layers, got {layer!r}"
+        )
     layer %= n
-    if train_from is not None and (not isinstance(train_from, int)
-                                   or not 0 <= train_from <= layer):
+    if train_from is not None and (not isinstance(train_from, int) or not 0 <= train_from <= layer):
         raise ValueError(f"train_from must be an int in [0, layer={layer}], got {train_from!r}")
     captured: list[torch.Tensor] = []
 
@@ -85,8 +89,9 @@ def layer_output(run: Callable[[], Any], model: torch.nn.Module, layer: int,
 
     handles = [layers[layer].register_forward_hook(capture)]
     if train_from is not None:
-        handles.append(layers[train_from].register_forward_pre_hook(_detach_input,
-                                                                    with_kwargs=True))
+        handles.append(
+            layers[train_from].register_forward_pre_hook(_detach_input, with_kwargs=True)
+        )
     try:
         run()
     except _ReachedLayer:
@@ -95,6 +100,7 @@ def layer_output(run: Callable[[], Any], model: torch.nn.Module, layer: int,
         for h in handles:
             h.remove()
     if not captured:
-        raise ValueError(f"decoder layer {layer} of {type(model).__name__} did not run in the "
-                         "forward pass")
+        raise ValueError(
+            f"decoder layer {layer} of {type(model).__name__} did not run in the forward pass"
+        )
     return captured[0]

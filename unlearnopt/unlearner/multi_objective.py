@@ -66,21 +66,32 @@ class MultiObjectiveUnlearner:
     ``unlearnopt.unlearner.distributed``.
     """
 
-    def __init__(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
-                 method: str | Method | type[Method] = "mollm",
-                 ref_model: torch.nn.Module | None = None, *, max_grad_norm: float | None = None,
-                 accumulate: int = 1, scaler: torch.amp.GradScaler | None = None,
-                 fused_linear: bool = True, ref_cache: bool = True,
-                 **method_options: Any) -> None:
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        optimizer: torch.optim.Optimizer,
+        method: str | Method | type[Method] = "mollm",
+        ref_model: torch.nn.Module | None = None,
+        *,
+        max_grad_norm: float | None = None,
+        accumulate: int = 1,
+        scaler: torch.amp.GradScaler | None = None,
+        fused_linear: bool = True,
+        ref_cache: bool = True,
+        **method_options: Any,
+    ) -> None:
         if not isinstance(model, torch.nn.Module):
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
         if not isinstance(optimizer, torch.optim.Optimizer):
-            raise TypeError(f"optimizer must be a torch.optim.Optimizer, "
-                            f"got {type(optimizer).__name__}")
-        if max_grad_norm is not None and (not isinstance(max_grad_norm, (int, float))
-                                          or not max_grad_norm > 0):
-            raise ValueError(f"max_grad_norm must be a positive number or None, "
-                             f"got {max_grad_norm!r}")
+            raise TypeError(
+                f"optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}"
+            )
+        if max_grad_norm is not None and (
+            not isinstance(max_grad_norm, (int, float)) or not max_grad_norm > 0
+        ):
+            raise ValueError(
+                f"max_grad_norm must be a positive number or None, got {max_grad_norm!r}"
+            )
         if not isinstance(accumulate, int) or accumulate < 1:
             raise ValueError(f"accumulate must be a positive int, got {accumulate!r}")
         if scaler is not None and not hasattr(scaler, "unscale_"):
@@ -95,19 +106,31 @@ class MultiObjectiveUnlearner:
         ids = {id(p) for p in model.parameters()}
         missing = [i for i, p in enumerate(self.params) if id(p) not in ids]
         if missing:
-            raise ValueError(f"the optimizer's trainable parameters {missing[:5]} are not "
-                             "parameters of model")
+            raise ValueError(
+                f"the optimizer's trainable parameters {missing[:5]} are not parameters of model"
+            )
         self.distributed = Distributed(model, self.params)
         self.forwards = Forwards(model, ref_model)
         self.forwards.check_reference(self.params, self.method.needs_ref, self.method.name)
         if not isinstance(ref_cache, bool):
             raise TypeError(f"ref_cache must be a bool, got {type(ref_cache).__name__}")
-        self.heads = HeadForwards(self.forwards, enabled=fused_linear,
-                                  needs_ref=self.method.needs_ref,
-                                  cache=ReferenceCache(enabled=ref_cache))
-        self.engine = StepEngine(self.params, optimizer, self.forwards, self.distributed,
-                                 method_name=self.method.name, max_grad_norm=max_grad_norm,
-                                 accumulate=accumulate, scaler=scaler, heads=self.heads)
+        self.heads = HeadForwards(
+            self.forwards,
+            enabled=fused_linear,
+            needs_ref=self.method.needs_ref,
+            cache=ReferenceCache(enabled=ref_cache),
+        )
+        self.engine = StepEngine(
+            self.params,
+            optimizer,
+            self.forwards,
+            self.distributed,
+            method_name=self.method.name,
+            max_grad_norm=max_grad_norm,
+            accumulate=accumulate,
+            scaler=scaler,
+            heads=self.heads,
+        )
         self._pending: dict[str, list[torch.Tensor | None]] | None = None
         self._pending_losses: dict[str, torch.Tensor] = {}
 
@@ -136,8 +159,11 @@ class MultiObjectiveUnlearner:
 
     def state_dict(self) -> dict[str, Any]:
         """The wrapped optimizer's, the method's (and the scaler's) state, and the step count."""
-        state = {"optimizer": self.optimizer.state_dict(), "method": self.method.state_dict(),
-                 "steps": self.steps}
+        state = {
+            "optimizer": self.optimizer.state_dict(),
+            "method": self.method.state_dict(),
+            "steps": self.steps,
+        }
         if self.scaler is not None:
             state["scaler"] = self.scaler.state_dict()
         return state
@@ -145,8 +171,10 @@ class MultiObjectiveUnlearner:
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         for key in ("optimizer", "method"):
             if key not in state:
-                raise ValueError(f"state_dict lacks {key!r}; expected one from "
-                                 "MultiObjectiveUnlearner.state_dict()")
+                raise ValueError(
+                    f"state_dict lacks {key!r}; expected one from "
+                    "MultiObjectiveUnlearner.state_dict()"
+                )
         self.optimizer.load_state_dict(state["optimizer"])
         self.method.load_state_dict(state["method"])
         if self.scaler is not None and "scaler" in state:
@@ -171,8 +199,9 @@ class MultiObjectiveUnlearner:
         """Validate ``batch`` (a dict, or a list of dicts) and split it into micro-batches."""
         return self.engine.micro_batches(batch, name)
 
-    def objective_gradients(self, objectives: Sequence[Objective], forget: Any,
-                            retain: Any) -> tuple[dict[str, torch.Tensor], Grads]:
+    def objective_gradients(
+        self, objectives: Sequence[Objective], forget: Any, retain: Any
+    ) -> tuple[dict[str, torch.Tensor], Grads]:
         """Losses and per-objective gradients, global means (``StepEngine``)."""
         return self.engine.objective_gradients(objectives, forget, retain)
 
@@ -203,8 +232,10 @@ class MultiObjectiveUnlearner:
             if not isinstance(loss, torch.Tensor) or loss.dim() != 0:
                 raise TypeError(f"losses[{name!r}] must be a 0-dim tensor, got {loss!r:.80}")
         if self._pending is not None and list(self._pending) != list(losses):
-            raise ValueError(f"backward() got losses {list(losses)} but earlier calls since the "
-                             f"last step had {list(self._pending)}")
+            raise ValueError(
+                f"backward() got losses {list(losses)} but earlier calls since the "
+                f"last step had {list(self._pending)}"
+            )
         pending = self._pending if self._pending is not None else {}
         items = list(losses.items())
         new_grads = {}
@@ -228,15 +259,17 @@ class MultiObjectiveUnlearner:
         """
         if forget is None and retain is None:
             if self._pending is None:
-                raise ValueError("step() needs forget=/retain= batches, or backward(losses) "
-                                 "called before it")
+                raise ValueError(
+                    "step() needs forget=/retain= batches, or backward(losses) called before it"
+                )
             stats = self._step_pending()
         else:
             recipe = self.method.step_recipe()
             try:
                 if recipe is None:
-                    stats = self.engine.standard_step(self.method.objectives(),
-                                                      self.method.aggregator(), forget, retain)
+                    stats = self.engine.standard_step(
+                        self.method.objectives(), self.method.aggregator(), forget, retain
+                    )
                 else:
                     stats = recipe(self.engine, forget, retain)
             finally:
@@ -252,8 +285,10 @@ class MultiObjectiveUnlearner:
         if set(names) == set(own):
             names = own
         elif isinstance(aggregator.weighting, FixedWeights):
-            raise ValueError(f"backward() got losses {names} but method {self.method.name!r} "
-                             f"weights the objectives {own}; use those names")
+            raise ValueError(
+                f"backward() got losses {names} but method {self.method.name!r} "
+                f"weights the objectives {own}; use those names"
+            )
         grads = [self._pending[n] for n in names]
         losses = {n: self._pending_losses[n] for n in names}
         world = self.distributed.world_size

@@ -35,7 +35,7 @@ import torch
 
 
 def _tensors_nbytes(value: Any) -> int:
-    if isinstance(value, torch.nn.Parameter):          # the reference's own weight: no copy
+    if isinstance(value, torch.nn.Parameter):  # the reference's own weight: no copy
         return 0
     if isinstance(value, torch.Tensor):
         return value.numel() * value.element_size()
@@ -49,20 +49,25 @@ def _tensors_nbytes(value: Any) -> int:
     return 0
 
 
-def module_fingerprint(module: torch.nn.Module,
-                       skip: Iterable[torch.Tensor] = ()) -> tuple[int, int]:
+def module_fingerprint(
+    module: torch.nn.Module, skip: Iterable[torch.Tensor] = ()
+) -> tuple[int, int]:
     """``(hash of the parameter/buffer identities, sum of their in-place versions)``; any
     in-place update or replacement of a tensor of ``module`` (except ``skip``) changes it."""
     skipped = {id(t) for t in skip}
-    tensors = [t for t in itertools.chain(module.parameters(), module.buffers())
-               if id(t) not in skipped]
+    tensors = [
+        t for t in itertools.chain(module.parameters(), module.buffers()) if id(t) not in skipped
+    ]
     return hash(tuple(id(t) for t in tensors)), sum(t._version for t in tensors)
 
 
 def _autocast_state() -> tuple:
     """The autocast dtype per device type where autocast is on (reference outputs differ)."""
-    return tuple((d, str(torch.get_autocast_dtype(d))) for d in ("cpu", "cuda")
-                 if torch.amp.is_autocast_available(d) and torch.is_autocast_enabled(d))
+    return tuple(
+        (d, str(torch.get_autocast_dtype(d)))
+        for d in ("cpu", "cuda")
+        if torch.amp.is_autocast_available(d) and torch.is_autocast_enabled(d)
+    )
 
 
 class ReferenceCache:
@@ -111,8 +116,13 @@ class ReferenceCache:
         return h.digest()
 
     # -- lookups --------------------------------------------------------------------------------
-    def get(self, batch: Mapping[str, Any], what: str, reference_state: Hashable,
-            compute: Callable[[], Any]) -> Any:
+    def get(
+        self,
+        batch: Mapping[str, Any],
+        what: str,
+        reference_state: Hashable,
+        compute: Callable[[], Any],
+    ) -> Any:
         """The cached result for ``(batch, what, reference_state)``, else ``compute()``
         (stored). ``reference_state``: e.g. :func:`module_fingerprint` of the reference."""
         if not self.enabled:

@@ -26,11 +26,17 @@ def read_stats(values: Mapping[str, torch.Tensor]) -> dict[str, float]:
     return stats
 
 
-def weighing_stats(names: Sequence[str], losses: Mapping[str, torch.Tensor], gram: GradGram,
-                   result: WeightingResult, direction_sq_norm: torch.Tensor, *, scaled: bool,
-                   extra: Mapping[str, torch.Tensor] | None = None,
-                   labelled: Mapping[str, torch.Tensor] | None = None,
-                   ) -> tuple[dict[str, float], bool]:
+def weighing_stats(
+    names: Sequence[str],
+    losses: Mapping[str, torch.Tensor],
+    gram: GradGram,
+    result: WeightingResult,
+    direction_sq_norm: torch.Tensor,
+    *,
+    scaled: bool,
+    extra: Mapping[str, torch.Tensor] | None = None,
+    labelled: Mapping[str, torch.Tensor] | None = None,
+) -> tuple[dict[str, float], bool]:
     """The stats of one weighing, and whether the gradients overflowed.
 
     Returns ``(stats, overflow)``: ``loss/<name>``, ``weight/<name>`` (the weighting's
@@ -48,22 +54,28 @@ def weighing_stats(names: Sequence[str], losses: Mapping[str, torch.Tensor], gra
     extra = dict(extra or {})
     labelled = dict(labelled or {})
     loss_vec = torch.stack([losses[n].float() for n in names])
-    grads_ok = torch.isfinite(gram.total).all() & torch.isfinite(result.coefficients).all() \
+    grads_ok = (
+        torch.isfinite(gram.total).all()
+        & torch.isfinite(result.coefficients).all()
         & torch.isfinite(direction_sq_norm)
+    )
     cos = gram_to_cosine(gram.total)
-    pieces = [loss_vec,
-              result.weights.float().mean(0),
-              torch.diagonal(gram.total).float().clamp(min=0).sqrt(),
-              1.0 - result.active.float().mean(0),
-              direction_sq_norm.float().clamp(min=0).sqrt().reshape(1),
-              cos.float()[torch.triu_indices(k, k, 1).unbind(0)] if k > 1
-              else loss_vec.new_zeros(0),
-              torch.stack([v.detach().float().reshape(()) for v in extra.values()]) if extra
-              else loss_vec.new_zeros(0),
-              torch.stack([v.float().reshape(()) for v in labelled.values()]) if labelled
-              else loss_vec.new_zeros(0),
-              torch.isfinite(loss_vec).all().float().reshape(1),
-              grads_ok.float().reshape(1)]
+    pieces = [
+        loss_vec,
+        result.weights.float().mean(0),
+        torch.diagonal(gram.total).float().clamp(min=0).sqrt(),
+        1.0 - result.active.float().mean(0),
+        direction_sq_norm.float().clamp(min=0).sqrt().reshape(1),
+        cos.float()[torch.triu_indices(k, k, 1).unbind(0)] if k > 1 else loss_vec.new_zeros(0),
+        torch.stack([v.detach().float().reshape(()) for v in extra.values()])
+        if extra
+        else loss_vec.new_zeros(0),
+        torch.stack([v.float().reshape(()) for v in labelled.values()])
+        if labelled
+        else loss_vec.new_zeros(0),
+        torch.isfinite(loss_vec).all().float().reshape(1),
+        grads_ok.float().reshape(1),
+    ]
     values = torch.cat([p.reshape(-1).to(loss_vec.device) for p in pieces]).tolist()  # sync
     stats: dict[str, float] = {}
     for i, n in enumerate(names):
@@ -83,20 +95,27 @@ def weighing_stats(names: Sequence[str], losses: Mapping[str, torch.Tensor], gra
     empty = [kind for i, kind in enumerate(labelled) if values[pos + i] == 0]
     pos += len(labelled)
     if empty:
-        raise ValueError(f"the {' and '.join(empty)} batch has no labelled token (every "
-                         "label is -100 after the next-token shift), so its losses average "
-                         f"over nothing; {_UNCHANGED}")
+        raise ValueError(
+            f"the {' and '.join(empty)} batch has no labelled token (every "
+            "label is -100 after the next-token shift), so its losses average "
+            f"over nothing; {_UNCHANGED}"
+        )
     losses_ok, grads_ok = values[pos] == 1.0, values[pos + 1] == 1.0
     if not losses_ok:
         bad = [n for i, n in enumerate(names) if not math.isfinite(values[i])]
-        raise UnlearningStepError(f"non-finite loss in objective(s) {bad} "
-                                  f"({ {n: stats[f'loss/{n}'] for n in bad} }); {_UNCHANGED}")
+        raise UnlearningStepError(
+            f"non-finite loss in objective(s) {bad} "
+            f"({ {n: stats[f'loss/{n}'] for n in bad} }); {_UNCHANGED}"
+        )
     if not grads_ok and not scaled:
-        raise UnlearningStepError("non-finite gradient or weights (Gram diagonal: "
-                                  f"{ {n: stats[f'grad_norm/{n}'] for n in names} }); "
-                                  f"{_UNCHANGED}")
+        raise UnlearningStepError(
+            "non-finite gradient or weights (Gram diagonal: "
+            f"{ {n: stats[f'grad_norm/{n}'] for n in names} }); "
+            f"{_UNCHANGED}"
+        )
     bad_extra = [key for key in extra if not math.isfinite(stats[key])]
     if grads_ok and bad_extra:
-        raise UnlearningStepError(f"non-finite {bad_extra} "
-                                  f"({ {key: stats[key] for key in bad_extra} }); {_UNCHANGED}")
+        raise UnlearningStepError(
+            f"non-finite {bad_extra} ({ {key: stats[key] for key in bad_extra} }); {_UNCHANGED}"
+        )
     return stats, not grads_ok

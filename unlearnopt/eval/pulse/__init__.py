@@ -20,7 +20,24 @@ from unlearnopt.eval.pulse.splits import (
 )
 from unlearnopt.training import TUNED_METHOD_OPTIONS, UnlearningRun, finetune
 
-__all__ = ["FOCUS", "METRIC_NAMES", "PHASES", "TUNED_METHOD_OPTIONS", "PulseConfig", "Split",
-           "UnlearningRun", "dump_json", "finetune", "known_facts", "method_settings",
-           "one_shot_rows", "quality_verdict", "run_method_sequence", "run_pulse",
-           "split_focused", "split_pretrained", "split_requests", "summarize"]
+__all__ = [
+    "FOCUS",
+    "METRIC_NAMES",
+    "PHASES",
+    "TUNED_METHOD_OPTIONS",
+    "PulseConfig",
+    "Split",
+    "UnlearningRun",
+    "dump_json",
+    "finetune",
+    "known_facts",
+    "method_settings",
+    "one_shot_rows",
+    "quality_verdict",
+    "run_method_sequence",
+    "run_pulse",
+    "split_focused",
+    "split_pretrained",
+    "split_requests",
+    "summarize",
+]

@@ -95,15 +95,18 @@ class PulseConfig:
             if not isinstance(v, int) or v < 1:
                 raise ValueError(f"{name} must be a positive integer, got {v!r}")
         if self.forget_size < self.requests:
-            raise ValueError(f"forget_size ({self.forget_size}) must be >= requests "
-                             f"({self.requests}): every request needs a fact")
+            raise ValueError(
+                f"forget_size ({self.forget_size}) must be >= requests "
+                f"({self.requests}): every request needs a fact"
+            )
         if not self.lr > 0:
             raise ValueError(f"lr must be positive, got {self.lr!r}")
         for m, opts in self.method_options.items():
             lr = opts.get("lr", 1.0)
             if isinstance(lr, bool) or not isinstance(lr, (int, float)) or not lr > 0:
-                raise ValueError(f"method_options[{m!r}]['lr'] must be a positive number, "
-                                 f"got {lr!r}")
+                raise ValueError(
+                    f"method_options[{m!r}]['lr'] must be a positive number, got {lr!r}"
+                )
 
 
 def method_settings(cfg: PulseConfig, method: str) -> dict[str, Any]:

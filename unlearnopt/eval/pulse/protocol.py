@@ -78,44 +78,75 @@ from unlearnopt.training import UnlearningRun, check_vocabulary, fact_texts, fin
 
 # --------------------------------------------------------------------------- the protocol
 
+
 def _metrics(model, tokenizer, split: Split, upto: int, neutral, div_prompts, cfg, desc):
     forget = [f for r in split.requests[:upto] for f in r] if upto else split.forget
-    return evaluate(model, tokenizer, forget=forget, retain=split.retain,
-                    neighbour=split.neighbour, neutral=neutral, nonmember=split.nonmember,
-                    diversity_prompts=div_prompts, max_new_tokens=cfg.max_new_tokens,
-                    batch_size=cfg.eval_batch_size, progress=cfg.progress, desc=desc)
+    return evaluate(
+        model,
+        tokenizer,
+        forget=forget,
+        retain=split.retain,
+        neighbour=split.neighbour,
+        neutral=neutral,
+        nonmember=split.nonmember,
+        diversity_prompts=div_prompts,
+        max_new_tokens=cfg.max_new_tokens,
+        batch_size=cfg.eval_batch_size,
+        progress=cfg.progress,
+        desc=desc,
+    )
 
 
-def run_method_sequence(model, ref_model, tokenizer, method: str, split: Split, cfg: PulseConfig,
-                        neutral: Sequence[str], div_prompts: Sequence[str],
-                        log: Callable[[str], None] = print) -> list[dict[str, Any]]:
+def run_method_sequence(
+    model,
+    ref_model,
+    tokenizer,
+    method: str,
+    split: Split,
+    cfg: PulseConfig,
+    neutral: Sequence[str],
+    div_prompts: Sequence[str],
+    log: Callable[[str], None] = print,
+) -> list[dict[str, Any]]:
     """Run ``method`` over the split's requests on ``model`` (modified in place); returns one
     record per measurement: ``{"request", "step", "request_step", "point" ("at_target"|"end"),
     "metrics", "train_seconds"}`` (``"end"`` also has ``"steps_to_target"`` and
     ``"last_stats"``, the last step's statistics); with ``stop_at_target`` the two points of a
     request that reached the target share one measurement."""
     options = method_settings(cfg, method)
-    run = UnlearningRun(model, tokenizer, method, ref_model, split.retain,
-                        lr=float(options.pop("lr")),
-                        retain_batch_size=cfg.retain_batch_size, seed=cfg.seed,
-                        max_grad_norm=cfg.max_grad_norm, options=options,
-                        retain_same_relation=cfg.retain_same_relation)
+    run = UnlearningRun(
+        model,
+        tokenizer,
+        method,
+        ref_model,
+        split.retain,
+        lr=float(options.pop("lr")),
+        retain_batch_size=cfg.retain_batch_size,
+        seed=cfg.seed,
+        max_grad_norm=cfg.max_grad_norm,
+        options=options,
+        retain_same_relation=cfg.retain_same_relation,
+    )
     records: list[dict[str, Any]] = []
     train_seconds = 0.0
     for r, chunk in enumerate(split.requests, start=1):
         if r > 1 and cfg.fresh_optimizer:
             run.restart()
         earlier = [f for req in split.requests[: r - 1] for f in req] if cfg.replay else []
-        watched = list(chunk) + earlier          # what must be forgotten when the request ends
+        watched = list(chunk) + earlier  # what must be forgotten when the request ends
 
         def answered(watched=watched) -> np.ndarray:
-            return np.asarray(score_answers(model, tokenizer, [f.prompt for f in watched],
-                                            [f.answer for f in watched]).exact, dtype=bool)
+            return np.asarray(
+                score_answers(
+                    model, tokenizer, [f.prompt for f in watched], [f.answer for f in watched]
+                ).exact,
+                dtype=bool,
+            )
 
         def forget_batch(known: np.ndarray, chunk=chunk, earlier=earlier) -> list[Fact]:
             # earlier facts join only while answered again (relapsed): unbounded losses (GA,
             # OFMU's inner ascent) would otherwise keep pushing facts already forgotten
-            return list(chunk) + [f for f, k in zip(earlier, known[len(chunk):]) if k]
+            return list(chunk) + [f for f, k in zip(earlier, known[len(chunk) :]) if k]
 
         batch = forget_batch(answered()) if earlier else list(chunk)
         reached_at = None
@@ -132,28 +163,48 @@ def run_method_sequence(model, ref_model, tokenizer, method: str, split: Split, 
                 break
             batch = forget_batch(known)
         m = _metrics(model, tokenizer, split, r, neutral, div_prompts, cfg, f"{method} r{r}")
-        base = {"request": r, "step": run.steps, "request_step": s, "metrics": m,
-                "train_seconds": train_seconds}
+        base = {
+            "request": r,
+            "step": run.steps,
+            "request_step": s,
+            "metrics": m,
+            "train_seconds": train_seconds,
+        }
         if reached_at is not None:
             records.append({**base, "point": "at_target"})
         if reached_at is not None and not cfg.stop_at_target and reached_at < cfg.steps:
             # run on to the budget from the target; the "end" point is measured there
-            for s in range(reached_at + 1, cfg.steps + 1):
+            for _ in range(reached_at + 1, cfg.steps + 1):
                 t0 = time.perf_counter()
                 stats = run.step(batch)
                 train_seconds += time.perf_counter() - t0
-            m = _metrics(model, tokenizer, split, r, neutral, div_prompts, cfg,
-                         f"{method} r{r} end")
-            base = {**base, "step": run.steps, "request_step": cfg.steps, "metrics": m,
-                    "train_seconds": train_seconds}
-        records.append({**base, "point": "end", "steps_to_target": reached_at,
-                        "replayed_facts": replayed,
-                        "last_stats": {k: float(v) for k, v in stats.items()
-                                       if isinstance(v, (int, float))}})
-        log(f"  {method} request {r}/{len(split.requests)}: steps to target "
+            m = _metrics(
+                model, tokenizer, split, r, neutral, div_prompts, cfg, f"{method} r{r} end"
+            )
+            base = {
+                **base,
+                "step": run.steps,
+                "request_step": cfg.steps,
+                "metrics": m,
+                "train_seconds": train_seconds,
+            }
+        records.append(
+            {
+                **base,
+                "point": "end",
+                "steps_to_target": reached_at,
+                "replayed_facts": replayed,
+                "last_stats": {
+                    k: float(v) for k, v in stats.items() if isinstance(v, (int, float))
+                },
+            }
+        )
+        log(
+            f"  {method} request {r}/{len(split.requests)}: steps to target "
             f"{reached_at if reached_at is not None else '-'}; forget acc "
             f"{m['forget_acc']:.2f}, retain acc {m['retain_acc']:.2f}, neighbour acc "
-            f"{m['neighbour_acc']:.2f}, ppl {m['ppl']:.1f}")
+            f"{m['neighbour_acc']:.2f}, ppl {m['ppl']:.1f}"
+        )
     return records
 
 
@@ -166,11 +217,25 @@ def summarize(before: dict[str, float], records: dict[str, list[dict]]) -> list[
         last_r = max(rec["request"] for rec in recs)
         at = [rec for rec in recs if rec["request"] == last_r and rec["point"] == "at_target"]
         end = next(rec for rec in recs if rec["request"] == last_r and rec["point"] == "end")
-        if at and at[0]["step"] != end["step"]:   # stopped at the target: one point
-            rows.append({"name": f"{method}@target", "method": method, "point": "at_target",
-                         "steps": at[0]["step"], **at[0]["metrics"]})
-        rows.append({"name": f"{method}@end", "method": method, "point": "end",
-                     "steps": end["step"], **end["metrics"]})
+        if at and at[0]["step"] != end["step"]:  # stopped at the target: one point
+            rows.append(
+                {
+                    "name": f"{method}@target",
+                    "method": method,
+                    "point": "at_target",
+                    "steps": at[0]["step"],
+                    **at[0]["metrics"],
+                }
+            )
+        rows.append(
+            {
+                "name": f"{method}@end",
+                "method": method,
+                "point": "end",
+                "steps": end["step"],
+                **end["metrics"],
+            }
+        )
     return rows
 
 
@@ -179,9 +244,11 @@ def summarize(before: dict[str, float], records: dict[str, list[dict]]) -> list[
 MAX_FORGET_ACC = 0.1
 KEEP_FRACTION = 0.9
 MAX_PPL_RATIO = 1.1
-QUALITY_BAR_TEXT = (f"forget accuracy <= {MAX_FORGET_ACC:.2f}, retain and neighbour accuracy "
-                    f">= {KEEP_FRACTION:.0%} of before, perplexity <= before "
-                    f"+{MAX_PPL_RATIO - 1:.0%}")
+QUALITY_BAR_TEXT = (
+    f"forget accuracy <= {MAX_FORGET_ACC:.2f}, retain and neighbour accuracy "
+    f">= {KEEP_FRACTION:.0%} of before, perplexity <= before "
+    f"+{MAX_PPL_RATIO - 1:.0%}"
+)
 
 
 def _bar_checks(before: dict[str, float], row: dict[str, float]):
@@ -190,17 +257,35 @@ def _bar_checks(before: dict[str, float], row: dict[str, float]):
     keep_n = KEEP_FRACTION * before["neighbour_acc"]
     max_ppl = MAX_PPL_RATIO * before["ppl"]
     return [
-        ("forgot", row["forget_acc"] <= MAX_FORGET_ACC + 1e-9,
-         f"forget accuracy {row['forget_acc']:.2f} (needs <= {MAX_FORGET_ACC:.2f})"),
-        ("kept_retain", row["retain_acc"] >= keep_r - 1e-9,
-         (f"retain accuracy {row['retain_acc']:.2f} (needs >= {keep_r:.2f}, "
-         f"{KEEP_FRACTION:.0%} of {before['retain_acc']:.2f} before)")),
-        ("kept_neighbours", row["neighbour_acc"] >= keep_n - 1e-9,
-         (f"neighbour accuracy {row['neighbour_acc']:.2f} (needs >= {keep_n:.2f}, "
-         f"{KEEP_FRACTION:.0%} of {before['neighbour_acc']:.2f} before)")),
-        ("fluent", row["ppl"] <= max_ppl,
-         (f"perplexity {row['ppl']:.1f} (needs <= {max_ppl:.1f}, before "
-         f"{before['ppl']:.1f} +{MAX_PPL_RATIO - 1:.0%})")),
+        (
+            "forgot",
+            row["forget_acc"] <= MAX_FORGET_ACC + 1e-9,
+            f"forget accuracy {row['forget_acc']:.2f} (needs <= {MAX_FORGET_ACC:.2f})",
+        ),
+        (
+            "kept_retain",
+            row["retain_acc"] >= keep_r - 1e-9,
+            (
+                f"retain accuracy {row['retain_acc']:.2f} (needs >= {keep_r:.2f}, "
+                f"{KEEP_FRACTION:.0%} of {before['retain_acc']:.2f} before)"
+            ),
+        ),
+        (
+            "kept_neighbours",
+            row["neighbour_acc"] >= keep_n - 1e-9,
+            (
+                f"neighbour accuracy {row['neighbour_acc']:.2f} (needs >= {keep_n:.2f}, "
+                f"{KEEP_FRACTION:.0%} of {before['neighbour_acc']:.2f} before)"
+            ),
+        ),
+        (
+            "fluent",
+            row["ppl"] <= max_ppl,
+            (
+                f"perplexity {row['ppl']:.1f} (needs <= {max_ppl:.1f}, before "
+                f"{before['ppl']:.1f} +{MAX_PPL_RATIO - 1:.0%})"
+            ),
+        ),
     ]
 
 
@@ -216,10 +301,17 @@ def describe_verdict(before: dict[str, float], row: dict[str, float]) -> str:
     return "meets the quality bar" if not missed else "misses: " + "; ".join(missed)
 
 
-def run_pulse(model, tokenizer, cfg: PulseConfig | None = None, out_dir: str | Path | None = None,
-              *, real_facts: Sequence[Fact] | None = None,
-              fictitious: Sequence[Fact] | None = None, neutral: Sequence[str] | None = None,
-              log: Callable[[str], None] = print) -> dict[str, Any]:
+def run_pulse(
+    model,
+    tokenizer,
+    cfg: PulseConfig | None = None,
+    out_dir: str | Path | None = None,
+    *,
+    real_facts: Sequence[Fact] | None = None,
+    fictitious: Sequence[Fact] | None = None,
+    neutral: Sequence[str] | None = None,
+    log: Callable[[str], None] = print,
+) -> dict[str, Any]:
     """Run PULSE for every method of ``cfg`` on copies of ``model`` (left unchanged).
 
     Data defaults to the shipped files (``unlearnopt.data``); tests pass their own. Returns the
@@ -251,40 +343,59 @@ def run_pulse(model, tokenizer, cfg: PulseConfig | None = None, out_dir: str | P
             known = known_facts(model, tokenizer, real_facts, cfg.eval_batch_size)
             log(f"  the model answers {len(known)}/{len(real_facts)} real facts exactly")
             nonmember = entity_shuffled(fictitious, cfg.seed)
-            split = (split_pretrained(known, nonmember, cfg) if cfg.focus == "spread"
-                     else split_focused(known, nonmember, cfg))
+            split = (
+                split_pretrained(known, nonmember, cfg)
+                if cfg.focus == "spread"
+                else split_focused(known, nonmember, cfg)
+            )
             extra = {"known_facts": len(known), "probed_facts": len(real_facts)}
         else:
-            base, split, extra = finetuned_setup(model, tokenizer, real_facts, fictitious, cfg,
-                                                 log)
-        tofu = (retain_model_metrics(model, base, tokenizer, fictitious, split, cfg, log)
-                if phase == "finetuned" and cfg.retain_model else None)
+            base, split, extra = finetuned_setup(model, tokenizer, real_facts, fictitious, cfg, log)
+        tofu = (
+            retain_model_metrics(model, base, tokenizer, fictitious, split, cfg, log)
+            if phase == "finetuned" and cfg.retain_model
+            else None
+        )
         if tofu is not None:
             extra = {**extra, "tofu_before": tofu(base), "tofu_metric_doc": TOFU_DOC}
-        log(f"  forget {len(split.forget)} facts in {len(split.requests)} requests, retain "
+        log(
+            f"  forget {len(split.forget)} facts in {len(split.requests)} requests, retain "
             f"{len(split.retain)}, neighbours {len(split.neighbour)}, never-seen "
-            f"{len(split.nonmember)}")
+            f"{len(split.nonmember)}"
+        )
         before = _metrics(base, tokenizer, split, 0, neutral, div_prompts, cfg, "before")
-        log(f"  before: forget acc {before['forget_acc']:.2f}, retain acc "
+        log(
+            f"  before: forget acc {before['forget_acc']:.2f}, retain acc "
             f"{before['retain_acc']:.2f}, neighbour acc {before['neighbour_acc']:.2f}, "
-            f"ppl {before['ppl']:.1f}")
+            f"ppl {before['ppl']:.1f}"
+        )
         records = _run_methods(base, tokenizer, split, cfg, neutral, div_prompts, log, tofu)
         summary = summarize(before, records)
         verdicts = {row["name"]: quality_verdict(before, row) for row in summary[1:]}
-        report["phases"][phase] = {"split": split.ids(), "before": before, "methods": records,
-                                   "settings": {m: method_settings(cfg, m) for m in cfg.methods},
-                                   "summary": summary, "verdicts": verdicts, **extra}
+        report["phases"][phase] = {
+            "split": split.ids(),
+            "before": before,
+            "methods": records,
+            "settings": {m: method_settings(cfg, m) for m in cfg.methods},
+            "summary": summary,
+            "verdicts": verdicts,
+            **extra,
+        }
         if cfg.compare_one_shot and len(split.requests) > 1:
             log(f"  the same {len(split.forget)} facts as one request")
-            one_cfg = dataclasses.replace(cfg, requests=1, steps=cfg.steps * len(split.requests),
-                                          compare_one_shot=False)
-            one = Split(split.forget, split.retain, split.neighbour, split.nonmember,
-                        [list(split.forget)])
+            one_cfg = dataclasses.replace(
+                cfg, requests=1, steps=cfg.steps * len(split.requests), compare_one_shot=False
+            )
+            one = Split(
+                split.forget, split.retain, split.neighbour, split.nonmember, [list(split.forget)]
+            )
             one_records = _run_methods(base, tokenizer, one, one_cfg, neutral, div_prompts, log)
             rows = one_shot_rows(before, records, one_records, len(split.requests))
             report["phases"][phase]["one_shot"] = {
-                "methods": one_records, "summary": rows,
-                "verdicts": {row["name"]: quality_verdict(before, row) for row in rows[1:]}}
+                "methods": one_records,
+                "summary": rows,
+                "verdicts": {row["name"]: quality_verdict(before, row) for row in rows[1:]},
+            }
         if base is not model:
             del base
     report["seconds"] = time.perf_counter() - t_start
@@ -296,9 +407,16 @@ def run_pulse(model, tokenizer, cfg: PulseConfig | None = None, out_dir: str | P
     return report
 
 
-def _run_methods(base, tokenizer, split: Split, cfg: PulseConfig, neutral, div_prompts,
-                 log, tofu: Callable[[Any], dict[str, float]] | None = None
-                 ) -> dict[str, list[dict]]:
+def _run_methods(
+    base,
+    tokenizer,
+    split: Split,
+    cfg: PulseConfig,
+    neutral,
+    div_prompts,
+    log,
+    tofu: Callable[[Any], dict[str, float]] | None = None,
+) -> dict[str, list[dict]]:
     """Every method of ``cfg`` over ``split``'s requests, each on its own copy of ``base``;
     with ``tofu``, the last record of each method gets ``"tofu": tofu(unlearned model)``."""
     records: dict[str, list[dict]] = {}
@@ -307,19 +425,26 @@ def _run_methods(base, tokenizer, split: Split, cfg: PulseConfig, neutral, div_p
         torch.manual_seed(cfg.seed)
         work = copy.deepcopy(base)
         work.requires_grad_(True)
-        records[method] = run_method_sequence(work, ref, tokenizer, method, split, cfg,
-                                              neutral, div_prompts, log)
+        records[method] = run_method_sequence(
+            work, ref, tokenizer, method, split, cfg, neutral, div_prompts, log
+        )
         if tofu is not None:
             records[method][-1]["tofu"] = tofu(work)
-            log(f"  {method}: " + ", ".join(f"{k} {v:.3g}"
-                                           for k, v in records[method][-1]["tofu"].items()))
+            log(
+                f"  {method}: "
+                + ", ".join(f"{k} {v:.3g}" for k, v in records[method][-1]["tofu"].items())
+            )
         del work
     del ref
     return records
 
 
-def one_shot_rows(before: dict[str, float], sequential: dict[str, list[dict]],
-                  one_shot: dict[str, list[dict]], requests: int) -> list[dict[str, Any]]:
+def one_shot_rows(
+    before: dict[str, float],
+    sequential: dict[str, list[dict]],
+    one_shot: dict[str, list[dict]],
+    requests: int,
+) -> list[dict[str, Any]]:
     """Rows of the one-shot vs split table: "before", then per method the end of the
     sequential run (``"<method> x<requests>"``) and of the one-request run (``"<method> x1"``),
     both measured on all the forget facts."""
@@ -327,24 +452,32 @@ def one_shot_rows(before: dict[str, float], sequential: dict[str, list[dict]],
     for method, seq in sequential.items():
         for label, recs in ((f"x{requests}", seq), ("x1", one_shot[method])):
             end = [r for r in recs if r["point"] == "end"][-1]
-            rows.append({"name": f"{method} {label}", "method": method, "point": "end",
-                         "requests": max(r["request"] for r in recs), "steps": end["step"],
-                         "reached_target": all(r["steps_to_target"] is not None
-                                               for r in recs if r["point"] == "end"),
-                         **end["metrics"]})
+            rows.append(
+                {
+                    "name": f"{method} {label}",
+                    "method": method,
+                    "point": "end",
+                    "requests": max(r["request"] for r in recs),
+                    "steps": end["step"],
+                    "reached_target": all(
+                        r["steps_to_target"] is not None for r in recs if r["point"] == "end"
+                    ),
+                    **end["metrics"],
+                }
+            )
     return rows
 
 
 TOFU_DOC = {
     "forget_quality": "KS-test p-value, forget-set truth ratios vs the retain model (higher = "
-                      "closer to never having learned them)",
+    "closer to never having learned them)",
     "model_utility": "harmonic mean of answer probability, ROUGE-L recall and truth-ratio "
-                     "score on the retain and neighbour facts",
+    "score on the retain and neighbour facts",
     "privleak": "(MIA AUC - retain model's MIA AUC) / retain model's (0 = ideal)",
     "extraction_strength": "1 - shortest answer prefix that lets greedy decoding finish the "
-                           "answer / answer length, mean over forget facts (lower = better)",
+    "answer / answer length, mean over forget facts (lower = better)",
     "exact_memorization": "fraction of forget answer tokens predicted greedily under teacher "
-                          "forcing (lower = better)",
+    "forcing (lower = better)",
 }
 
 
@@ -356,9 +489,15 @@ def _tuned_facts(fictitious: Sequence[Fact], cfg: PulseConfig) -> list[Fact]:
     return [f for f in facts if entity_of(f) in tuned_names]
 
 
-def retain_model_metrics(model, base, tokenizer, fictitious: Sequence[Fact], split: Split,
-                         cfg: PulseConfig, log: Callable[[str], None]
-                         ) -> Callable[[Any], dict[str, float]]:
+def retain_model_metrics(
+    model,
+    base,
+    tokenizer,
+    fictitious: Sequence[Fact],
+    split: Split,
+    cfg: PulseConfig,
+    log: Callable[[str], None],
+) -> Callable[[Any], dict[str, float]]:
     """Fine-tune a retain model (a copy of the original ``model``, same recipe as ``base``,
     without the forget facts) and return ``tofu(model) -> metrics`` against it."""
     from unlearnopt.eval.tofu_metrics import retain_reference, tofu_metrics
@@ -367,27 +506,51 @@ def retain_model_metrics(model, base, tokenizer, fictitious: Sequence[Fact], spl
     kept = [f for f in _tuned_facts(fictitious, cfg) if f.id not in forget_ids]
     retain_model = copy.deepcopy(model)
     retain_model.requires_grad_(True)
-    ft = finetune(retain_model, tokenizer, kept, lr=cfg.finetune_lr, epochs=cfg.finetune_epochs,
-                  seed=cfg.seed, progress=cfg.progress)
+    ft = finetune(
+        retain_model,
+        tokenizer,
+        kept,
+        lr=cfg.finetune_lr,
+        epochs=cfg.finetune_epochs,
+        seed=cfg.seed,
+        progress=cfg.progress,
+    )
     retain_model.eval()
-    log(f"  retain model: fine-tuned on {len(kept)} facts (the forget facts left out), "
-        f"accuracy {ft['finetune_acc']:.2f}")
+    log(
+        f"  retain model: fine-tuned on {len(kept)} facts (the forget facts left out), "
+        f"accuracy {ft['finetune_acc']:.2f}"
+    )
     pool = [*split.forget, *split.retain, *split.neighbour, *split.nonmember]
-    reference = retain_reference(retain_model, tokenizer, split.forget, split.nonmember, pool,
-                                 batch_size=cfg.eval_batch_size)
+    reference = retain_reference(
+        retain_model, tokenizer, split.forget, split.nonmember, pool, batch_size=cfg.eval_batch_size
+    )
     del retain_model
 
     def tofu(unlearned) -> dict[str, float]:
-        return tofu_metrics(unlearned, tokenizer, reference, forget=split.forget,
-                            retain=split.retain, neighbour=split.neighbour,
-                            nonmember=split.nonmember, pool=pool,
-                            max_new_tokens=cfg.max_new_tokens, batch_size=cfg.eval_batch_size)
+        return tofu_metrics(
+            unlearned,
+            tokenizer,
+            reference,
+            forget=split.forget,
+            retain=split.retain,
+            neighbour=split.neighbour,
+            nonmember=split.nonmember,
+            pool=pool,
+            max_new_tokens=cfg.max_new_tokens,
+            batch_size=cfg.eval_batch_size,
+        )
 
     return tofu
 
 
-def finetuned_setup(model, tokenizer, real_facts: Sequence[Fact], fictitious: Sequence[Fact],
-                    cfg: PulseConfig, log: Callable[[str], None]):
+def finetuned_setup(
+    model,
+    tokenizer,
+    real_facts: Sequence[Fact],
+    fictitious: Sequence[Fact],
+    cfg: PulseConfig,
+    log: Callable[[str], None],
+):
     """Fine-tune a copy of ``model`` on the first ``cfg.finetune_entities`` invented people
     (seeded order) and split what it learned; returns ``(fine-tuned model, split, info)``."""
     facts = entity_shuffled(fictitious, cfg.seed)
@@ -399,14 +562,26 @@ def finetuned_setup(model, tokenizer, real_facts: Sequence[Fact], fictitious: Se
     base = copy.deepcopy(model)
     base.requires_grad_(True)
     t0 = time.perf_counter()
-    ft = finetune(base, tokenizer, tuned, lr=cfg.finetune_lr, epochs=cfg.finetune_epochs,
-                  seed=cfg.seed, progress=cfg.progress)
+    ft = finetune(
+        base,
+        tokenizer,
+        tuned,
+        lr=cfg.finetune_lr,
+        epochs=cfg.finetune_epochs,
+        seed=cfg.seed,
+        progress=cfg.progress,
+    )
     ft["finetune_seconds"] = time.perf_counter() - t0
-    log(f"  fine-tuned on {len(tuned)} facts about {len(tuned_names)} invented people: "
-        f"{ft['finetune_steps']} steps, accuracy {ft['finetune_acc']:.2f}")
+    log(
+        f"  fine-tuned on {len(tuned)} facts about {len(tuned_names)} invented people: "
+        f"{ft['finetune_steps']} steps, accuracy {ft['finetune_acc']:.2f}"
+    )
     learned = known_facts(base, tokenizer, tuned, cfg.eval_batch_size)
-    split = (split_finetuned(learned, known_real, unseen, cfg) if cfg.focus == "spread"
-             else split_focused(learned, unseen, cfg))
+    split = (
+        split_finetuned(learned, known_real, unseen, cfg)
+        if cfg.focus == "spread"
+        else split_focused(learned, unseen, cfg)
+    )
     base.eval()
     return base, split, ft
 
@@ -429,5 +604,14 @@ def dump_json(report: dict, path: str | Path) -> None:
     Path(path).write_text(json.dumps(report, indent=1))
 
 
-__all__ = ["QUALITY_BAR_TEXT", "describe_verdict", "dump_json", "finetuned_setup", "one_shot_rows", "quality_verdict",
-           "run_method_sequence", "run_pulse", "summarize"]
+__all__ = [
+    "QUALITY_BAR_TEXT",
+    "describe_verdict",
+    "dump_json",
+    "finetuned_setup",
+    "one_shot_rows",
+    "quality_verdict",
+    "run_method_sequence",
+    "run_pulse",
+    "summarize",
+]

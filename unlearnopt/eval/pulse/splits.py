@@ -33,10 +33,12 @@ class Split:
     requests: list[list[Fact]]
 
     def ids(self) -> dict[str, Any]:
-        return {"forget_requests": [[f.id for f in r] for r in self.requests],
-                "retain": [f.id for f in self.retain],
-                "neighbour": [f.id for f in self.neighbour],
-                "nonmember": [f.id for f in self.nonmember]}
+        return {
+            "forget_requests": [[f.id for f in r] for r in self.requests],
+            "retain": [f.id for f in self.retain],
+            "neighbour": [f.id for f in self.neighbour],
+            "nonmember": [f.id for f in self.nonmember],
+        }
 
 
 def split_requests(facts: Sequence[Fact], requests: int) -> list[list[Fact]]:
@@ -47,8 +49,13 @@ def split_requests(facts: Sequence[Fact], requests: int) -> list[list[Fact]]:
 
 def known_facts(model, tokenizer, facts: Sequence[Fact], batch_size: int = 32) -> list[Fact]:
     """The facts whose answer the model produces exactly (greedy) from the main prompt."""
-    s = score_answers(model, tokenizer, [f.prompt for f in facts], [f.answer for f in facts],
-                      batch_size=batch_size)
+    s = score_answers(
+        model,
+        tokenizer,
+        [f.prompt for f in facts],
+        [f.answer for f in facts],
+        batch_size=batch_size,
+    )
     return [f for f, ok in zip(facts, s.exact) if ok]
 
 
@@ -73,8 +80,9 @@ def entity_shuffled(fictitious: Sequence[Fact], seed: int) -> list[Fact]:
     return [f for n in names for f in entities[n]]
 
 
-def split_pretrained(known: Sequence[Fact], nonmember_pool: Sequence[Fact], cfg: PulseConfig
-                     ) -> Split:
+def split_pretrained(
+    known: Sequence[Fact], nonmember_pool: Sequence[Fact], cfg: PulseConfig
+) -> Split:
     """Forget facts spread round-robin over the relations with at least 3 known facts;
     neighbours: half of the other known facts of those relations; retain: the rest."""
     rng = random.Random(cfg.seed)
@@ -91,21 +99,26 @@ def split_pretrained(known: Sequence[Fact], nonmember_pool: Sequence[Fact], cfg:
     if not rels:
         raise ValueError("the model knows fewer than 3 facts of every relation; nothing to split")
     forget: list[Fact] = []
-    taken = {r: 0 for r in rels}
+    taken = dict.fromkeys(rels, 0)
     while len(forget) < cfg.forget_size:
         progressed = False
         for r in rels:
             # leave at least 2 facts of a relation for neighbour/retain
-            if (len(forget) < cfg.forget_size and taken[r] < len(by_rel[r]) - 2
-                    and answers[answer_key(by_rel[r][taken[r]])] == 1):
+            if (
+                len(forget) < cfg.forget_size
+                and taken[r] < len(by_rel[r]) - 2
+                and answers[answer_key(by_rel[r][taken[r]])] == 1
+            ):
                 forget.append(by_rel[r][taken[r]])
                 taken[r] += 1
                 progressed = True
         if not progressed:
             break
     if len(forget) < cfg.requests:
-        raise ValueError(f"only {len(forget)} known facts (with an answer no other known fact "
-                         f"shares) can be forgotten; need at least requests={cfg.requests}")
+        raise ValueError(
+            f"only {len(forget)} known facts (with an answer no other known fact "
+            f"shares) can be forgotten; need at least requests={cfg.requests}"
+        )
     forget_rels = {f.relation for f in forget}
     chosen = {f.id for f in forget}
     neighbour, rest = [], []
@@ -125,31 +138,39 @@ def split_pretrained(known: Sequence[Fact], nonmember_pool: Sequence[Fact], cfg:
     return Split(forget, retain, neighbour, nonmember, split_requests(forget, cfg.requests))
 
 
-def split_finetuned(learned: Sequence[Fact], known_real: Sequence[Fact],
-                    unseen: Sequence[Fact], cfg: PulseConfig) -> Split:
+def split_finetuned(
+    learned: Sequence[Fact], known_real: Sequence[Fact], unseen: Sequence[Fact], cfg: PulseConfig
+) -> Split:
     """The fine-tuned phase's split: forget ``learned`` facts (about invented people, in their
     order) with an answer of their own, retain the other learned facts, neighbours drawn from
     the real facts the model knew before fine-tuning, never-seen from ``unseen``."""
     if len(learned) < cfg.requests + 1:
-        raise ValueError(f"fine-tuning taught only {len(learned)} facts; increase "
-                         "finetune_epochs or finetune_lr")
+        raise ValueError(
+            f"fine-tuning taught only {len(learned)} facts; increase finetune_epochs or finetune_lr"
+        )
     answers = collections.Counter(answer_key(f) for f in learned)
     own = [f for f in learned if answers[answer_key(f)] == 1]
     forget = own[: min(cfg.forget_size, len(learned) - 1)]
     if len(forget) < cfg.requests:
-        raise ValueError(f"only {len(forget)} fine-tuned facts have an answer no other learned "
-                         f"fact shares; need at least requests={cfg.requests} (fine-tune more "
-                         "entities: finetune_entities)")
+        raise ValueError(
+            f"only {len(forget)} fine-tuned facts have an answer no other learned "
+            f"fact shares; need at least requests={cfg.requests} (fine-tune more "
+            "entities: finetune_entities)"
+        )
     forget_ids = {f.id for f in forget}
     retain = [f for f in learned if f.id not in forget_ids][: cfg.retain_size]
     rng = random.Random(cfg.seed)
     neighbour = sample(known_real, max(cfg.retain_size // 2, 1), rng)
-    return Split(forget, retain, neighbour, list(unseen)[: cfg.nonmember_size],
-                 split_requests(forget, cfg.requests))
+    return Split(
+        forget,
+        retain,
+        neighbour,
+        list(unseen)[: cfg.nonmember_size],
+        split_requests(forget, cfg.requests),
+    )
 
 
-def split_focused(pool: Sequence[Fact], nonmember_pool: Sequence[Fact], cfg: PulseConfig
-                  ) -> Split:
+def split_focused(pool: Sequence[Fact], nonmember_pool: Sequence[Fact], cfg: PulseConfig) -> Split:
     """A concentrated split of the facts a model knows (``pool``), as real deletion requests
     are: ``cfg.focus == "relation"`` or ``"subject"``.
 
@@ -176,8 +197,13 @@ def split_focused(pool: Sequence[Fact], nonmember_pool: Sequence[Fact], cfg: Pul
     else:
         raise ValueError(f"split_focused needs focus 'relation' or 'subject', got {cfg.focus!r}")
     forget = [f for r in requests for f in r]
-    return Split(forget, rest[: cfg.retain_size], neighbour[: cfg.retain_size],
-                 list(nonmember_pool)[: cfg.nonmember_size], requests)
+    return Split(
+        forget,
+        rest[: cfg.retain_size],
+        neighbour[: cfg.retain_size],
+        list(nonmember_pool)[: cfg.nonmember_size],
+        requests,
+    )
 
 
 def _focus_relation(pool: Sequence[Fact], cfg: PulseConfig, rng: random.Random):
@@ -192,20 +218,24 @@ def _focus_relation(pool: Sequence[Fact], cfg: PulseConfig, rng: random.Random):
     sizes = [len(c) for c in split_requests(range(cfg.forget_size), cfg.requests)]
     rels = sorted(by_rel)
     rng.shuffle(rels)
-    taken = {r: 0 for r in rels}
+    taken = dict.fromkeys(rels, 0)
     requests: list[list[Fact]] = []
     for size in sizes:
         # the least-used relation that can give `size` more facts and still leave 2 of its
         # facts (a neighbour and a retain fact); ties in the seeded order
-        fits = [r for r in rels if taken[r] + size <= len(own[r])
-                and len(by_rel[r]) - taken[r] - size >= 2]
+        fits = [
+            r
+            for r in rels
+            if taken[r] + size <= len(own[r]) and len(by_rel[r]) - taken[r] - size >= 2
+        ]
         if not fits:
             raise ValueError(
                 f"no relation has {size} more known facts with an answer of their own (and 2 "
                 f"left to hold out and retain) for request {len(requests) + 1}; lower "
-                "forget_size or requests")
+                "forget_size or requests"
+            )
         r = min(fits, key=lambda x: (taken[x] > 0, rels.index(x)))
-        requests.append(own[r][taken[r]: taken[r] + size])
+        requests.append(own[r][taken[r] : taken[r] + size])
         taken[r] += size
     chosen = {f.id for req in requests for f in req}
     neighbour, rest = [], []
@@ -228,19 +258,22 @@ def _focus_subject(pool: Sequence[Fact], cfg: PulseConfig, rng: random.Random):
     subjects = sorted(by_subject)
     rng.shuffle(subjects)
     # subjects with the most known facts first (in the seeded order among equals)
-    ranked = sorted((s for s in subjects if len(by_subject[s]) >= 2),
-                    key=lambda s: -len(by_subject[s]))
+    ranked = sorted(
+        (s for s in subjects if len(by_subject[s]) >= 2), key=lambda s: -len(by_subject[s])
+    )
     if len(ranked) < cfg.requests + 1:
-        raise ValueError(f"only {len(ranked)} subjects have 2 or more known facts; need "
-                         f"requests + 1 = {cfg.requests + 1} (one to forget per request and "
-                         "others to keep)")
+        raise ValueError(
+            f"only {len(ranked)} subjects have 2 or more known facts; need "
+            f"requests + 1 = {cfg.requests + 1} (one to forget per request and "
+            "others to keep)"
+        )
     forgotten = ranked[: cfg.requests]
     requests = [list(by_subject[s]) for s in forgotten]
     dropped = {answer_key(f) for req in requests for f in req}
     relations = {f.relation for req in requests for f in req}
     neighbour: list[Fact] = []
     rest: list[Fact] = []
-    hold_out = True            # subjects alternate between held out and retained
+    hold_out = True  # subjects alternate between held out and retained
     for s in subjects:
         if s in forgotten:
             continue
@@ -258,5 +291,14 @@ def _focus_subject(pool: Sequence[Fact], cfg: PulseConfig, rng: random.Random):
     return requests, neighbour, rest
 
 
-__all__ = ["Split", "answer_key", "entity_of", "entity_shuffled", "known_facts",
-           "split_finetuned", "split_focused", "split_pretrained", "split_requests"]
+__all__ = [
+    "Split",
+    "answer_key",
+    "entity_of",
+    "entity_shuffled",
+    "known_facts",
+    "split_finetuned",
+    "split_focused",
+    "split_pretrained",
+    "split_requests",
+]
