@@ -10,7 +10,9 @@ Gram, weighing, the standard step), ``batches`` (validation, micro-batches), ``f
 the output head's input, for the fused-linear objectives), ``reference_cache`` (the
 reference's outputs per distinct forget batch), ``distributed`` (DDP / FSDP2),
 ``stats`` (the one host sync and the finiteness checks), ``atomic`` (all-or-nothing
-updates: rollback, clipping, GradScaler).
+updates: rollback, clipping, GradScaler), ``checks`` (the constructor's and ``backward()``'s
+argument checks), ``pending`` (the gradients accumulated by ``backward()``, averaged over
+ranks for the step).
 """
 
 from unlearnopt.errors import UnlearningStepError

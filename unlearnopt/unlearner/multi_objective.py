@@ -7,16 +7,22 @@ from typing import Any
 
 import torch
 
-from unlearnopt.aggregate import FixedWeights
 from unlearnopt.contract import Batch, Grads, Objective
 from unlearnopt.methods.base import Method
 from unlearnopt.methods.registry import make_method
 from unlearnopt.ops.grad_gram import GradGram
 from unlearnopt.unlearner.atomic import trainable_params
+from unlearnopt.unlearner.checks import (
+    check_arguments,
+    check_losses,
+    check_params_in_model,
+    check_ref_cache,
+)
 from unlearnopt.unlearner.distributed import Distributed
 from unlearnopt.unlearner.engine import StepEngine, add_into
 from unlearnopt.unlearner.forward import Forwards
 from unlearnopt.unlearner.head_forward import HeadForwards
+from unlearnopt.unlearner.pending import averaged_pending
 from unlearnopt.unlearner.reference_cache import ReferenceCache
 
 
@@ -80,22 +86,7 @@ class MultiObjectiveUnlearner:
         ref_cache: bool = True,
         **method_options: Any,
     ) -> None:
-        if not isinstance(model, torch.nn.Module):
-            raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
-        if not isinstance(optimizer, torch.optim.Optimizer):
-            raise TypeError(
-                f"optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}"
-            )
-        if max_grad_norm is not None and (
-            not isinstance(max_grad_norm, (int, float)) or not max_grad_norm > 0
-        ):
-            raise ValueError(
-                f"max_grad_norm must be a positive number or None, got {max_grad_norm!r}"
-            )
-        if not isinstance(accumulate, int) or accumulate < 1:
-            raise ValueError(f"accumulate must be a positive int, got {accumulate!r}")
-        if scaler is not None and not hasattr(scaler, "unscale_"):
-            raise TypeError(f"scaler must be a torch.amp.GradScaler, got {type(scaler).__name__}")
+        check_arguments(model, optimizer, max_grad_norm, accumulate, scaler)
         self.model = model
         self.optimizer = optimizer
         self.method = make_method(method, **method_options)
@@ -103,17 +94,11 @@ class MultiObjectiveUnlearner:
         self.accumulate = accumulate
         self.scaler = scaler
         self.params: list[torch.nn.Parameter] = trainable_params(optimizer)
-        ids = {id(p) for p in model.parameters()}
-        missing = [i for i, p in enumerate(self.params) if id(p) not in ids]
-        if missing:
-            raise ValueError(
-                f"the optimizer's trainable parameters {missing[:5]} are not parameters of model"
-            )
+        check_params_in_model(model, self.params)
         self.distributed = Distributed(model, self.params)
         self.forwards = Forwards(model, ref_model)
         self.forwards.check_reference(self.params, self.method.needs_ref, self.method.name)
-        if not isinstance(ref_cache, bool):
-            raise TypeError(f"ref_cache must be a bool, got {type(ref_cache).__name__}")
+        check_ref_cache(ref_cache)
         self.heads = HeadForwards(
             self.forwards,
             enabled=fused_linear,
@@ -226,16 +211,7 @@ class MultiObjectiveUnlearner:
         :meth:`no_sync`; the gradients are averaged over ranks in :meth:`step` (under FSDP2
         by FSDP2's own reduce-scatter in each backward pass).
         """
-        if not isinstance(losses, Mapping) or not losses:
-            raise TypeError("losses must be a non-empty dict of name -> 0-dim tensor")
-        for name, loss in losses.items():
-            if not isinstance(loss, torch.Tensor) or loss.dim() != 0:
-                raise TypeError(f"losses[{name!r}] must be a 0-dim tensor, got {loss!r:.80}")
-        if self._pending is not None and list(self._pending) != list(losses):
-            raise ValueError(
-                f"backward() got losses {list(losses)} but earlier calls since the "
-                f"last step had {list(self._pending)}"
-            )
+        check_losses(losses, None if self._pending is None else list(self._pending))
         pending = self._pending if self._pending is not None else {}
         items = list(losses.items())
         new_grads = {}
@@ -279,29 +255,8 @@ class MultiObjectiveUnlearner:
 
     def _step_pending(self) -> dict[str, float]:
         assert self._pending is not None
-        names = list(self._pending)
-        own = [o.name for o in self.method.objectives()]
-        aggregator = self.method.aggregator()
-        if set(names) == set(own):
-            names = own
-        elif isinstance(aggregator.weighting, FixedWeights):
-            raise ValueError(
-                f"backward() got losses {names} but method {self.method.name!r} "
-                f"weights the objectives {own}; use those names"
-            )
-        grads = [self._pending[n] for n in names]
-        losses = {n: self._pending_losses[n] for n in names}
-        world = self.distributed.world_size
-        if world > 1 and self.distributed.fsdp:
-            # FSDP2's reduce-scatter already averaged the gradients over ranks.
-            self.distributed.all_reduce_losses(losses)
-            losses = {n: v / world for n, v in losses.items()}
-        elif world > 1:
-            self.distributed.all_reduce(grads, losses)
-            for per in grads:
-                for g in per:
-                    if g is not None:
-                        g.div_(world)
-            losses = {n: v / world for n, v in losses.items()}
+        aggregator, names, losses, grads = averaged_pending(
+            self.distributed, self.method, self._pending, self._pending_losses
+        )
         self._pending, self._pending_losses = None, {}
         return self.engine.aggregate_and_step(aggregator, names, losses, grads)

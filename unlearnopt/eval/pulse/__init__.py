@@ -1,5 +1,7 @@
-"""The PULSE evaluation: settings (:mod:`.config`), data splits (:mod:`.splits`) and the
-protocol that runs methods over sequential requests (:mod:`.protocol`)."""
+"""The PULSE evaluation: settings (:mod:`.config`), data splits (:mod:`.splits`), the
+protocol that runs methods over sequential requests (:mod:`.protocol`), the fine-tuned
+phase's setup and TOFU metrics (:mod:`.finetuned`), and the report's tables and quality
+verdicts (:mod:`.summary`)."""
 
 from unlearnopt.eval.metrics import METRIC_NAMES
 from unlearnopt.eval.pulse.config import FOCUS, PHASES, PulseConfig, method_settings

@@ -45,14 +45,16 @@ time it is ``<= forget_target``, every metric is measured (``at_target``); with
 ``stop_at_target`` (default) the request ends there, so every method is compared at the point
 where it has forgotten, beside gradient ascent stopped the same way (the baseline). The
 summary reports each method at that point of the last request and at the end.
+
+This module runs the requests (``run_method_sequence``) and the phases (``run_pulse``); the
+fine-tuned phase's setup and TOFU metrics are in :mod:`.finetuned`, the report's tables and
+quality verdicts in :mod:`.summary` (their names are importable from here too).
 """
 
 from __future__ import annotations
 
 import copy
 import dataclasses
-import json
-import math
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict
@@ -65,16 +67,24 @@ import torch
 from unlearnopt.data import Fact, load_fictitious_facts, load_neutral_texts, load_real_facts
 from unlearnopt.eval.metrics import evaluate, score_answers
 from unlearnopt.eval.pulse.config import PulseConfig, method_settings
+from unlearnopt.eval.pulse.finetuned import TOFU_DOC, finetuned_setup, retain_model_metrics
 from unlearnopt.eval.pulse.splits import (
     Split,
-    entity_of,
     entity_shuffled,
     known_facts,
-    split_finetuned,
     split_focused,
     split_pretrained,
 )
-from unlearnopt.training import UnlearningRun, check_vocabulary, fact_texts, finetune
+from unlearnopt.eval.pulse.summary import (
+    QUALITY_BAR_TEXT,
+    describe_verdict,
+    dump_json,
+    jsonable,
+    one_shot_rows,
+    quality_verdict,
+    summarize,
+)
+from unlearnopt.training import UnlearningRun, check_vocabulary, fact_texts
 
 # --------------------------------------------------------------------------- the protocol
 
@@ -208,99 +218,6 @@ def run_method_sequence(
     return records
 
 
-def summarize(before: dict[str, float], records: dict[str, list[dict]]) -> list[dict[str, Any]]:
-    """Rows of the comparison table: "before", then per method "@target" (the last request's
-    first step at the forget target; absent if never reached or if the request stopped there)
-    and "@end"."""
-    rows = [{"name": "before", "method": None, "point": "before", "steps": 0, **before}]
-    for method, recs in records.items():
-        last_r = max(rec["request"] for rec in recs)
-        at = [rec for rec in recs if rec["request"] == last_r and rec["point"] == "at_target"]
-        end = next(rec for rec in recs if rec["request"] == last_r and rec["point"] == "end")
-        if at and at[0]["step"] != end["step"]:  # stopped at the target: one point
-            rows.append(
-                {
-                    "name": f"{method}@target",
-                    "method": method,
-                    "point": "at_target",
-                    "steps": at[0]["step"],
-                    **at[0]["metrics"],
-                }
-            )
-        rows.append(
-            {
-                "name": f"{method}@end",
-                "method": method,
-                "point": "end",
-                "steps": end["step"],
-                **end["metrics"],
-            }
-        )
-    return rows
-
-
-# The quality bar: forget accuracy at most MAX_FORGET_ACC, retain and neighbour accuracy at
-# least KEEP_FRACTION of before, perplexity at most MAX_PPL_RATIO times before.
-MAX_FORGET_ACC = 0.1
-KEEP_FRACTION = 0.9
-MAX_PPL_RATIO = 1.1
-QUALITY_BAR_TEXT = (
-    f"forget accuracy <= {MAX_FORGET_ACC:.2f}, retain and neighbour accuracy "
-    f">= {KEEP_FRACTION:.0%} of before, perplexity <= before "
-    f"+{MAX_PPL_RATIO - 1:.0%}"
-)
-
-
-def _bar_checks(before: dict[str, float], row: dict[str, float]):
-    """``(key, passed, words)`` per criterion of the quality bar."""
-    keep_r = KEEP_FRACTION * before["retain_acc"]
-    keep_n = KEEP_FRACTION * before["neighbour_acc"]
-    max_ppl = MAX_PPL_RATIO * before["ppl"]
-    return [
-        (
-            "forgot",
-            row["forget_acc"] <= MAX_FORGET_ACC + 1e-9,
-            f"forget accuracy {row['forget_acc']:.2f} (needs <= {MAX_FORGET_ACC:.2f})",
-        ),
-        (
-            "kept_retain",
-            row["retain_acc"] >= keep_r - 1e-9,
-            (
-                f"retain accuracy {row['retain_acc']:.2f} (needs >= {keep_r:.2f}, "
-                f"{KEEP_FRACTION:.0%} of {before['retain_acc']:.2f} before)"
-            ),
-        ),
-        (
-            "kept_neighbours",
-            row["neighbour_acc"] >= keep_n - 1e-9,
-            (
-                f"neighbour accuracy {row['neighbour_acc']:.2f} (needs >= {keep_n:.2f}, "
-                f"{KEEP_FRACTION:.0%} of {before['neighbour_acc']:.2f} before)"
-            ),
-        ),
-        (
-            "fluent",
-            row["ppl"] <= max_ppl,
-            (
-                f"perplexity {row['ppl']:.1f} (needs <= {max_ppl:.1f}, before "
-                f"{before['ppl']:.1f} +{MAX_PPL_RATIO - 1:.0%})"
-            ),
-        ),
-    ]
-
-
-def quality_verdict(before: dict[str, float], row: dict[str, float]) -> dict[str, bool]:
-    """The quality bar (``QUALITY_BAR_TEXT``), one bool per criterion: ``forgot``,
-    ``kept_retain``, ``kept_neighbours``, ``fluent``."""
-    return {key: bool(ok) for key, ok, _ in _bar_checks(before, row)}
-
-
-def describe_verdict(before: dict[str, float], row: dict[str, float]) -> str:
-    """The verdict in words: "meets the quality bar", or what misses it and by how much."""
-    missed = [words for _, ok, words in _bar_checks(before, row) if not ok]
-    return "meets the quality bar" if not missed else "misses: " + "; ".join(missed)
-
-
 def run_pulse(
     model,
     tokenizer,
@@ -334,7 +251,7 @@ def run_pulse(
         check_vocabulary(model, tokenizer, fact_texts(facts), what)
     check_vocabulary(model, tokenizer, neutral, "the neutral sentences")
     model.eval()
-    report: dict[str, Any] = {"config": _jsonable(asdict(cfg)), "phases": {}}
+    report: dict[str, Any] = {"config": jsonable(asdict(cfg)), "phases": {}}
     t_start = time.perf_counter()
     for phase in cfg.phases:
         log(f"PULSE phase '{phase}'")
@@ -399,7 +316,7 @@ def run_pulse(
         if base is not model:
             del base
     report["seconds"] = time.perf_counter() - t_start
-    report = _jsonable(report)
+    report = jsonable(report)
     if out_dir is not None:
         from unlearnopt.eval.report import write_report
 
@@ -437,171 +354,6 @@ def _run_methods(
         del work
     del ref
     return records
-
-
-def one_shot_rows(
-    before: dict[str, float],
-    sequential: dict[str, list[dict]],
-    one_shot: dict[str, list[dict]],
-    requests: int,
-) -> list[dict[str, Any]]:
-    """Rows of the one-shot vs split table: "before", then per method the end of the
-    sequential run (``"<method> x<requests>"``) and of the one-request run (``"<method> x1"``),
-    both measured on all the forget facts."""
-    rows = [{"name": "before", "method": None, "point": "before", "steps": 0, **before}]
-    for method, seq in sequential.items():
-        for label, recs in ((f"x{requests}", seq), ("x1", one_shot[method])):
-            end = [r for r in recs if r["point"] == "end"][-1]
-            rows.append(
-                {
-                    "name": f"{method} {label}",
-                    "method": method,
-                    "point": "end",
-                    "requests": max(r["request"] for r in recs),
-                    "steps": end["step"],
-                    "reached_target": all(
-                        r["steps_to_target"] is not None for r in recs if r["point"] == "end"
-                    ),
-                    **end["metrics"],
-                }
-            )
-    return rows
-
-
-TOFU_DOC = {
-    "forget_quality": "KS-test p-value, forget-set truth ratios vs the retain model (higher = "
-    "closer to never having learned them)",
-    "model_utility": "harmonic mean of answer probability, ROUGE-L recall and truth-ratio "
-    "score on the retain and neighbour facts",
-    "privleak": "(MIA AUC - retain model's MIA AUC) / retain model's (0 = ideal)",
-    "extraction_strength": "1 - shortest answer prefix that lets greedy decoding finish the "
-    "answer / answer length, mean over forget facts (lower = better)",
-    "exact_memorization": "fraction of forget answer tokens predicted greedily under teacher "
-    "forcing (lower = better)",
-}
-
-
-def _tuned_facts(fictitious: Sequence[Fact], cfg: PulseConfig) -> list[Fact]:
-    """The facts of the first ``cfg.finetune_entities`` invented people (seeded order)."""
-    facts = entity_shuffled(fictitious, cfg.seed)
-    entities = list(dict.fromkeys(entity_of(f) for f in facts))
-    tuned_names = set(entities[: cfg.finetune_entities])
-    return [f for f in facts if entity_of(f) in tuned_names]
-
-
-def retain_model_metrics(
-    model,
-    base,
-    tokenizer,
-    fictitious: Sequence[Fact],
-    split: Split,
-    cfg: PulseConfig,
-    log: Callable[[str], None],
-) -> Callable[[Any], dict[str, float]]:
-    """Fine-tune a retain model (a copy of the original ``model``, same recipe as ``base``,
-    without the forget facts) and return ``tofu(model) -> metrics`` against it."""
-    from unlearnopt.eval.tofu_metrics import retain_reference, tofu_metrics
-
-    forget_ids = {f.id for f in split.forget}
-    kept = [f for f in _tuned_facts(fictitious, cfg) if f.id not in forget_ids]
-    retain_model = copy.deepcopy(model)
-    retain_model.requires_grad_(True)
-    ft = finetune(
-        retain_model,
-        tokenizer,
-        kept,
-        lr=cfg.finetune_lr,
-        epochs=cfg.finetune_epochs,
-        seed=cfg.seed,
-        progress=cfg.progress,
-    )
-    retain_model.eval()
-    log(
-        f"  retain model: fine-tuned on {len(kept)} facts (the forget facts left out), "
-        f"accuracy {ft['finetune_acc']:.2f}"
-    )
-    pool = [*split.forget, *split.retain, *split.neighbour, *split.nonmember]
-    reference = retain_reference(
-        retain_model, tokenizer, split.forget, split.nonmember, pool, batch_size=cfg.eval_batch_size
-    )
-    del retain_model
-
-    def tofu(unlearned) -> dict[str, float]:
-        return tofu_metrics(
-            unlearned,
-            tokenizer,
-            reference,
-            forget=split.forget,
-            retain=split.retain,
-            neighbour=split.neighbour,
-            nonmember=split.nonmember,
-            pool=pool,
-            max_new_tokens=cfg.max_new_tokens,
-            batch_size=cfg.eval_batch_size,
-        )
-
-    return tofu
-
-
-def finetuned_setup(
-    model,
-    tokenizer,
-    real_facts: Sequence[Fact],
-    fictitious: Sequence[Fact],
-    cfg: PulseConfig,
-    log: Callable[[str], None],
-):
-    """Fine-tune a copy of ``model`` on the first ``cfg.finetune_entities`` invented people
-    (seeded order) and split what it learned; returns ``(fine-tuned model, split, info)``."""
-    facts = entity_shuffled(fictitious, cfg.seed)
-    entities = list(dict.fromkeys(entity_of(f) for f in facts))
-    tuned_names = set(entities[: cfg.finetune_entities])
-    tuned = [f for f in facts if entity_of(f) in tuned_names]
-    unseen = [f for f in facts if entity_of(f) not in tuned_names]
-    known_real = known_facts(model, tokenizer, real_facts, cfg.eval_batch_size)
-    base = copy.deepcopy(model)
-    base.requires_grad_(True)
-    t0 = time.perf_counter()
-    ft = finetune(
-        base,
-        tokenizer,
-        tuned,
-        lr=cfg.finetune_lr,
-        epochs=cfg.finetune_epochs,
-        seed=cfg.seed,
-        progress=cfg.progress,
-    )
-    ft["finetune_seconds"] = time.perf_counter() - t0
-    log(
-        f"  fine-tuned on {len(tuned)} facts about {len(tuned_names)} invented people: "
-        f"{ft['finetune_steps']} steps, accuracy {ft['finetune_acc']:.2f}"
-    )
-    learned = known_facts(base, tokenizer, tuned, cfg.eval_batch_size)
-    split = (
-        split_finetuned(learned, known_real, unseen, cfg)
-        if cfg.focus == "spread"
-        else split_focused(learned, unseen, cfg)
-    )
-    base.eval()
-    return base, split, ft
-
-
-def _jsonable(obj):
-    if isinstance(obj, dict):
-        return {str(k): _jsonable(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_jsonable(v) for v in obj]
-    if isinstance(obj, (np.floating, np.integer, np.bool_)):
-        obj = obj.item()
-    if isinstance(obj, float) and not math.isfinite(obj):
-        return None
-    if isinstance(obj, (str, int, float, bool)) or obj is None:
-        return obj
-    return repr(obj)
-
-
-def dump_json(report: dict, path: str | Path) -> None:
-    Path(path).write_text(json.dumps(report, indent=1))
 
 
 __all__ = [
