@@ -125,8 +125,14 @@ def test_rmu_runs_on_other_architectures(kind):
 
 
 def test_rmu_config_is_checked():
-    for bad in ({"layer": -1}, {"depth": 0}, {"layer": 1, "depth": 3}, {"alpha": -1.0}):
-        with pytest.raises(ValueError, match="rmu"):
+    cases = [
+        ({"layer": -1}, "layer must be an int >= 0"),
+        ({"depth": 0}, "depth must be an int >= 1"),
+        ({"layer": 1, "depth": 3}, "reaches below layer 0"),
+        ({"alpha": -1.0}, "alpha must be a non-negative number"),
+    ]
+    for bad, message in cases:
+        with pytest.raises(ValueError, match=message):
             make_method("rmu", **bad)
 
 
