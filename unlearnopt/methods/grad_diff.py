@@ -28,6 +28,25 @@ def check_weight(name: str, value) -> None:
         raise ValueError(f"{name} must be a non-negative number, got {value!r}")
 
 
+def check_positive(name: str, value) -> None:
+    if not isinstance(value, (int, float)) or not value > 0:  # also rejects NaN
+        raise ValueError(f"{name} must be a positive number, got {value!r}")
+
+
+def with_retain_nll(forget: Objective, retain_weight: float) -> list[Objective]:
+    """``[forget]``, plus the retain NLL objective when ``retain_weight > 0``."""
+    return [forget, retain_nll_objective()] if retain_weight > 0 else [forget]
+
+
+def forget_retain_aggregator(forget_weight: float, retain_weight: float) -> Aggregator:
+    """The weighted sum ``forget_weight * g_forget + retain_weight * g_retain_nll`` of the
+    objectives :func:`with_retain_nll` returns (no retain term when ``retain_weight`` is 0)."""
+    weights = [float(forget_weight)]
+    if retain_weight > 0:
+        weights.append(float(retain_weight))
+    return Aggregator(FixedWeights(weights))
+
+
 class GradDiff(Method):
     """GA on forget + ``retain_weight`` x NLL on retain (default 1)."""
 

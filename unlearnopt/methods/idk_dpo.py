@@ -27,10 +27,15 @@ from typing import Any, ClassVar
 
 import torch
 
-from unlearnopt.aggregate import Aggregator, FixedWeights
+from unlearnopt.aggregate import Aggregator
 from unlearnopt.contract import Objective, ObjectiveContext, attach_aux
 from unlearnopt.methods.base import Method
-from unlearnopt.methods.grad_diff import check_weight, retain_nll_objective
+from unlearnopt.methods.grad_diff import (
+    check_positive,
+    check_weight,
+    forget_retain_aggregator,
+    with_retain_nll,
+)
 from unlearnopt.methods.registry import register_method
 from unlearnopt.objectives import dpo_loss
 
@@ -53,9 +58,7 @@ class IdkDPO(Method):
     needs_ref = True
 
     def validate_config(self) -> None:
-        beta = self.config["beta"]
-        if not isinstance(beta, (int, float)) or not beta > 0:
-            raise ValueError(f"beta must be a positive number, got {beta!r}")
+        check_positive("beta", self.config["beta"])
         check_weight("forget_weight", self.config["forget_weight"])
         check_weight("retain_weight", self.config["retain_weight"])
         if not isinstance(self.config["seed"], int):
@@ -74,16 +77,11 @@ class IdkDPO(Method):
         )
 
     def objectives(self) -> list[Objective]:
-        objs = [Objective("forget_idk_dpo", "forget", self._dpo, unit="sequence")]
-        if self.config["retain_weight"] > 0:
-            objs.append(retain_nll_objective())
-        return objs
+        forget = Objective("forget_idk_dpo", "forget", self._dpo, unit="sequence")
+        return with_retain_nll(forget, self.config["retain_weight"])
 
     def aggregator(self) -> Aggregator:
-        weights = [float(self.config["forget_weight"])]
-        if self.config["retain_weight"] > 0:
-            weights.append(float(self.config["retain_weight"]))
-        return Aggregator(FixedWeights(weights))
+        return forget_retain_aggregator(self.config["forget_weight"], self.config["retain_weight"])
 
     def fact_batches(
         self,

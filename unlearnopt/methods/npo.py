@@ -13,10 +13,15 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any, ClassVar
 
-from unlearnopt.aggregate import Aggregator, FixedWeights
+from unlearnopt.aggregate import Aggregator
 from unlearnopt.contract import Objective
 from unlearnopt.methods.base import Method
-from unlearnopt.methods.grad_diff import check_weight, retain_nll_objective
+from unlearnopt.methods.grad_diff import (
+    check_positive,
+    check_weight,
+    forget_retain_aggregator,
+    with_retain_nll,
+)
 from unlearnopt.methods.registry import register_method
 from unlearnopt.objectives import npo_loss_of
 
@@ -29,25 +34,18 @@ class NPO(Method):
     needs_ref = True
 
     def validate_config(self) -> None:
-        beta = self.config["beta"]
-        if not isinstance(beta, (int, float)) or not beta > 0:
-            raise ValueError(f"beta must be a positive number, got {beta!r}")
+        check_positive("beta", self.config["beta"])
         check_weight("retain_weight", self.config["retain_weight"])
 
     def objectives(self) -> list[Objective]:
         beta = float(self.config["beta"])
-        objs = [
-            Objective("forget_npo", "forget", lambda ctx: npo_loss_of(ctx, beta), unit="sequence")
-        ]
-        if self.config["retain_weight"] > 0:
-            objs.append(retain_nll_objective())
-        return objs
+        forget = Objective(
+            "forget_npo", "forget", lambda ctx: npo_loss_of(ctx, beta), unit="sequence"
+        )
+        return with_retain_nll(forget, self.config["retain_weight"])
 
     def aggregator(self) -> Aggregator:
-        weights = [1.0]
-        if self.config["retain_weight"] > 0:
-            weights.append(float(self.config["retain_weight"]))
-        return Aggregator(FixedWeights(weights))
+        return forget_retain_aggregator(1.0, self.config["retain_weight"])
 
 
 register_method("npo", NPO)

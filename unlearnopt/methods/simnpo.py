@@ -17,10 +17,15 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any, ClassVar
 
-from unlearnopt.aggregate import Aggregator, FixedWeights
+from unlearnopt.aggregate import Aggregator
 from unlearnopt.contract import Objective
 from unlearnopt.methods.base import Method
-from unlearnopt.methods.grad_diff import check_weight, retain_nll_objective
+from unlearnopt.methods.grad_diff import (
+    check_positive,
+    check_weight,
+    forget_retain_aggregator,
+    with_retain_nll,
+)
 from unlearnopt.methods.registry import register_method
 from unlearnopt.objectives import simnpo_loss
 
@@ -32,32 +37,22 @@ class SimNPO(Method):
     defaults: ClassVar[Mapping[str, Any]] = {"beta": 2.5, "gamma": 0.0, "retain_weight": 0.0}
 
     def validate_config(self) -> None:
-        beta, gamma = self.config["beta"], self.config["gamma"]
-        if not isinstance(beta, (int, float)) or not beta > 0:
-            raise ValueError(f"beta must be a positive number, got {beta!r}")
-        if not isinstance(gamma, (int, float)) or not gamma >= 0:
-            raise ValueError(f"gamma must be a non-negative number, got {gamma!r}")
+        check_positive("beta", self.config["beta"])
+        check_weight("gamma", self.config["gamma"])
         check_weight("retain_weight", self.config["retain_weight"])
 
     def objectives(self) -> list[Objective]:
         beta, gamma = float(self.config["beta"]), float(self.config["gamma"])
-        objs = [
-            Objective(
-                "forget_simnpo",
-                "forget",
-                lambda ctx: simnpo_loss(ctx.logits, ctx.labels, beta, gamma),
-                unit="sequence",
-            )
-        ]
-        if self.config["retain_weight"] > 0:
-            objs.append(retain_nll_objective())
-        return objs
+        forget = Objective(
+            "forget_simnpo",
+            "forget",
+            lambda ctx: simnpo_loss(ctx.logits, ctx.labels, beta, gamma),
+            unit="sequence",
+        )
+        return with_retain_nll(forget, self.config["retain_weight"])
 
     def aggregator(self) -> Aggregator:
-        weights = [1.0]
-        if self.config["retain_weight"] > 0:
-            weights.append(float(self.config["retain_weight"]))
-        return Aggregator(FixedWeights(weights))
+        return forget_retain_aggregator(1.0, self.config["retain_weight"])
 
 
 register_method("simnpo", SimNPO)

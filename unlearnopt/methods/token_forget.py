@@ -22,10 +22,14 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any, ClassVar
 
-from unlearnopt.aggregate import Aggregator, FixedWeights
+from unlearnopt.aggregate import Aggregator
 from unlearnopt.contract import Objective, ObjectiveContext
 from unlearnopt.methods.base import Method
-from unlearnopt.methods.grad_diff import check_weight, retain_nll_objective
+from unlearnopt.methods.grad_diff import (
+    check_weight,
+    forget_retain_aggregator,
+    with_retain_nll,
+)
 from unlearnopt.methods.registry import register_method
 from unlearnopt.objectives import ce_u_loss, satimp_loss, undial_loss, wga_loss
 
@@ -51,16 +55,11 @@ class _TokenForgetMethod(Method):
         def loss(ctx: ObjectiveContext) -> Any:
             return self.forget_loss(ctx, **options)
 
-        objs = [Objective(f"forget_{self.name}", "forget", loss)]
-        if self.config["retain_weight"] > 0:
-            objs.append(retain_nll_objective())
-        return objs
+        forget = Objective(f"forget_{self.name}", "forget", loss)
+        return with_retain_nll(forget, self.config["retain_weight"])
 
     def aggregator(self) -> Aggregator:
-        weights = [float(self.config["forget_weight"])]
-        if self.config["retain_weight"] > 0:
-            weights.append(float(self.config["retain_weight"]))
-        return Aggregator(FixedWeights(weights))
+        return forget_retain_aggregator(self.config["forget_weight"], self.config["retain_weight"])
 
 
 class WGA(_TokenForgetMethod):
