@@ -3,8 +3,9 @@ model with its adapters disabled)."""
 
 from __future__ import annotations
 
+import contextlib
 import inspect
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -66,6 +67,24 @@ def _takes_use_cache(model: torch.nn.Module) -> bool:
     forwards_kwargs = any(p.kind == inspect.Parameter.VAR_KEYWORD for p in params.values())
     has_flag = hasattr(getattr(model, "config", None), "use_cache")
     return "use_cache" in params or (forwards_kwargs and has_flag)
+
+
+@contextlib.contextmanager
+def adapters_disabled(model: torch.nn.Module) -> Iterator[torch.nn.Module]:
+    """A PEFT model as its own reference: adapters disabled and every module in eval mode
+    (no dropout); yields the unwrapped model and restores both afterwards."""
+    model = unwrap(model)
+    if not hasattr(model, "disable_adapter"):
+        raise ValueError("no reference: pass ref_model= or use a PEFT model")
+    training = [m for m in model.modules() if m.training]
+    for m in training:
+        m.training = False
+    try:
+        with model.disable_adapter():
+            yield model
+    finally:
+        for m in training:
+            m.training = True
 
 
 class Forwards:
@@ -151,18 +170,8 @@ class Forwards:
                 return layer_output(
                     lambda: self.ref_model(**inputs), self.ref_model, layer
                 ).detach()
-            model = unwrap(self.model)
-            if not hasattr(model, "disable_adapter"):
-                raise ValueError("no reference: pass ref_model= or use a PEFT model")
-            training = [m for m in model.modules() if m.training]
-            for m in training:
-                m.training = False
-            try:
-                with model.disable_adapter():
-                    return layer_output(lambda: model(**inputs), model, layer).detach()
-            finally:
-                for m in training:
-                    m.training = True
+            with adapters_disabled(self.model) as model:
+                return layer_output(lambda: model(**inputs), model, layer).detach()
 
     @torch.no_grad()
     def ref_forward(self, batch: Batch, kind: str = "batch") -> torch.Tensor:
@@ -171,15 +180,5 @@ class Forwards:
         inputs = self.inputs(batch)
         if self.ref_model is not None:
             return extract_logits(self.ref_model(**inputs), "ref_model").detach()
-        model = unwrap(self.model)
-        if not hasattr(model, "disable_adapter"):
-            raise ValueError("no reference: pass ref_model= or use a PEFT model")
-        training = [m for m in model.modules() if m.training]
-        for m in training:
-            m.training = False
-        try:
-            with model.disable_adapter():
-                return extract_logits(model(**inputs), "model (adapters disabled)").detach()
-        finally:
-            for m in training:
-                m.training = True
+        with adapters_disabled(self.model) as model:
+            return extract_logits(model(**inputs), "model (adapters disabled)").detach()

@@ -24,9 +24,8 @@ step of a request; retain batches usually change, so they are not kept).
 
 from __future__ import annotations
 
-import contextlib
 import warnings
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import torch
@@ -39,32 +38,12 @@ from unlearnopt.output_head import (
     forward_head_inputs,
     unsupported_reason,
 )
+from unlearnopt.unlearner.distributed import unwrap
+from unlearnopt.unlearner.forward import adapters_disabled
 from unlearnopt.unlearner.reference_cache import ReferenceCache, module_fingerprint
 
 Batch = Mapping[str, Any]
 CACHED_KINDS = ("forget",)
-
-
-def _unwrap(model: torch.nn.Module) -> torch.nn.Module:
-    return model.module if isinstance(model, torch.nn.parallel.DistributedDataParallel) else model
-
-
-@contextlib.contextmanager
-def adapters_disabled(model: torch.nn.Module) -> Iterator[torch.nn.Module]:
-    """A PEFT model as its own reference: adapters disabled and every module in eval mode
-    (no dropout); yields the unwrapped model and restores both afterwards."""
-    model = _unwrap(model)
-    if not hasattr(model, "disable_adapter"):
-        raise ValueError("no reference: pass ref_model= or use a PEFT model")
-    training = [m for m in model.modules() if m.training]
-    for m in training:
-        m.training = False
-    try:
-        with model.disable_adapter():
-            yield model
-    finally:
-        for m in training:
-            m.training = True
 
 
 def _peft_adapter_tensors(model: torch.nn.Module) -> list[torch.Tensor]:
@@ -152,7 +131,7 @@ class HeadForwards:
         """What the reference's outputs depend on (changes when any of its tensors does)."""
         if self.forwards.ref_model is not None:
             return module_fingerprint(self.forwards.ref_model)
-        model = _unwrap(self.forwards.model)
+        model = unwrap(self.forwards.model)
         return module_fingerprint(model, skip=_peft_adapter_tensors(model))
 
     def _cached(self, batch: Batch, kind: str, what: str, compute: Callable[[], Any]) -> Any:
