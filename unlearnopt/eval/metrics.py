@@ -1,14 +1,8 @@
 """Unlearning metrics (as in PULSE, arXiv 2507.01271): efficacy, generality, retain,
 neighbours, fluency, diversity and membership inference, batched, on any device.
 
-Answers are scored by teacher forcing: the model reads ``prompt + " " + answer`` once and we look
-at the answer tokens.
-
-- *exact match* (accuracy): every answer token is the model's argmax given the tokens before it,
-  which is the same as "greedy decoding from the prompt starts with the answer";
-- *answer probability*: the geometric mean of the answer tokens' probabilities,
-  ``exp(mean_t log p(y_t | prefix))``, so answers of 1 and 3 tokens are comparable;
-- *answer loss*: ``-mean_t log p(y_t | prefix)`` (the membership-inference score).
+Answers are scored by teacher forcing (exact match, answer probability, answer loss), as
+defined in :mod:`unlearnopt.answers`, which this module re-exports.
 """
 
 from __future__ import annotations
