@@ -40,7 +40,9 @@ from tests.assertions import assert_within
 from unlearnopt.native import native_error
 
 EPS32 = torch.finfo(torch.float32).eps
-MODES = {"nll": 0, "ga": 1, "uce": 2}
+MODES = {"nll": 0, "ga": 1, "uce": 2, "wga": 3, "satimp": 4, "ce_u": 5}
+# wga / satimp exponents: not the defaults, non-integer (p_y^beta1 (1 - p_y)^beta2).
+BETA1, BETA2 = 2.5, 1.5
 IGNORE = -100
 
 
@@ -64,15 +66,25 @@ def exact(logits, labels, mode, alpha):
     lse = torch.logsumexp(z, dim=-1)
     d = z.gather(1, y[:, None])[:, 0] - lse
     p_y = d.exp()
+    others = z.scatter(1, y[:, None], float("-inf"))
+    log_q = torch.logsumexp(others, -1) - lse
+    entropy = torch.zeros_like(d)
     if mode == "nll":
         loss, c = -d, torch.ones_like(d)
     elif mode == "ga":
         loss, c = d, -torch.ones_like(d)
+    elif mode in ("wga", "satimp"):
+        w = (BETA1 * d + (BETA2 * log_q if mode == "satimp" else 0.0)).exp()
+        loss, c = w * d, -w
+    elif mode == "ce_u":
+        r = torch.softmax(others, -1)
+        entropy = -(r * r.clamp(min=1e-300).log()).sum(-1)
+        loss, c = entropy - log_q, -(d - log_q).exp()
     else:
         loss = -torch.log1p(-alpha * p_y)
         c = -(alpha * p_y) / (1 - alpha * p_y)
     p = (z - lse[:, None]).exp()
-    q = (torch.logsumexp(z.scatter(1, y[:, None], float("-inf")), -1) - lse).exp()
+    q = log_q.exp()
     # p - e_y, with the label column as expm1(d) (no cancellation near p_y = 1).
     p_minus = p.scatter(1, y[:, None], torch.expm1(d)[:, None])
     zero = torch.zeros((), dtype=torch.float64)
@@ -80,6 +92,7 @@ def exact(logits, labels, mode, alpha):
         "loss": torch.where(keep, loss, zero),
         "lse": torch.where(keep, lse, zero),
         "q": torch.where(keep, q, zero),
+        "entropy": torch.where(keep, entropy, zero),
         "c": c,
         "p_y": p_y,
         "p": p,
@@ -94,22 +107,42 @@ def check_rows(rows, logits, labels, mode, alpha, *, scale, grad=None, stats_in=
     the stats tensor of an earlier call."""
     # The float64 view is taken before the call: grad may be logits itself.
     r = ref if ref is not None else exact(logits, labels, mode, alpha)
-    loss, stats = rows(logits, labels, MODES[mode], alpha, IGNORE, stats_in, scale, grad)
-    assert stats.dtype == torch.float64 and stats.shape == (len(labels), 2)
-    lse, q = stats[:, 0], stats[:, 1]
+    loss, stats = rows(
+        logits, labels, MODES[mode], alpha, IGNORE, stats_in, scale, grad, BETA1, BETA2
+    )
+    assert stats.dtype == torch.float64 and stats.shape == (len(labels), 3)
+    lse, q, h = stats[:, 0], stats[:, 1], stats[:, 2]
     keep, c, p_y = r["keep"], r["c"], r["p_y"]
     tol_lse = 32 * EPS32 + 2 * EPS32 * r["lse"].abs()
+    # The entropy of ce_u (0 elsewhere): float32 sums of non-negative terms, as for 1 - p_y.
+    tol_h = 32 * EPS32 * r["entropy"]
     if stats_in is None:
         assert_within("lse", torch.where(keep, lse, torch.zeros_like(lse)), r["lse"], tol_lse)
         assert_within("1 - p_y", q, r["q"], 32 * EPS32 * r["q"])
-    tol_loss = c.abs() * (tol_lse + 4 * EPS32) + 2 * EPS32 * r["loss"].abs()
+        assert_within("entropy", h, r["entropy"], tol_h)
+    # d loss / d lse is -c, except wga / satimp, whose loss w log p_y also moves through w
+    # (by beta1 + beta2 p_y / q times w |log p_y| per unit of log p_y) and ce_u (-log q
+    # moves by p_y / q = |c|, plus the entropy's own error).
+    dloss = c.abs()
+    if mode in ("wga", "satimp"):
+        b2 = BETA2 if mode == "satimp" else 0.0
+        dloss = dloss * (1 + (BETA1 + b2 * p_y / r["q"]) * r["loss"].abs() / c.abs())
+    tol_loss = dloss * (tol_lse + 4 * EPS32) + 2 * EPS32 * r["loss"].abs() + tol_h
+    tol_loss = torch.where(keep, tol_loss, torch.zeros_like(tol_loss))
     assert_within("loss", loss, r["loss"], tol_loss)
     assert torch.isfinite(stats).all(), "stats must be finite (0 at ignored rows)"
     if grad is None:
         return loss, stats
     coef = scale.double().expand(len(labels)) * c
     ref_grad = coef[:, None] * r["p_minus"]
-    amp = 1 / (1 - alpha * p_y) if mode == "uce" else torch.ones_like(p_y)
+    # How much c's relative error exceeds p_y's: 1 / (1 - a p_y) for uce, 1 / q for ce_u,
+    # |beta1 - beta2 p_y / q| for the weights.
+    amp = {
+        "uce": 1 / (1 - alpha * p_y),
+        "ce_u": 1 / r["q"],
+        "wga": torch.full_like(p_y, BETA1),
+        "satimp": (BETA1 - BETA2 * p_y / r["q"]).abs(),
+    }.get(mode, torch.ones_like(p_y))
     k = tol_lse * (1 + amp) + 4 * EPS32
     bound = r["p"].clone()  # p_j + [j = y]
     bound[torch.arange(len(labels)), r["y"]] += 1
@@ -236,9 +269,21 @@ def test_extreme_rows(rows):
     logits[4, -1] = 200  # a late, dominant column
     labels = torch.tensor([3000, v - 1, 17, 1, v - 1])
     for mode in MODES:
+        # ce_u's c = -p_y / (1 - p_y) leaves float32 in row 4 (1 - p_y ~ 1e-82): its gradient
+        # is documented to be non-finite there, never silently wrong.
+        n = 4 if mode == "ce_u" else 5
         check_rows(
-            rows, logits, labels, mode, 0.5, scale=torch.rand(5), grad=torch.empty_like(logits)
+            rows,
+            logits[:n],
+            labels[:n],
+            mode,
+            0.5,
+            scale=torch.rand(n),
+            grad=torch.empty_like(logits[:n]),
         )
+    grad = torch.empty_like(logits[4:])
+    rows(logits[4:], labels[4:], MODES["ce_u"], 0.5, IGNORE, None, torch.ones(1), grad)
+    assert not torch.isfinite(grad).all()
 
 
 def test_uce_alpha_one_confident(rows):
@@ -294,11 +339,13 @@ def test_rejects_bad_input(rows):
     with pytest.raises(RuntimeError, match="logits"):
         rows(logits.double(), labels, 0, 0.5, IGNORE, None, None, None)
     with pytest.raises(RuntimeError, match="mode"):
-        rows(logits, labels, 3, 0.5, IGNORE, None, None, None)
+        rows(logits, labels, 6, 0.5, IGNORE, None, None, None)
+    with pytest.raises(RuntimeError, match="beta1, beta2"):
+        rows(logits, labels, 3, 0.5, IGNORE, None, None, None, -1.0, 1.0)
     with pytest.raises(RuntimeError, match="alpha"):
         rows(logits, labels, 2, 1.5, IGNORE, None, None, None)
     with pytest.raises(RuntimeError, match="stats_in"):
-        rows(logits, labels, 0, 0.5, IGNORE, torch.zeros(4, 2), None, None)  # not float64
+        rows(logits, labels, 0, 0.5, IGNORE, torch.zeros(4, 3), None, None)  # not float64
     with pytest.raises(RuntimeError, match="stats_in"):
         rows(logits, labels, 0, 0.5, IGNORE, torch.zeros(4, dtype=torch.float64), None, None)
     with pytest.raises(RuntimeError, match="grad_scale"):

@@ -24,6 +24,9 @@ pytestmark = pytest.mark.skipif(_why is not None, reason=str(_why))
 
 IGNORE = -100
 ALPHA = 0.7
+# wga / satimp exponents: not the defaults, non-integer (p_y^beta1 (1 - p_y)^beta2).
+BETA1, BETA2 = 2.5, 1.5
+MODE_IDS = {"nll": 0, "ga": 1, "uce": 2, "wga": 3, "satimp": 4, "ce_u": 5}
 # Error of fp32 log-probabilities, per unit of |z| + |lse| (+1): 16 fp32 ulps, covering the
 # rounding of the running sum, of its log and of z - lse.
 LOGP_ERR = 2e-6
@@ -32,6 +35,8 @@ LOGP_ERR = 2e-6
 def rows(*args, **kwargs):
     from unlearnopt.kernels.unlearning_cross_entropy import unlearning_cross_entropy_rows
 
+    kwargs.setdefault("beta1", BETA1)
+    kwargs.setdefault("beta2", BETA2)
     return unlearning_cross_entropy_rows(*args, **kwargs)
 
 
@@ -70,10 +75,23 @@ def oracle(
     z_y = z.gather(1, safe[:, None]).squeeze(1)
     logp_y = z_y - lse
     p_y = logp_y.exp()
+    # 1 - p_y and its log over the other classes (no cancellation near p_y = 1).
+    log_q = torch.logsumexp(z.scatter(1, safe[:, None], float("-inf")), -1) - lse
+    q = log_q.exp()
     if mode == 0:
         loss, c, dc = -logp_y, torch.ones_like(p_y), torch.zeros_like(p_y)
     elif mode == 1:
         loss, c, dc = logp_y, -torch.ones_like(p_y), torch.zeros_like(p_y)
+    elif mode in (3, 4):
+        # w = p^b1 q^b2; d log w / d log p = b1 - b2 p / q
+        b2 = BETA2 if mode == 4 else 0.0
+        w = (BETA1 * logp_y + b2 * log_q).exp()
+        loss, c, dc = w * logp_y, -w, (BETA1 - b2 * p_y / q).abs()
+    elif mode == 5:
+        # Cross-entropy against softmax of the other classes: -log q + their entropy.
+        r = torch.softmax(z.scatter(1, safe[:, None], float("-inf")), -1)
+        entropy = -(r * r.clamp(min=1e-300).log()).sum(-1)
+        loss, c, dc = entropy - log_q, -p_y / q, 1 / q
     else:
         # c = -a p / (1 - a p); d log|c| / d log p = 1 / (1 - a p)
         loss, c = -torch.log1p(-alpha * p_y), -(alpha * p_y) / (1 - alpha * p_y)
@@ -108,7 +126,7 @@ def one_minus_p_y(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
 
 def check_loss_lse(loss, stats, logits, labels, mode, ref_loss, ref_lse):
     assert loss.dtype == torch.float32 and stats.dtype == torch.float64
-    assert loss.shape == labels.shape and stats.shape == (*labels.shape, 2)
+    assert loss.shape == labels.shape and stats.shape == (*labels.shape, 3)
     # log p_y = z_y - lse is off by a few fp32 ulps of the terms; the loss moves by
     # |dloss/dlog p_y| times that.
     keep = labels != IGNORE
@@ -120,12 +138,25 @@ def check_loss_lse(loss, stats, logits, labels, mode, ref_loss, ref_lse):
     q = one_minus_p_y(logits, labels).to(stats.device)
     assert_within("1 - p_y", stats[:, 1].cpu(), q.cpu(), (1e-6 * q + 1e-300).cpu())
     assert (stats[~keep] == 0).all()
+    p_y = (z_y - ref_lse).exp()
     if mode == 2:  # d loss / d log p_y = a p_y / (1 - a p_y)
-        p_y = (z_y - ref_lse).exp()
         dlogp = ALPHA * p_y / (1 - ALPHA * p_y)
+    elif mode in (3, 4):  # w (1 + d log w / d log p_y |log p_y|), w = p_y^b1 q^b2
+        b2 = BETA2 if mode == 4 else 0.0
+        w = p_y**BETA1 * q**b2
+        dlogp = w * (1 + (BETA1 + b2 * p_y / q) * (z_y - ref_lse).abs())
+    elif mode == 5:  # -log q moves by p_y / q; the entropy term is checked relatively
+        dlogp = p_y / q
     else:
         dlogp = torch.ones_like(ref_lse)
-    loss_tol = logp_err * dlogp + 1e-6 * ref_loss.abs()
+    if mode == 5:  # the entropy of softmax over the other classes, float32 sums
+        zd = logits.double()
+        r = torch.softmax(zd.scatter(1, torch.where(keep, labels, 0)[:, None], -torch.inf), -1)
+        h = torch.where(keep, -(r * r.clamp(min=1e-300).log()).sum(-1), 0.0)
+        assert_within("entropy", stats[:, 2].cpu(), h.cpu(), (2e-6 * h + 1e-7).cpu())
+    else:
+        assert (stats[:, 2] == 0).all()
+    loss_tol = torch.where(keep, logp_err * dlogp + 1e-6 * ref_loss.abs(), 0.0)
     assert_within("loss", loss.cpu(), ref_loss.cpu(), loss_tol.cpu())
     assert (loss[labels == IGNORE] == 0).all()
 
@@ -162,7 +193,7 @@ CASES = [  # (n, vocab, ignore)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["f32", "bf16"])
-@pytest.mark.parametrize("mode", [0, 1, 2], ids=["nll", "ga", "uce"])
+@pytest.mark.parametrize("mode", list(MODE_IDS.values()), ids=list(MODE_IDS))
 @pytest.mark.parametrize("n,vocab,ignore", CASES)
 def test_rows_match_float64(n, vocab, ignore, mode, dtype, device):
     logits, labels = make_inputs(n, vocab, dtype, ignore, device, seed=n + vocab + mode)
@@ -263,7 +294,7 @@ def test_float16_and_empty(device):
     check_loss_lse(loss, lse, logits, labels, 1, ref_loss, ref_lse)
     empty = torch.empty(0, 10, device=device)
     loss, lse = rows(empty, torch.empty(0, dtype=torch.long, device=device), 0, ALPHA, IGNORE)
-    assert loss.shape == (0,) and lse.shape == (0, 2)
+    assert loss.shape == (0,) and lse.shape == (0, 3)
 
 
 def test_launcher_rejects_bad_layouts(device):
@@ -274,12 +305,14 @@ def test_launcher_rejects_bad_layouts(device):
     with pytest.raises(ValueError, match=r"labels must be a \[4\] torch\.int64"):
         rows(logits, labels.int(), 0, ALPHA, IGNORE)
     with pytest.raises(ValueError, match="mode must be"):
-        rows(logits, labels, 3, ALPHA, IGNORE)
+        rows(logits, labels, 6, ALPHA, IGNORE)
+    with pytest.raises(ValueError, match="beta2 must be a finite number >= 0"):
+        rows(logits, labels, 4, ALPHA, IGNORE, beta2=-1.0)
     with pytest.raises(ValueError, match="grad_scale must be float32"):
         rows(logits, labels, 0, ALPHA, IGNORE, None, torch.ones(2, device=device), logits)
     with pytest.raises(ValueError, match="grad_out is required"):
         rows(logits, labels, 0, ALPHA, IGNORE, None, torch.ones(1, device=device), None)
-    with pytest.raises(ValueError, match="stats_in must be a \\[4, 2\\] float64"):
+    with pytest.raises(ValueError, match="stats_in must be a \\[4, 3\\] float64"):
         rows(logits, labels, 0, ALPHA, IGNORE, torch.zeros(4, device=device))
 
 
@@ -293,7 +326,7 @@ def test_non_finite_and_out_of_range_rows(device):
     logits[3, 9] = float("nan")  # ignored row, in place below
     labels = torch.tensor([1, 2, IGNORE, IGNORE, 40])
     logits, labels = logits.to(device), labels.to(device)
-    for mode in (0, 1, 2):
+    for mode in MODE_IDS.values():
         buf = logits.clone()
         loss, stats = rows(
             buf, labels, mode, ALPHA, IGNORE, None, torch.ones(1, device=device), buf

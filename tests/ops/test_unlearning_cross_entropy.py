@@ -13,7 +13,9 @@ from tests.ops.ce_bounds import oracle_bound
 from unlearnopt.ops import unlearning_cross_entropy
 from unlearnopt.reference.unlearning_cross_entropy import unlearning_cross_entropy as reference
 
-MODES = ("nll", "ga", "uce")
+MODES = ("nll", "ga", "uce", "wga", "satimp", "ce_u")
+# The exponents the new modes run with: satimp at its paper's (5, 1), wga at a non-default.
+MODE_KWARGS = {"wga": dict(beta1=2.0), "satimp": dict(beta1=5.0, beta2=1.0)}
 REDUCTIONS = ("mean", "sum", "none")
 # (rows, vocab, ignore pattern, 3-D logits): odd sizes, a row of length 1, everything ignored,
 # a vocabulary above 65536. The Triton interpreter gets only the cheap ones (see below).
@@ -74,6 +76,7 @@ def test_matches_reference(backend, mode, n, vocab, ignore, three_d, dtype):
     if too_slow(backend, n, vocab):
         pytest.skip("shape too large for the Triton interpreter (covered on GPU)")
     logits, labels, upstream = make_case(n, vocab, ignore, dtype)
+    kw = dict(mode=mode, **MODE_KWARGS.get(mode, {}))
     for reduction in REDUCTIONS:
         out = loss_and_grad(
             unlearning_cross_entropy,
@@ -82,12 +85,12 @@ def test_matches_reference(backend, mode, n, vocab, ignore, three_d, dtype):
             upstream,
             reduction,
             three_d,
-            mode=mode,
             backend=backend,
+            **kw,
         )
-        ref_low = loss_and_grad(reference, logits, labels, upstream, reduction, three_d, mode=mode)
+        ref_low = loss_and_grad(reference, logits, labels, upstream, reduction, three_d, **kw)
         oracle = loss_and_grad(
-            reference, logits.double(), labels, upstream.double(), reduction, three_d, mode=mode
+            reference, logits.double(), labels, upstream.double(), reduction, three_d, **kw
         )
         for i, what in enumerate(("loss", "grad")):
             assert_within(
@@ -214,6 +217,9 @@ def test_inside_a_model_under_autocast_and_compile(backend):
         (dict(reduction="avg"), r"reduction must be one of"),
         (dict(alpha=0.0), r"alpha must be a number in \(0, 1\]"),
         (dict(alpha=1.5), r"alpha must be a number in \(0, 1\]"),
+        (dict(mode="wga", beta1=-1.0), r"beta1 must be a finite number >= 0"),
+        (dict(mode="satimp", beta2=float("inf")), r"beta2 must be a finite number >= 0"),
+        (dict(beta1=float("nan")), r"beta1 must be a finite number >= 0"),
         (dict(backend="cuda"), r"backend must be one of"),
     ],
 )
@@ -309,7 +315,18 @@ def test_non_finite_logits_give_non_finite_loss_and_gradient(backend, mode, bad)
     assert not torch.isfinite(mean)
 
 
-@pytest.mark.parametrize("mode,alpha", [("nll", 0.5), ("ga", 0.5), ("uce", 0.5), ("uce", 1.0)])
+@pytest.mark.parametrize(
+    "mode,alpha",
+    [
+        ("nll", 0.5),
+        ("ga", 0.5),
+        ("uce", 0.5),
+        ("uce", 1.0),
+        ("wga", 0.5),
+        ("satimp", 0.5),
+        ("ce_u", 0.5),
+    ],
+)
 def test_sharply_peaked_rows_fp32(backend, mode, alpha):
     """Logits x10 (p_y of the peak near 1), V = 4096, reduction none with a non-uniform
     upstream gradient: per element within 1e-6 relative + 1e-8 absolute of float64 (the fp32
@@ -322,7 +339,50 @@ def test_sharply_peaked_rows_fp32(backend, mode, alpha):
     labels[::2] = logits[::2].argmax(-1)  # half the rows: the label is the peak
     upstream = torch.rand(n, generator=g) + 0.5
     logits, labels, upstream = logits.to(DEVICE), labels.to(DEVICE), upstream.to(DEVICE)
+    kw = dict(mode=mode, alpha=alpha, **MODE_KWARGS.get(mode, {}))
     out = loss_and_grad(
+        unlearning_cross_entropy, logits, labels, upstream, "none", False, backend=backend, **kw
+    )
+    oracle = loss_and_grad(
+        reference, logits.double(), labels, upstream.double(), "none", False, **kw
+    )
+    for got, want, what in zip(out, oracle, ("loss", "grad")):
+        err = (got.double() - want).abs()
+        tol = 1e-6 * want.abs() + 1e-8
+        worst = float((err / tol).max())
+        assert worst <= 1, f"{mode} a={alpha} {what}: error {worst:.2f} x the tolerance"
+
+
+def plain_formula(logits, labels, mode, beta1=1.0, beta2=1.0):
+    """Per-token loss of the new modes as their papers write them, plain float64 PyTorch
+    (weights and targets detached), 0 at ignored tokens: differentiable, for the gradient."""
+    z = logits.double()
+    keep = labels != -100
+    y = torch.where(keep, labels, 0)
+    log_p = z.log_softmax(-1)
+    log_p_y = log_p.gather(1, y[:, None])[:, 0]
+    p_y = log_p_y.detach().exp()
+    if mode == "wga":
+        loss = p_y**beta1 * log_p_y
+    elif mode == "satimp":
+        loss = p_y**beta1 * (1 - p_y) ** beta2 * log_p_y
+    else:  # ce_u: cross-entropy against softmax with the label's logit at -inf
+        target = torch.softmax(z.detach().scatter(1, y[:, None], float("-inf")), -1)
+        loss = -(target * log_p.scatter(1, y[:, None], 0.0)).sum(-1)
+    return torch.where(keep, loss, torch.zeros_like(loss))
+
+
+@pytest.mark.parametrize(
+    "mode,kw", [("wga", {}), ("wga", dict(beta1=0.5)), ("satimp", dict(beta1=5.0)), ("ce_u", {})]
+)
+def test_new_modes_match_their_plain_formula(backend, mode, kw):
+    """wga / satimp: the detached weight times log p_y; ce_u: the cross-entropy against the
+    softmax with the label's logit at -inf (both with ``reduction="none"`` and ``"mean"``)."""
+    logits, labels, upstream = make_case(9, 301, "some", torch.float32, seed=4)
+    x = logits.double().requires_grad_(True)
+    want = plain_formula(x, labels, mode, **kw)
+    (want * upstream.double()).sum().backward()
+    got = loss_and_grad(
         unlearning_cross_entropy,
         logits,
         labels,
@@ -330,17 +390,58 @@ def test_sharply_peaked_rows_fp32(backend, mode, alpha):
         "none",
         False,
         mode=mode,
-        alpha=alpha,
+        backend=backend,
+        **kw,
+    )
+    torch.testing.assert_close(got[0].double(), want.detach(), rtol=2e-5, atol=1e-7)
+    torch.testing.assert_close(got[1].double(), x.grad, rtol=2e-5, atol=1e-7)
+    mean = unlearning_cross_entropy(logits, labels, mode, backend=backend, **kw)
+    expected_mean = want.detach().sum() / (labels != -100).sum()
+    torch.testing.assert_close(mean.double(), expected_mean, rtol=2e-5, atol=1e-7)
+
+
+def exact_new_mode(z_y_gap, vocab, mode, beta1, beta2):
+    """float64 loss and gradient of one row: logits 0 except ``z_y = z_y_gap`` (label 0),
+    from p_y = 1 / (1 + (V - 1) e^-gap) and q = 1 - p_y, both formed without cancellation."""
+    gap = torch.tensor(z_y_gap, dtype=torch.float64)
+    log_q = -torch.nn.functional.softplus(gap - math.log(vocab - 1))  # log(1 - p_y)
+    log_p_y = -torch.nn.functional.softplus(math.log(vocab - 1) - gap)
+    p_y, q = log_p_y.exp(), log_q.exp()
+    p_other = q / (vocab - 1)
+    if mode == "ce_u":  # r is uniform over the V - 1 others: H(r) = log(V - 1)
+        loss, c = math.log(vocab - 1) - log_q, -p_y / q
+    else:
+        w = (beta1 * log_p_y + (beta2 * log_q if mode == "satimp" else 0.0)).exp()
+        loss, c = w * log_p_y, -w
+    grad = torch.full((vocab,), float(c * p_other), dtype=torch.float64)
+    grad[0] = -c * q  # c (p_y - 1)
+    return loss, grad
+
+
+@pytest.mark.parametrize("mode", ["wga", "satimp", "ce_u"])
+@pytest.mark.parametrize("gap", [-30.0, -8.0, 0.0, 8.0, 30.0, 60.0])
+def test_new_modes_near_both_ends(backend, mode, gap):
+    """p_y from ~1e-16 to 1 - 1e-23: the loss and every gradient entry within 1e-5 relative
+    of float64 (the label entry of the gradient is c (p_y - 1), formed from 1 - p_y summed
+    over the other classes, never as a difference)."""
+    vocab = 257
+    beta1, beta2 = (5.0, 1.0) if mode == "satimp" else (1.0, 1.0)
+    want_loss, want_grad = exact_new_mode(gap, vocab, mode, beta1, beta2)
+    x = torch.zeros(1, vocab, device=DEVICE)
+    x[0, 0] = gap
+    x.requires_grad_(True)
+    loss = unlearning_cross_entropy(
+        x,
+        torch.zeros(1, dtype=torch.long, device=DEVICE),
+        mode,
+        beta1=beta1,
+        beta2=beta2,
         backend=backend,
     )
-    oracle = loss_and_grad(
-        reference, logits.double(), labels, upstream.double(), "none", False, mode=mode, alpha=alpha
-    )
-    for got, want, what in zip(out, oracle, ("loss", "grad")):
-        err = (got.double() - want).abs()
-        tol = 1e-6 * want.abs() + 1e-8
-        worst = float((err / tol).max())
-        assert worst <= 1, f"{mode} a={alpha} {what}: error {worst:.2f} x the tolerance"
+    loss.backward()
+    tiny = torch.finfo(torch.float32).tiny
+    assert_within("loss", loss.double().cpu(), want_loss, 1e-5 * want_loss.abs() + tiny)
+    assert_within("grad", x.grad[0].double().cpu(), want_grad, 1e-5 * want_grad.abs() + tiny)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU with > 12 GB free")

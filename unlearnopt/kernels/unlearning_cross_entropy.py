@@ -1,14 +1,19 @@
-"""Triton row kernel of the fused unlearning cross-entropy (``nll`` / ``ga`` / ``uce``).
+"""Triton row kernel of the fused unlearning cross-entropy (``nll`` / ``ga`` / ``uce`` /
+``wga`` / ``satimp`` / ``ce_u``; formulas in ``unlearnopt.ops.unlearning_cross_entropy``).
 
 One program per row. Pass 1 streams the row in ``BLOCK_V`` chunks with an online sum of
 exp over every column but the label's (running max ``m``, sum ``s`` rescaled by
 ``exp(m_old - m_new)`` whenever the max grows), in float32, then forms per row, in
 float64, ``lse = m + log(s + exp(z_y - m))`` and ``q = 1 - p_y = s / (s + exp(z_y - m))``:
 the sum over the other classes keeps 1 - p_y free of cancellation near p_y = 1, and with
-it the nll loss ``-log1p(-q)``, the uce coefficient and the label's gradient entry. The
-row's stats ``(lse, q)`` are stored as float64. Only additions, products and quotients
-run in float64; exp and log stay float32 (float64 transcendentals are not lowered on
-every GPU), which costs nothing here: each is of a small, well-scaled argument. Pass 2
+it the nll loss ``-log1p(-q)``, the uce and ce_u coefficients, satimp's weight and the
+label's gradient entry. For ``ce_u`` pass 1 also sums ``u = exp(z - m) (z - m)`` over the
+other classes (rescaled with the max like s), which gives the entropy h = log s - u / s of
+softmax over them, and ce_u's loss ``-log q + h`` (two non-negative terms). The row's
+stats ``(lse, q, h)`` are stored as float64 (h = 0 in the other modes). Only additions,
+products and quotients run in float64; exp and log stay float32 (float64 transcendentals
+are not lowered on every GPU), which costs nothing here: each is of a small, well-scaled
+argument. Pass 2
 (when a gradient scale is given) streams the row again and writes the gradient,
 ``p_j = exp((z_j - hi) - lo)`` with the lse split into two floats (a float32 lse near 40
 is off by up to 2e-6, an error every p_j would inherit). The forward of the op runs pass
@@ -18,6 +23,9 @@ up front (fused linear CE) gets loss and gradient from ONE launch.
 Non-finite input: a NaN or +inf logit in a kept row gives NaN loss, stats and gradient;
 ignored rows get 0 loss, 0 stats and a zero gradient whatever they hold; a label outside
 [0, V) (not ignore_index) is never read and gives a NaN loss, stats and gradient row.
+ce_u without another finite logit in the row (r = 0/0) gives a NaN loss and gradient; ce_u
+and uce with alpha = 1 (c = -p_y / q) lose the gradient once q leaves float32's range (a
+label logit ~87 above the others).
 
 Imported lazily (``import triton`` happens here only), see ``unlearnopt.kernels``.
 """
@@ -30,7 +38,8 @@ import triton.language as tl
 
 from unlearnopt.kernels._launch import check_gradient_args, device_guard, row_launch_settings
 
-MODE_NLL, MODE_GA, MODE_UCE = 0, 1, 2
+MODE_NLL, MODE_GA, MODE_UCE, MODE_WGA, MODE_SATIMP, MODE_CE_U = 0, 1, 2, 3, 4, 5
+MODE_NAMES = ("nll", "ga", "uce", "wga", "satimp", "ce_u")
 
 
 @triton.jit
@@ -65,6 +74,8 @@ def _unlearning_ce_rows_kernel(
     grad_row_stride,
     V,
     alpha,
+    beta1,
+    beta2,
     ignore_index,
     MODE: tl.constexpr,
     BLOCK_V: tl.constexpr,
@@ -83,11 +94,18 @@ def _unlearning_ce_rows_kernel(
     z_y = tl.load(z_row + y_safe).to(tl.float32)
 
     if HAS_STATS_IN:
-        lse = tl.load(stats_in_ptr + 2 * row)
-        q = tl.load(stats_in_ptr + 2 * row + 1)
+        lse = tl.load(stats_in_ptr + 3 * row)
+        q = tl.load(stats_in_ptr + 3 * row + 1)
+        h = tl.load(stats_in_ptr + 3 * row + 2)
     else:
         m = tl.full((), float("-inf"), tl.float32)
         s = tl.zeros((), tl.float32)
+        # ce_u: u = sum exp(z - m) (z - m) <= 0, and s split as top + rest (top: the columns
+        # at the max, each exactly 1), so that log s = log top + log1p(rest / top) keeps its
+        # digits when one column dominates (small entropy).
+        u = tl.zeros((), tl.float32)
+        top = tl.zeros((), tl.float32)
+        rest = tl.zeros((), tl.float32)
         for start in range(0, V, BLOCK_V):
             cols = start + tl.arange(0, BLOCK_V)
             if EVEN_V:
@@ -98,7 +116,21 @@ def _unlearning_ce_rows_kernel(
             m_new = tl.maximum(m, tl.max(z, axis=0))
             # exp(-inf - -inf) would be NaN while nothing finite has been seen.
             m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-            s = s * tl.exp(m - m_safe) + tl.sum(tl.exp(z - m_safe), axis=0)
+            rescale = tl.exp(m - m_safe)
+            e = tl.exp(z - m_safe)
+            if MODE == 5:
+                # d = m_old - m_new <= 0: u <- (u + d s) e^d. Before any finite value s = 0
+                # (d = -inf then). z = -inf: its exponent is floored so 0 * it stays 0.
+                d = tl.where(s == 0.0, 0.0, m - m_safe)
+                x = z - m_safe
+                x = tl.where(x < -100.0, -100.0, x)  # NaN stays NaN
+                u = (u + d * s) * rescale + tl.sum(e * x, axis=0)
+                at_max = x == 0.0
+                grow = m_new > m
+                rest = tl.where(grow, (rest + top) * rescale, rest)
+                rest += tl.sum(tl.where(at_max, 0.0, e), axis=0)
+                top = tl.where(grow, 0.0, top) + tl.sum(at_max.to(tl.float32), axis=0)
+            s = s * rescale + tl.sum(e, axis=0)
             m = m_new
         # z_y into the max. Transcendentals stay float32 (no float64 exp/log on every GPU);
         # the sums and the lse are formed in float64.
@@ -114,16 +146,25 @@ def _unlearning_ce_rows_kernel(
         label_nan = z_y != z_y
         lse = tl.where(label_nan, float("nan"), lse)
         q = tl.where(label_nan, float("nan"), q)
+        if MODE == 5:
+            # Entropy of softmax over the other classes; none finite (top = 0): NaN.
+            h = (tl.log(top) + _log1p(rest / top) - u / (top + rest)).to(tl.float64)
+            h += q * 0.0  # NaN with the row (e.g. z_y = +inf)
+        else:
+            h = q * 0.0  # 0, NaN with the row
     bad = keep & ~valid
     lse = tl.where(bad, float("nan"), tl.where(keep, lse, 0.0))
     q = tl.where(bad, float("nan"), tl.where(keep, q, 0.0))
+    h = tl.where(bad, float("nan"), tl.where(keep, h, 0.0))
     if not HAS_STATS_IN:
-        tl.store(stats_ptr + 2 * row, lse)
-        tl.store(stats_ptr + 2 * row + 1, q)
+        tl.store(stats_ptr + 3 * row, lse)
+        tl.store(stats_ptr + 3 * row + 1, q)
+        tl.store(stats_ptr + 3 * row + 2, h)
 
     # Loss and row coefficient c (d loss / d z = c (p - e_y)):
     # nll = -log1p(-q) while p_y > 1/2, else lse - z_y; uce's 1 - a p_y as (1 - a) + a q
-    # once a p_y >= 1/2 (no cancellation even for a = 1).
+    # once a p_y >= 1/2 (no cancellation even for a = 1); log q as log(q) while q < 1/2, else
+    # log1p(-p_y); the weights as exp(b1 log p_y + b2 log q), a zero exponent giving 1.
     hi = lse.to(tl.float32)
     lo = (lse - hi.to(tl.float64)).to(tl.float32)
     p_y = tl.exp((z_y - hi) - lo)
@@ -139,6 +180,20 @@ def _unlearning_ce_rows_kernel(
     elif MODE == 1:
         loss = -nll
         c = -1.0
+    elif MODE >= 3:
+        # q below float32's range: log q from its float64 value would be -inf; the float32
+        # log of the float64 q is fine down to ~1e-45, below which the weight is 0 anyway.
+        log_q = tl.where(q32 < 0.5, tl.log(q32), _log1p(-tl.where(q32 < 0.5, 0.0, p_y)))
+        if MODE == 5:
+            loss = h.to(tl.float32) - log_q
+            c = -p_y / q32
+        else:
+            log_w = tl.where(beta1 == 0.0, 0.0, -beta1 * nll)
+            if MODE == 4:
+                log_w += tl.where(beta2 == 0.0, 0.0, beta2 * log_q)
+            w = tl.exp(log_w)
+            loss = -w * nll
+            c = -w
     else:
         ap = alpha * p_y
         small = ap < 0.5
@@ -188,27 +243,35 @@ def unlearning_cross_entropy_rows(
     stats_in: torch.Tensor | None = None,
     grad_scale: torch.Tensor | None = None,
     grad_out: torch.Tensor | None = None,
+    beta1: float = 1.0,
+    beta2: float = 1.0,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-row loss and stats ``(lse, 1 - p_y)``, and optionally the gradient, in one launch.
+    """Per-row loss and stats ``(lse, 1 - p_y, h)``, and optionally the gradient, in one launch.
 
     Args:
         logits: ``[N, V]`` float32 / bfloat16 / float16, unit column stride, any row stride.
         labels: ``[N]`` int64, in ``[0, V)`` or ``ignore_index`` (others give NaN rows).
         mode: 0 = nll (``-log p_y``), 1 = ga (``log p_y``), 2 = uce
-            (``-log(1 - alpha p_y)``).
+            (``-log(1 - alpha p_y)``), 3 = wga (``w log p_y``, ``w = p_y^beta1``), 4 = satimp
+            (``w log p_y``, ``w = p_y^beta1 (1 - p_y)^beta2``), 5 = ce_u (cross-entropy
+            against softmax of the logits with the label's at -inf); weights and targets
+            detached.
         alpha: the uce parameter (unused by the other modes).
         ignore_index: rows with this label get loss 0 and gradient 0.
-        stats_in: ``[N, 2]`` float64 stats from an earlier call; skips the reduction pass
-            and is returned as ``stats``.
+        stats_in: ``[N, 3]`` float64 stats from an earlier call in the same mode; skips
+            the reduction pass and is returned as ``stats``.
         grad_scale: float32 with 1 (broadcast) or N elements. When given, writes
             ``grad_out[i] = grad_scale[i] * c_i * (softmax(logits[i]) - onehot(y_i))``, with
-            ``c = 1, -1, -alpha p_y / (1 - alpha p_y)`` for nll, ga, uce.
+            ``c = 1, -1, -alpha p_y / (1 - alpha p_y), -w, -w, -p_y / (1 - p_y)`` for nll,
+            ga, uce, wga, satimp, ce_u.
         grad_out: ``[N, V]``, unit column stride; required with ``grad_scale``. May be
             ``logits`` itself: the gradient then overwrites the logits in place.
+        beta1, beta2: the exponents of p_y (wga, satimp) and of 1 - p_y (satimp), >= 0.
 
     Returns:
-        ``(loss [N] float32, stats [N, 2] float64)``; rows ``(lse, 1 - p_y)``, both 0
-        (and the loss 0) at ignored rows.
+        ``(loss [N] float32, stats [N, 3] float64)``; rows ``(lse, 1 - p_y, h)`` with h the
+        entropy of softmax over the other classes (ce_u; 0 in the other modes), all 0 (and
+        the loss 0) at ignored rows.
     """
     if logits.dim() != 2 or logits.stride(1) != 1:
         raise ValueError(
@@ -217,8 +280,12 @@ def unlearning_cross_entropy_rows(
         )
     if logits.dtype not in (torch.float32, torch.bfloat16, torch.float16):
         raise ValueError(f"logits must be float32/bfloat16/float16, got {logits.dtype}")
-    if mode not in (MODE_NLL, MODE_GA, MODE_UCE):
-        raise ValueError(f"mode must be 0 (nll), 1 (ga) or 2 (uce), got {mode!r}")
+    if mode not in range(len(MODE_NAMES)):
+        names = ", ".join(f"{i} ({name})" for i, name in enumerate(MODE_NAMES))
+        raise ValueError(f"mode must be one of {names}, got {mode!r}")
+    for name, value in (("beta1", beta1), ("beta2", beta2)):
+        if not 0.0 <= float(value) < float("inf"):
+            raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
     n, vocab = logits.shape
     device = logits.device
     _check_rows("labels", labels, n, torch.int64, device)
@@ -226,11 +293,11 @@ def unlearning_cross_entropy_rows(
     if stats_in is not None:
         if (
             stats_in.dtype != torch.float64
-            or tuple(stats_in.shape) != (n, 2)
+            or tuple(stats_in.shape) != (n, 3)
             or stats_in.device != device
         ):
             raise ValueError(
-                f"stats_in must be a [{n}, 2] float64 tensor on {device}, got "
+                f"stats_in must be a [{n}, 3] float64 tensor on {device}, got "
                 f"{tuple(stats_in.shape)} {stats_in.dtype} on {stats_in.device}"
             )
         stats_in = stats_in.contiguous()
@@ -238,7 +305,7 @@ def unlearning_cross_entropy_rows(
 
     loss = torch.empty(n, dtype=torch.float32, device=device)
     stats = (
-        stats_in if stats_in is not None else torch.empty(n, 2, dtype=torch.float64, device=device)
+        stats_in if stats_in is not None else torch.empty(n, 3, dtype=torch.float64, device=device)
     )
     if n == 0:
         return loss, stats
@@ -258,6 +325,8 @@ def unlearning_cross_entropy_rows(
             grad_out.stride(0) if grad_out is not None else 0,
             vocab,
             float(alpha),
+            float(beta1),
+            float(beta2),
             int(ignore_index),
             MODE=mode,
             BLOCK_V=block_v,

@@ -131,3 +131,10 @@ def check_gram_values(name: str, gram: torch.Tensor) -> None:
 def check_alpha(alpha) -> None:
     if not isinstance(alpha, (int, float)) or not (0.0 < float(alpha) <= 1.0):
         raise ValueError(f"alpha must be a number in (0, 1], got {alpha!r}")
+
+
+def check_exponent(name: str, value) -> None:
+    """A weight exponent (wga / satimp): a finite number >= 0."""
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+    if not ok or not (0.0 <= float(value) < float("inf")):
+        raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")

@@ -36,25 +36,46 @@ NAME = "fused_linear_unlearning_cross_entropy"
 
 
 def _run(h2d, weight, bias, labels1d, cfg, scale, stats_in, want):
-    """One pass of the chunk loop: loss and row statistics per token (``[N, 2]`` float64:
-    log-sum-exp and 1 - p_y), and the gradients when ``scale`` (float32, 1 or N elements) is
-    given. ``stats_in``: the forward's statistics (the backward pass)."""
-    mode_id, alpha, ignore_index, backend, chunk = cfg
+    """One pass of the chunk loop: loss and row statistics per token (``[N, 3]`` float64,
+    see the row kernel contract in ``unlearnopt.ops.unlearning_cross_entropy``), and the
+    gradients when ``scale`` (float32, 1 or N elements) is given. ``stats_in``: the forward's
+    statistics (the backward pass)."""
+    mode_id, (alpha, beta1, beta2), ignore_index, backend, chunk = cfg
     rows = kernel(OP, backend)
     n = h2d.shape[0]
     loss = torch.empty(n, dtype=torch.float32, device=h2d.device)
-    stats = torch.empty(n, 2, dtype=torch.float64, device=h2d.device)
+    stats = torch.empty(n, 3, dtype=torch.float64, device=h2d.device)
 
     def step(lo, hi, logits):
         part_stats = None if stats_in is None else stats_in[lo:hi]
         if scale is None:
             loss[lo:hi], stats[lo:hi] = rows(
-                logits, labels1d[lo:hi], mode_id, alpha, ignore_index, part_stats, None, None
+                logits,
+                labels1d[lo:hi],
+                mode_id,
+                alpha,
+                ignore_index,
+                part_stats,
+                None,
+                None,
+                beta1,
+                beta2,
             )
             return None
         part = scale if scale.numel() == 1 else scale[lo:hi]
         # The kernel overwrites ``logits`` with d(loss)/d(logits), scaled.
-        out = rows(logits, labels1d[lo:hi], mode_id, alpha, ignore_index, part_stats, part, logits)
+        out = rows(
+            logits,
+            labels1d[lo:hi],
+            mode_id,
+            alpha,
+            ignore_index,
+            part_stats,
+            part,
+            logits,
+            beta1,
+            beta2,
+        )
         if stats_in is None:
             loss[lo:hi], stats[lo:hi] = out
         return logits
@@ -72,7 +93,7 @@ class FusedLinearUnlearningCrossEntropyFunction(torch.autograd.Function):
         labels,
         bias,
         mode,
-        alpha,
+        params,
         ignore_index,
         reduction,
         backend,
@@ -82,7 +103,7 @@ class FusedLinearUnlearningCrossEntropyFunction(torch.autograd.Function):
         h2d = hidden.reshape(-1, hidden.shape[-1])
         labels1d = labels.reshape(-1).long()
         count = (labels1d != ignore_index).sum()
-        cfg = (MODE_ID[mode], alpha, ignore_index, backend, chunk)
+        cfg = (MODE_ID[mode], params, ignore_index, backend, chunk)
         head_grad = want[1] or (want[2] and bias is not None)
         ctx.recompute = reduction == "none" and head_grad
         ctx.head_grads = None
@@ -139,6 +160,8 @@ def fused_linear_unlearning_cross_entropy(
     ignore_index: int = -100,
     reduction: str = "mean",
     alpha: float = 0.5,
+    beta1: float = 1.0,
+    beta2: float = 1.0,
     *,
     chunk_size: int | None = None,
     backend: str | None = None,
@@ -150,7 +173,9 @@ def fused_linear_unlearning_cross_entropy(
         weight: ``[V, H]`` (the lm_head weight), same dtype as ``hidden``.
         labels: ``[N]`` / ``[B, T]`` integer in ``[0, V)`` or ``ignore_index`` (not shifted).
         bias: optional ``[V]``.
-        mode, ignore_index, reduction, alpha: as in :func:`unlearning_cross_entropy`.
+        mode, ignore_index, reduction, alpha, beta1, beta2: as in
+            :func:`unlearning_cross_entropy` (every mode, ``wga``, ``satimp`` and ``ce_u``
+            included).
         chunk_size: tokens per chunk (default: about 2^23 logits per chunk, 32 MiB in float32,
             see ``unlearnopt.ops._fused_linear.default_chunk_size``).
         backend: as in :func:`unlearning_cross_entropy` (float64 runs on the reference).
@@ -186,13 +211,13 @@ def fused_linear_unlearning_cross_entropy(
         raise ValueError(f"chunk_size must be a positive int, got {chunk_size!r}")
     if hidden.dim() < 2:
         raise ValueError(f"hidden must be [N, H] or [B, T, H], got shape {tuple(hidden.shape)}")
-    validate_options(mode, ignore_index, reduction, alpha)
+    validate_options(mode, ignore_index, reduction, alpha, beta1, beta2)
     check_same_device(hidden=hidden, weight=weight, bias=bias, labels=labels)
     check_labels(labels, hidden.shape[:-1], weight.shape[0], ignore_index, "hidden")
     chosen = choose_backend(NAME, backend, hidden.device, float64_gap(hidden, weight, bias))
     if chosen == "reference":
         return ref.fused_linear_unlearning_cross_entropy(
-            hidden, weight, labels, bias, mode, ignore_index, reduction, alpha
+            hidden, weight, labels, bias, mode, ignore_index, reduction, alpha, beta1, beta2
         )
     grad_on = torch.is_grad_enabled()
     want = tuple(grad_on and t is not None and t.requires_grad for t in (hidden, weight, bias))
@@ -203,7 +228,7 @@ def fused_linear_unlearning_cross_entropy(
         labels,
         bias,
         mode,
-        float(alpha),
+        (float(alpha), float(beta1), float(beta2)),
         ignore_index,
         reduction,
         chosen,

@@ -1,16 +1,28 @@
-"""Fused unlearning cross-entropy: ``nll``, ``ga`` and MOLLM's bounded ``uce``.
+"""Fused unlearning cross-entropy: ``nll``, ``ga``, MOLLM's bounded ``uce`` and the token
+forget losses ``wga``, ``satimp`` and ``ce_u``.
 
-All three modes share one gradient shape. With p = softmax(z) and y the label,
+Every mode shares one gradient shape. With p = softmax(z), y the label, q = 1 - p_y, and
+weights and targets detached (no gradient flows through them),
 
-    nll: loss = lse - z_y                 d/dz = p - e_y
-    ga : loss = z_y - lse                 d/dz = -(p - e_y)
-    uce: loss = -log(1 - a p_y)           d/dz = -(a p_y / (1 - a p_y)) (p - e_y)
+    nll   : loss = lse - z_y                     d/dz = p - e_y
+    ga    : loss = z_y - lse                     d/dz = -(p - e_y)
+    uce   : loss = -log(1 - a p_y)               d/dz = -(a p_y / (1 - a p_y)) (p - e_y)
+    wga   : loss = w log p_y, w = p_y^b1         d/dz = -w (p - e_y)
+    satimp: loss = w log p_y, w = p_y^b1 q^b2    d/dz = -w (p - e_y)
+    ce_u  : loss = -sum_v r_v log p_v            d/dz = p - r = -(p_y / q) (p - e_y)
+            with r = softmax(z with z_y = -inf), the label's mass spread over the others
 
 so every backend computes one row coefficient ``c`` and writes ``scale * c * (p - e_y)``.
+(ce_u: r_v = p_v / q for v != y, so p_v - r_v = -(p_y / q) p_v, and at y, p_y - 0.)
+wga is Wang et al., 2025 ("Rethinking LLM Unlearning Objectives: A Gradient Perspective and
+Go Beyond", ICLR 2025); satimp is Yang et al., 2025 ("Exploring Criteria of Loss Reweighting
+to Enhance LLM Unlearning", ICML 2025); ce_u is Yang et al., 2025 ("CE-U: Cross Entropy
+Unlearning", arXiv 2503.01224). ce_u's loss is ``-log q + H(r)``, the entropy H(r) of the
+label-removed distribution being one more online reduction of the forward pass.
 
 Passes over the logits: the forward reads each row once (online log-sum-exp) and keeps
-only ``lse`` per row; the backward reads the row once more and writes the gradient. That
-is the 3-pass floor; computing the gradient during the forward (as Liger-Kernel does)
+only the row's statistics; the backward reads the row once more and writes the gradient.
+That is the 3-pass floor; computing the gradient during the forward (as Liger-Kernel does)
 costs a 4th pass in the backward to apply the upstream gradient, or a host sync to skip
 it. The same kernel computes loss and gradient in a single launch when the scale is
 known up front (the fused-linear op uses that).
@@ -24,6 +36,7 @@ from unlearnopt.ops._backend import choose_backend, float64_gap, kernel
 from unlearnopt.ops._checks import (
     check_alpha,
     check_choice,
+    check_exponent,
     check_float,
     check_labels,
     check_same_device,
@@ -32,15 +45,18 @@ from unlearnopt.reference import unlearning_cross_entropy as ref
 
 MODES = ref.MODES
 REDUCTIONS = ref.REDUCTIONS
-MODE_ID = {"nll": 0, "ga": 1, "uce": 2}
+MODE_ID = {"nll": 0, "ga": 1, "uce": 2, "wga": 3, "satimp": 4, "ce_u": 5}
 
 
 # Row kernel contract, the same for ``kernel("unlearning_cross_entropy", "triton"|"native")``:
 # ``rows(logits [N, V] (row stride free, unit column stride), labels [N] int64, mode_id, alpha,
-# ignore_index, stats_in [N, 2] f64 | None, grad_scale f32 (1 or N elements) | None,
-# grad_out [N, V] | None) -> (loss [N] f32, stats [N, 2] f64)``. A row's stats are
-# ``(lse, 1 - p_y)``, the second summed over the other classes (no cancellation near
-# p_y = 1); ``stats_in`` (from an earlier call) skips the reduction pass. With ``grad_scale``
+# ignore_index, stats_in [N, 3] f64 | None, grad_scale f32 (1 or N elements) | None,
+# grad_out [N, V] | None, beta1=1.0, beta2=1.0) -> (loss [N] f32, stats [N, 3] f64)``.
+# A row's stats are ``(lse, 1 - p_y, h)``, the second summed over the other classes (no
+# cancellation near p_y = 1), h the entropy of softmax over the other classes (ce_u's loss
+# only; 0 in the other modes, which skip its reduction); ``stats_in`` (from an earlier call
+# of the same mode) skips the reduction pass; the gradient reads lse and 1 - p_y only. With
+# ``grad_scale``
 # it also writes ``grad_scale[i] * c_i * (p_i - e_y)`` into ``grad_out`` (which may be
 # ``logits`` itself). Ignored rows get loss 0, stats 0 and zeros, whatever their logits; a
 # NaN/+inf logit in a kept row gives NaN; a label outside [0, V) gives a NaN loss and
@@ -48,19 +64,21 @@ MODE_ID = {"nll": 0, "ga": 1, "uce": 2}
 OP = "unlearning_cross_entropy"
 
 
-def validate_options(mode, ignore_index, reduction, alpha) -> None:
+def validate_options(mode, ignore_index, reduction, alpha, beta1=1.0, beta2=1.0) -> None:
     check_choice("mode", mode, MODES)
     check_choice("reduction", reduction, REDUCTIONS)
     check_alpha(alpha)
+    check_exponent("beta1", beta1)
+    check_exponent("beta2", beta2)
     if not isinstance(ignore_index, int) or isinstance(ignore_index, bool):
         raise TypeError(f"ignore_index must be an int, got {type(ignore_index).__name__}")
 
 
-def validate(logits, labels, mode, ignore_index, reduction, alpha) -> None:
+def validate(logits, labels, mode, ignore_index, reduction, alpha, beta1, beta2) -> None:
     check_float("logits", logits)
     if logits.dim() < 2:
         raise ValueError(f"logits must be [N, V] or [B, T, V], got shape {tuple(logits.shape)}")
-    validate_options(mode, ignore_index, reduction, alpha)
+    validate_options(mode, ignore_index, reduction, alpha, beta1, beta2)
     check_same_device(logits=logits, labels=labels)
     check_labels(labels, logits.shape[:-1], logits.shape[-1], ignore_index)
 
@@ -85,7 +103,7 @@ def reduce_rows(loss_rows: torch.Tensor, reduction: str, count: torch.Tensor) ->
 class UnlearningCrossEntropyFunction(torch.autograd.Function):
     @staticmethod
     def forward(
-        ctx, logits, labels, mode, alpha, ignore_index, reduction, backend, inplace_backward
+        ctx, logits, labels, mode, params, ignore_index, reduction, backend, inplace_backward
     ):
         vocab = logits.shape[-1]
         logits2d = logits.reshape(-1, vocab)
@@ -93,14 +111,15 @@ class UnlearningCrossEntropyFunction(torch.autograd.Function):
             logits2d = logits2d.contiguous()
         labels1d = labels.reshape(-1).long()
         rows = kernel(OP, backend)
+        alpha, beta1, beta2 = params
         loss_rows, stats = rows(
-            logits2d, labels1d, MODE_ID[mode], float(alpha), ignore_index, None, None, None
+            logits2d, labels1d, MODE_ID[mode], alpha, ignore_index, None, None, None, beta1, beta2
         )
         count = (labels1d != ignore_index).sum()
         ctx.save_for_backward(logits2d, labels1d, stats, count)
         ctx.config = (
             mode,
-            float(alpha),
+            params,
             ignore_index,
             reduction,
             backend,
@@ -112,12 +131,13 @@ class UnlearningCrossEntropyFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_output):
-        mode, alpha, ignore_index, reduction, backend, inplace_backward, shape = ctx.config
+        mode, params, ignore_index, reduction, backend, inplace_backward, shape = ctx.config
+        alpha, beta1, beta2 = params
         logits2d, labels1d, stats, count = ctx.saved_tensors
         grad = logits2d if inplace_backward else torch.empty_like(logits2d)
         scale = upstream_scale(grad_output, reduction, count)
         kernel(OP, backend)(
-            logits2d, labels1d, MODE_ID[mode], alpha, ignore_index, stats, scale, grad
+            logits2d, labels1d, MODE_ID[mode], alpha, ignore_index, stats, scale, grad, beta1, beta2
         )
         return grad.view(shape), None, None, None, None, None, None, None
 
@@ -130,6 +150,8 @@ def unlearning_cross_entropy(
     ignore_index: int = -100,
     reduction: str = "mean",
     alpha: float = 0.5,
+    beta1: float = 1.0,
+    beta2: float = 1.0,
     *,
     inplace_backward: bool = False,
     backend: str | None = None,
@@ -143,12 +165,20 @@ def unlearning_cross_entropy(
             (range read on the host for CPU tensors only; elsewhere a label out of range
             gives that token a NaN loss, see ``unlearnopt.ops._checks``).
         mode: ``"nll"`` (-log p_y, plain CE), ``"ga"`` (+log p_y, gradient ascent as a loss),
-            ``"uce"`` (-log(1 - alpha p_y), MOLLM's bounded unlearning CE).
+            ``"uce"`` (-log(1 - alpha p_y), MOLLM's bounded unlearning CE), ``"wga"``
+            (p_y^beta1 log p_y, weight detached), ``"satimp"`` (p_y^beta1 (1 - p_y)^beta2
+            log p_y, weight detached) or ``"ce_u"`` (cross-entropy against the detached
+            softmax of the logits with the label's set to -inf; needs another class with a
+            finite logit). Formulas and papers: the module docstring.
         ignore_index: label value that contributes no loss and no gradient (exactly 0,
             whatever that row's logits hold; a NaN/Inf logit in a kept row gives NaN).
         reduction: ``"mean"`` over non-ignored tokens (0 if there are none), ``"sum"``, or
             ``"none"`` (float32, shape of ``labels``, 0 at ignored tokens).
         alpha: the ``uce`` parameter in (0, 1]; the loss is bounded by -log(1 - alpha).
+        beta1: the exponent of p_y in the ``wga`` and ``satimp`` weights, a finite number >= 0
+            (``0 ** 0 = 1``). The papers' defaults (wga 1; satimp 5) live in
+            ``unlearnopt.objectives``.
+        beta2: the exponent of 1 - p_y in the ``satimp`` weight, >= 0 (satimp's default 1).
         inplace_backward: write the gradient into the logits buffer during backward (extra
             memory O(N) instead of O(N·V)). Only when nothing else reads these logits after
             this loss's backward.
@@ -164,10 +194,11 @@ def unlearning_cross_entropy(
         >>> logits = torch.randn(4, 10, requires_grad=True)
         >>> unlearning_cross_entropy(logits, torch.tensor([1, 2, -100, 3]), mode="uce").backward()
     """
-    validate(logits, labels, mode, ignore_index, reduction, alpha)
+    validate(logits, labels, mode, ignore_index, reduction, alpha, beta1, beta2)
     chosen = choose_backend(OP, backend, logits.device, float64_gap(logits))
+    params = (float(alpha), float(beta1), float(beta2))
     if chosen == "reference":
-        return ref.unlearning_cross_entropy(logits, labels, mode, ignore_index, reduction, alpha)
+        return ref.unlearning_cross_entropy(logits, labels, mode, ignore_index, reduction, *params)
     return UnlearningCrossEntropyFunction.apply(
-        logits, labels, mode, float(alpha), ignore_index, reduction, chosen, inplace_backward
+        logits, labels, mode, params, ignore_index, reduction, chosen, inplace_backward
     )

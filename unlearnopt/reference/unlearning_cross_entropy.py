@@ -1,7 +1,11 @@
 """Reference unlearning cross-entropy: plain PyTorch, autograd does the gradient.
 
-Per token t with label y and p = softmax(z):
+Per token t with label y and p = softmax(z) (weights and targets detached: no gradient
+flows through them):
     nll: -log p_y            ga: +log p_y            uce: -log(1 - alpha * p_y)
+    wga: w log p_y, w = p_y ** beta1
+    satimp: w log p_y, w = p_y ** beta1 * (1 - p_y) ** beta2
+    ce_u: -sum_v q_v log p_v, q = softmax(z with z_y = -inf)
 Ignored tokens (label == ignore_index) contribute 0 loss and exactly 0 gradient, whatever
 their logits hold (NaN included); ``mean`` divides by the number of non-ignored tokens
 (0 tokens -> loss 0, not NaN). A non-finite logit in a kept row makes that row's loss and
@@ -17,14 +21,20 @@ is written through the label's log-odds ``t = log p_y - log(1 - p_y)``, where
     uce = -log1p(-alpha sigmoid(t))          while alpha p_y < 1/2,
           -log((1 - alpha) + alpha sigmoid(-t))  above (a sum of non-negative terms).
 The gradient autograd derives from these is ``c (p - e_y)`` with the label entry formed as
-``-sigmoid(-t)`` times a factor, free of cancellation.
+``-sigmoid(-t)`` times a factor, free of cancellation. The weights of wga and satimp are
+``exp(beta1 log p_y + beta2 log(1 - p_y))`` with both logs from t (``0 ** 0 = 1``). ce_u is
+written ``-log(1 - p_y) + H(r) = softplus(t) + H(r)``, H(r) the (detached) entropy of r:
+the same value and gradient ``p - r = -exp(t) (p - e_y)``, formed without the cancellation
+of ``p - r`` when p_y -> 0 (its second derivative is that of softplus(t), not of the
+cross-entropy with r held fixed). ce_u needs another class with a finite logit (else r is
+0/0: NaN).
 """
 
 from __future__ import annotations
 
 import torch
 
-MODES = ("nll", "ga", "uce")
+MODES = ("nll", "ga", "uce", "wga", "satimp", "ce_u")
 REDUCTIONS = ("mean", "sum", "none")
 # The label's own slot in the "other classes" logsumexp: log p_y - this, whose exp is 0 in
 # every float format, keeps the logsumexp's gradient finite when every other logit is -inf.
@@ -52,8 +62,34 @@ def label_log_odds(
     return logp_y - torch.logsumexp(others, dim=-1), keep
 
 
+def _label_weight(t: torch.Tensor, beta1: float, beta2: float) -> torch.Tensor:
+    """Detached ``p_y ** beta1 * (1 - p_y) ** beta2`` from the log-odds t (``0 ** 0 = 1``)."""
+    t = t.detach()
+    log_w = torch.zeros_like(t)
+    if beta1 != 0:
+        log_w = log_w - beta1 * torch.logaddexp(torch.zeros_like(t), -t)  # beta1 log p_y
+    if beta2 != 0:
+        log_w = log_w - beta2 * torch.logaddexp(torch.zeros_like(t), t)  # beta2 log(1 - p_y)
+    return log_w.exp()
+
+
+def _label_removed_entropy(z: torch.Tensor, labels: torch.Tensor, keep: torch.Tensor):
+    """Detached entropy ``H(r)`` of ``r = softmax(z with z_y = -inf)`` per row ``[N]``."""
+    vocab = z.shape[-1]
+    safe = torch.where(keep & (labels >= 0) & (labels < vocab), labels, 0).long()
+    others = z.detach().scatter(-1, safe[:, None], float("-inf"))
+    log_r = torch.log_softmax(others, dim=-1)
+    return -torch.special.xlogy(log_r.exp(), log_r.exp()).sum(dim=-1)
+
+
 def token_losses(
-    logits: torch.Tensor, labels: torch.Tensor, mode: str, alpha: float, ignore_index: int
+    logits: torch.Tensor,
+    labels: torch.Tensor,
+    mode: str,
+    alpha: float,
+    ignore_index: int,
+    beta1: float = 1.0,
+    beta2: float = 1.0,
 ) -> torch.Tensor:
     """Per-token loss ``[N]`` (0 at ignored tokens) from logits ``[N, V]``, labels ``[N]``.
 
@@ -67,6 +103,12 @@ def token_losses(
     if mode in ("nll", "ga"):
         nll = torch.logaddexp(torch.zeros_like(t), -t)
         loss = nll if mode == "nll" else -nll
+    elif mode == "ce_u":
+        # -sum_v r_v log p_v = -log(1 - p_y) + H(r) = softplus(t) + H(r), r detached.
+        loss = torch.logaddexp(torch.zeros_like(t), t) + _label_removed_entropy(z, labels, keep)
+    elif mode in ("wga", "satimp"):
+        log_p_y = -torch.logaddexp(torch.zeros_like(t), -t)
+        loss = _label_weight(t, beta1, beta2 if mode == "satimp" else 0.0) * log_p_y
     else:
         ap = alpha * torch.sigmoid(t)
         small = ap < 0.5
@@ -96,6 +138,8 @@ def unlearning_cross_entropy(
     ignore_index: int = -100,
     reduction: str = "mean",
     alpha: float = 0.5,
+    beta1: float = 1.0,
+    beta2: float = 1.0,
 ) -> torch.Tensor:
     """logits ``[..., V]`` (any float dtype), labels ``[...]`` int64/int32 -> loss (float32,
     or float64 for float64 logits).
@@ -105,7 +149,7 @@ def unlearning_cross_entropy(
     vocab = logits.shape[-1]
     flat_logits = logits.reshape(-1, vocab)
     flat_labels = labels.reshape(-1)
-    loss = token_losses(flat_logits, flat_labels, mode, alpha, ignore_index)
+    loss = token_losses(flat_logits, flat_labels, mode, alpha, ignore_index, beta1, beta2)
     out = reduce_tokens(loss, flat_labels != ignore_index, reduction)
     return out.reshape(labels.shape) if reduction == "none" else out
 
@@ -119,8 +163,12 @@ def fused_linear_unlearning_cross_entropy(
     ignore_index: int = -100,
     reduction: str = "mean",
     alpha: float = 0.5,
+    beta1: float = 1.0,
+    beta2: float = 1.0,
 ) -> torch.Tensor:
     """hidden ``[..., H]``, weight ``[V, H]``, bias ``[V]`` -> the loss of
     ``hidden @ weight.T + bias``."""
     logits = torch.nn.functional.linear(hidden, weight, bias)
-    return unlearning_cross_entropy(logits, labels, mode, ignore_index, reduction, alpha)
+    return unlearning_cross_entropy(
+        logits, labels, mode, ignore_index, reduction, alpha, beta1, beta2
+    )
