@@ -14,6 +14,10 @@ from unlearnopt.reference.unlearning_cross_entropy import (
     fused_linear_unlearning_cross_entropy as reference,
 )
 
+MODES = ["nll", "ga", "uce", "wga", "satimp", "ce_u"]
+# The exponents the new modes run with (satimp: its paper's 5 and 1; wga: not the default).
+MODE_KWARGS = {"wga": dict(beta1=2.0), "satimp": dict(beta1=5.0, beta2=1.0)}
+
 
 def make(n, hidden, vocab, dtype, bias, seed=0):
     g = seeded(seed)
@@ -40,14 +44,15 @@ def run(fn, h, w, b, labels, up, reduction, requires=(True, True, True), **kw):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 @pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
-@pytest.mark.parametrize("mode", ["nll", "ga", "uce"])
+@pytest.mark.parametrize("mode", MODES)
 def test_matches_reference(backend, mode, reduction, dtype):
     n, hidden, vocab = (13, 24, 517)
     h, w, b, labels, up = make(n, hidden, vocab, dtype, bias=True)
-    out = run(fused, h, w, b, labels, up, reduction, mode=mode, backend=backend, chunk_size=4)
-    low = run(reference, h, w, b, labels, up, reduction, mode=mode)
+    kw = dict(mode=mode, **MODE_KWARGS.get(mode, {}))
+    out = run(fused, h, w, b, labels, up, reduction, backend=backend, chunk_size=4, **kw)
+    low = run(reference, h, w, b, labels, up, reduction, **kw)
     oracle = run(
-        reference, h.double(), w.double(), b.double(), labels, up.double(), reduction, mode=mode
+        reference, h.double(), w.double(), b.double(), labels, up.double(), reduction, **kw
     )
     assert_within("loss", out[0], oracle[0], oracle_bound(low[0], oracle[0], out[0].dtype))
     from unlearnopt.kernels import interpreting
@@ -104,7 +109,7 @@ def test_all_ignored_gives_zero(backend):
     assert all(torch.equal(g, torch.zeros_like(g)) for g in grads)
 
 
-@pytest.mark.parametrize("mode", ["nll", "ga", "uce"])
+@pytest.mark.parametrize("mode", MODES)
 def test_nan_hidden_state_gives_non_finite_loss(backend, mode):
     """A NaN hidden state of a kept token: the loss (and its gradients) are not finite on
     every backend (native uce used to return a finite loss)."""
@@ -137,6 +142,7 @@ def test_default_chunk_holds_about_2_to_the_24_logits():
         (dict(labels=torch.tensor([0, 1])), r"labels has shape \(2,\)"),
         (dict(chunk_size=0), r"chunk_size must be a positive int"),
         (dict(mode="x"), r"mode must be one of"),
+        (dict(mode="satimp", beta2=-0.5), r"beta2 must be a finite number >= 0"),
     ],
 )
 def test_bad_input(change, match):
@@ -149,3 +155,24 @@ def test_bad_input(change, match):
     args.update(change)
     with pytest.raises(ValueError, match=match):
         fused(args.pop("hidden"), args.pop("weight"), args.pop("labels"), **args)
+
+
+@pytest.mark.parametrize("mode", ["wga", "satimp", "ce_u"])
+def test_new_modes_equal_the_unfused_op(backend, mode):
+    """The chunked op equals ``unlearning_cross_entropy(F.linear(h, w, b))`` on the same
+    backend, loss and gradients (``none`` with per-token upstream: the backward recomputes
+    the chunks from the saved (lse, 1 - p_y, h) statistics)."""
+    from unlearnopt.ops import unlearning_cross_entropy
+
+    h, w, b, labels, up = make(11, 16, 203, torch.float32, bias=True, seed=6)
+    kw = dict(mode=mode, **MODE_KWARGS.get(mode, {}))
+
+    def unfused(hh, ww, yy, bb, **k):
+        return unlearning_cross_entropy(torch.nn.functional.linear(hh, ww, bb), yy, **k)
+
+    for reduction in ("mean", "none"):
+        got = run(fused, h, w, b, labels, up, reduction, backend=backend, chunk_size=3, **kw)
+        want = run(unfused, h, w, b, labels, up, reduction, backend=backend, **kw)
+        torch.testing.assert_close(got[0], want[0], rtol=1e-5, atol=1e-7)
+        for a, e in zip(got[1], want[1]):
+            torch.testing.assert_close(a, e, rtol=1e-4, atol=1e-6)
