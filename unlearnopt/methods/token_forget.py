@@ -2,7 +2,10 @@
 ``satimp``, ``ce_u``, ``undial``.
 
 Each has objectives ``forget_<name>`` (mean over forget label tokens, formulas in
-``unlearnopt.objectives.weighted_token``) and, when ``retain_weight > 0``, ``retain_nll``
+``unlearnopt.objectives.weighted_token``; ``wga``, ``satimp`` and ``ce_u`` through the fused
+unlearning cross-entropy, from the output head's inputs when the unlearner runs the
+fused-linear path, so they never build ``[B, T, V]`` logits there) and, when
+``retain_weight > 0``, ``retain_nll``
 (mean -log p(y) over retain label tokens), combined as the weighted sum
 ``d = forget_weight * g_forget + retain_weight * g_retain_nll``.
 
@@ -31,7 +34,7 @@ from unlearnopt.methods.grad_diff import (
     with_retain_nll,
 )
 from unlearnopt.methods.registry import register_method
-from unlearnopt.objectives import ce_u_loss, satimp_loss, undial_loss, wga_loss
+from unlearnopt.objectives import ce_u_loss_of, satimp_loss_of, undial_loss, wga_loss_of
 
 
 class _TokenForgetMethod(Method):
@@ -74,7 +77,7 @@ class WGA(_TokenForgetMethod):
     loss_options = ("beta",)
 
     def forget_loss(self, ctx, beta):
-        return wga_loss(ctx.logits, ctx.labels, beta)
+        return wga_loss_of(ctx, beta)
 
 
 class SatImp(_TokenForgetMethod):
@@ -90,7 +93,7 @@ class SatImp(_TokenForgetMethod):
     loss_options = ("beta1", "beta2")
 
     def forget_loss(self, ctx, beta1, beta2):
-        return satimp_loss(ctx.logits, ctx.labels, beta1, beta2)
+        return satimp_loss_of(ctx, beta1, beta2)
 
 
 class CEU(_TokenForgetMethod):
@@ -100,7 +103,7 @@ class CEU(_TokenForgetMethod):
     defaults: ClassVar[Mapping[str, Any]] = {"forget_weight": 1.0, "retain_weight": 1.0}
 
     def forget_loss(self, ctx):
-        return ce_u_loss(ctx.logits, ctx.labels)
+        return ce_u_loss_of(ctx)
 
 
 class UNDIAL(_TokenForgetMethod):

@@ -13,20 +13,26 @@ an objective context on whichever of the two paths it offers.
 
 from unlearnopt.objectives.dpo import dpo_loss
 from unlearnopt.objectives.from_context import (
+    ce_u_loss_of,
     kl_to_reference_of,
     masked_kl_of,
     npo_loss_of,
     reference_sequence_log_prob,
+    satimp_loss_of,
     token_loss_of,
     vocab_size_of,
+    wga_loss_of,
 )
 from unlearnopt.objectives.fused_linear import (
+    ce_u_loss_from_hidden,
     kl_to_reference_from_hidden,
     masked_kl_from_hidden,
     npo_loss_from_hidden,
     npo_loss_from_log_probs,
+    satimp_loss_from_hidden,
     sequence_log_prob_from_hidden,
     token_loss_from_hidden,
+    wga_loss_from_hidden,
 )
 from unlearnopt.objectives.kl import kl_to_reference
 from unlearnopt.objectives.npo import npo_loss
@@ -39,6 +45,8 @@ __all__ = [
     "IGNORE_INDEX",
     "TOKEN_MODES",
     "ce_u_loss",
+    "ce_u_loss_from_hidden",
+    "ce_u_loss_of",
     "dpo_loss",
     "kl_to_reference",
     "kl_to_reference_from_hidden",
@@ -51,6 +59,8 @@ __all__ = [
     "npo_loss_of",
     "reference_sequence_log_prob",
     "satimp_loss",
+    "satimp_loss_from_hidden",
+    "satimp_loss_of",
     "sequence_log_prob",
     "sequence_log_prob_from_hidden",
     "shift_labels",
@@ -61,4 +71,6 @@ __all__ = [
     "undial_loss",
     "vocab_size_of",
     "wga_loss",
+    "wga_loss_from_hidden",
+    "wga_loss_of",
 ]

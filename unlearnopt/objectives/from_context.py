@@ -17,14 +17,18 @@ from typing import Any
 import torch
 
 from unlearnopt.objectives.fused_linear import (
+    ce_u_loss_from_hidden,
     masked_kl_from_hidden,
     npo_loss_from_log_probs,
+    satimp_loss_from_hidden,
     sequence_log_prob_from_hidden,
     token_loss_from_hidden,
+    wga_loss_from_hidden,
 )
 from unlearnopt.objectives.kl import kl_to_reference
 from unlearnopt.objectives.shift import IGNORE_INDEX, shift_labels
 from unlearnopt.objectives.token import sequence_log_prob, token_loss
+from unlearnopt.objectives.weighted_token import ce_u_loss, satimp_loss, wga_loss
 from unlearnopt.ops.masked_kl import masked_kl
 
 
@@ -49,6 +53,30 @@ def token_loss_of(
     if backend is None:
         return token_loss(ctx.logits, ctx.labels, mode, alpha)
     return token_loss(ctx.logits, ctx.labels, mode, alpha, backend=backend)
+
+
+def wga_loss_of(ctx: Any, beta: float = 1.0) -> torch.Tensor:
+    """``wga_loss(ctx.logits, ctx.labels, beta)``: mean over the labelled tokens."""
+    head, _ = _heads(ctx, need_ref=False)
+    if head is not None:
+        return wga_loss_from_hidden(head, ctx.labels, beta)
+    return wga_loss(ctx.logits, ctx.labels, beta)
+
+
+def satimp_loss_of(ctx: Any, beta1: float = 5.0, beta2: float = 1.0) -> torch.Tensor:
+    """``satimp_loss(ctx.logits, ctx.labels, beta1, beta2)``: mean over the labelled tokens."""
+    head, _ = _heads(ctx, need_ref=False)
+    if head is not None:
+        return satimp_loss_from_hidden(head, ctx.labels, beta1, beta2)
+    return satimp_loss(ctx.logits, ctx.labels, beta1, beta2)
+
+
+def ce_u_loss_of(ctx: Any) -> torch.Tensor:
+    """``ce_u_loss(ctx.logits, ctx.labels)``: mean over the labelled tokens."""
+    head, _ = _heads(ctx, need_ref=False)
+    if head is not None:
+        return ce_u_loss_from_hidden(head, ctx.labels)
+    return ce_u_loss(ctx.logits, ctx.labels)
 
 
 def reference_sequence_log_prob(ctx: Any) -> torch.Tensor:

@@ -8,6 +8,9 @@ computes the logits a chunk of tokens at a time, so no ``[B, T, V]`` tensor exis
 from the head's inputs                         logits counterpart
 =============================================  ============================================
 ``token_loss_from_hidden(h, labels, mode)``     ``token_loss(logits, labels, mode)``
+``wga_loss_from_hidden(h, labels, beta)``       ``wga_loss(logits, labels, beta)``
+``satimp_loss_from_hidden(h, labels, b1, b2)``  ``satimp_loss(logits, labels, b1, b2)``
+``ce_u_loss_from_hidden(h, labels)``            ``ce_u_loss(logits, labels)``
 ``sequence_log_prob_from_hidden(h, labels)``    ``sequence_log_prob(logits, labels)``
 ``npo_loss_from_hidden(h, ref_lp, labels)``     ``npo_loss(logits, ref_logits, labels)``
 ``kl_to_reference_from_hidden(h, ref, labels)`` ``kl_to_reference(logits, ref_logits, labels)``
@@ -26,6 +29,7 @@ import contextlib
 import torch
 
 from unlearnopt.objectives.shift import IGNORE_INDEX, shift_labels
+from unlearnopt.objectives.weighted_token import check_ce_u_vocab, check_exponent
 from unlearnopt.ops.fused_linear_unlearning_cross_entropy import (
     fused_linear_unlearning_cross_entropy,
 )
@@ -73,15 +77,19 @@ def token_loss_from_hidden(
     mode: str = "nll",
     alpha: float = 0.5,
     *,
+    beta1: float = 1.0,
+    beta2: float = 1.0,
     backend: str | None = None,
 ) -> torch.Tensor:
     """Mean next-token loss over the non-ignored tokens (``nll``: -log p(y), ``ga``:
-    +log p(y), ``uce``: -log(1 - alpha p(y))).
+    +log p(y), ``uce``: -log(1 - alpha p(y)); and any other mode of
+    ``unlearnopt.ops.unlearning_cross_entropy``: ``wga``, ``satimp``, ``ce_u``).
 
     Args:
         head: the model's head inputs, ``hidden [B, T, H]``.
         labels: ``[B, T]`` unshifted, -100 = ignored.
         mode, alpha: as in ``token_loss``.
+        beta1, beta2: the ``wga`` / ``satimp`` exponents, as in the op.
         backend: the op's backend (``"reference"``: plain PyTorch, differentiable twice).
 
     Returns:
@@ -99,8 +107,43 @@ def token_loss_from_hidden(
             ignore_index=IGNORE_INDEX,
             reduction="mean",
             alpha=alpha,
+            beta1=beta1,
+            beta2=beta2,
             backend=backend,
         )
+
+
+def wga_loss_from_hidden(
+    head: HeadInputs, labels: torch.Tensor, beta: float = 1.0, *, backend: str | None = None
+) -> torch.Tensor:
+    """``wga_loss`` (mean of ``p_y**beta`` (detached) ``* log p_y``) from the head's inputs."""
+    beta = check_exponent("beta", beta)
+    return token_loss_from_hidden(head, labels, "wga", beta1=beta, backend=backend)
+
+
+def satimp_loss_from_hidden(
+    head: HeadInputs,
+    labels: torch.Tensor,
+    beta1: float = 5.0,
+    beta2: float = 1.0,
+    *,
+    backend: str | None = None,
+) -> torch.Tensor:
+    """``satimp_loss`` (mean of ``p_y**beta1 (1 - p_y)**beta2`` (detached) ``* log p_y``)
+    from the head's inputs."""
+    beta1 = check_exponent("beta1", beta1)
+    beta2 = check_exponent("beta2", beta2)
+    return token_loss_from_hidden(head, labels, "satimp", beta1=beta1, beta2=beta2, backend=backend)
+
+
+def ce_u_loss_from_hidden(
+    head: HeadInputs, labels: torch.Tensor, *, backend: str | None = None
+) -> torch.Tensor:
+    """``ce_u_loss`` (mean cross-entropy against ``softmax(z with z_y = -inf)``, detached)
+    from the head's inputs."""
+    if isinstance(head, HeadInputs):
+        check_ce_u_vocab(head.weight.shape[0])
+    return token_loss_from_hidden(head, labels, "ce_u", backend=backend)
 
 
 def sequence_log_prob_from_hidden(head: HeadInputs, labels: torch.Tensor) -> torch.Tensor:

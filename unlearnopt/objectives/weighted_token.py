@@ -1,4 +1,4 @@
-"""Token objectives that reweight or redirect each forget token (plain PyTorch).
+"""Token objectives that reweight or redirect each forget token.
 
 Per token with (shifted) label y, logits z (one row of V), p = softmax(z) and p_y = p[y];
 every weight and every target distribution is detached (no gradient flows through it):
@@ -27,7 +27,11 @@ every weight and every target distribution is detached (no gradient flows throug
       loss = -sum_v q_v log p_v
 
 All four are means over the labelled tokens (the labels are shifted inside, -100 =
-ignored); 0 when no token counts. Math in float32 (float64 for float64 logits).
+ignored); 0 when no token counts. Math in float32 (float64 for float64 logits). ``wga``,
+``satimp`` and ``ce_u`` are modes of the fused ``unlearnopt.ops.unlearning_cross_entropy``
+(no softmax is materialised; their ``*_from_hidden`` forms in
+``unlearnopt.objectives.fused_linear`` never build the logits); ``undial`` reads two
+distributions and is plain PyTorch.
 """
 
 from __future__ import annotations
@@ -35,6 +39,7 @@ from __future__ import annotations
 import torch
 
 from unlearnopt.objectives.shift import IGNORE_INDEX, check_logits, shift_labels
+from unlearnopt.ops.unlearning_cross_entropy import unlearning_cross_entropy
 
 
 def _rows(logits: torch.Tensor, labels: torch.Tensor):
@@ -52,42 +57,83 @@ def _mean(per_token: torch.Tensor) -> torch.Tensor:
     return per_token.sum() / max(per_token.numel(), 1)
 
 
-def _check_exponent(name: str, value) -> float:
-    if not isinstance(value, (int, float)) or not float(value) >= 0:
+def check_exponent(name: str, value) -> float:
+    """A non-negative, finite exponent (or gamma) as a float; ``ValueError`` naming it."""
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+    if not ok or not 0.0 <= float(value) < float("inf"):
         raise ValueError(f"{name} must be a non-negative number, got {value!r}")
     return float(value)
 
 
-def wga_loss(logits: torch.Tensor, labels: torch.Tensor, beta: float = 1.0) -> torch.Tensor:
+def check_ce_u_vocab(vocab: int) -> None:
+    if vocab < 2:
+        raise ValueError(f"ce_u needs a vocabulary of at least 2, got V = {vocab}")
+
+
+def _token_mode_loss(
+    logits: torch.Tensor,
+    labels: torch.Tensor,
+    mode: str,
+    beta1: float,
+    beta2: float,
+    backend: str | None,
+) -> torch.Tensor:
+    check_logits(logits, labels)
+    return unlearning_cross_entropy(
+        logits,
+        shift_labels(labels),
+        mode=mode,
+        ignore_index=IGNORE_INDEX,
+        reduction="mean",
+        beta1=beta1,
+        beta2=beta2,
+        backend=backend,
+    )
+
+
+def wga_loss(
+    logits: torch.Tensor,
+    labels: torch.Tensor,
+    beta: float = 1.0,
+    *,
+    backend: str | None = None,
+) -> torch.Tensor:
     """Mean over labelled tokens of ``p_y**beta (detached) * log p_y``.
 
     Args:
         logits: ``[B, T, V]``; labels: ``[B, T]`` unshifted, -100 = ignored.
         beta: the weight's exponent, >= 0 (paper: 1; beta = 0 is plain GA).
+        backend: the op's backend (default: ``UNLEARNOPT_BACKEND`` or automatic);
+            ``"reference"`` is plain PyTorch.
+
+    Plain PyTorch equivalent (``lp = logits[:, :-1].float().log_softmax(-1)``, ``y`` the
+    shifted labels, ``m = y != -100``)::
+
+        lp_y = lp[m].gather(-1, y[m, None])[:, 0]
+        (lp_y.detach().exp() ** beta * lp_y).mean()
     """
-    beta = _check_exponent("beta", beta)
-    logp, y, _ = _rows(logits, labels)
-    logp_y = logp.gather(-1, y.unsqueeze(-1)).squeeze(-1)
-    weight = (beta * logp_y.detach()).exp()
-    return _mean(weight * logp_y)
+    beta = check_exponent("beta", beta)
+    return _token_mode_loss(logits, labels, "wga", beta, 1.0, backend)
 
 
 def satimp_loss(
-    logits: torch.Tensor, labels: torch.Tensor, beta1: float = 5.0, beta2: float = 1.0
+    logits: torch.Tensor,
+    labels: torch.Tensor,
+    beta1: float = 5.0,
+    beta2: float = 1.0,
+    *,
+    backend: str | None = None,
 ) -> torch.Tensor:
     """Mean over labelled tokens of ``p_y**beta1 * (1 - p_y)**beta2 (detached) * log p_y``.
 
     Args:
         logits: ``[B, T, V]``; labels: ``[B, T]`` unshifted, -100 = ignored.
         beta1, beta2: the exponents, >= 0 (paper / open-unlearning: 5 and 1).
+        backend: as in :func:`wga_loss`.
     """
-    beta1 = _check_exponent("beta1", beta1)
-    beta2 = _check_exponent("beta2", beta2)
-    logp, y, _ = _rows(logits, labels)
-    logp_y = logp.gather(-1, y.unsqueeze(-1)).squeeze(-1)
-    p = logp_y.detach().exp()
-    weight = p.pow(beta1) * (1.0 - p).clamp(min=0).pow(beta2)
-    return _mean(weight * logp_y)
+    beta1 = check_exponent("beta1", beta1)
+    beta2 = check_exponent("beta2", beta2)
+    return _token_mode_loss(logits, labels, "satimp", beta1, beta2, backend)
 
 
 def _cross_entropy_to(target_logits: torch.Tensor, logp: torch.Tensor) -> torch.Tensor:
@@ -96,18 +142,19 @@ def _cross_entropy_to(target_logits: torch.Tensor, logp: torch.Tensor) -> torch.
     return -(q * logp.masked_fill(q == 0, 0.0)).sum(dim=-1)
 
 
-def ce_u_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+def ce_u_loss(
+    logits: torch.Tensor, labels: torch.Tensor, *, backend: str | None = None
+) -> torch.Tensor:
     """Mean over labelled tokens of the cross-entropy of p against
-    ``q = softmax(z with z_y = -inf)`` (q detached).
+    ``q = softmax(z with z_y = -inf)`` (q detached); per token ``-log(1 - p_y) + H(q)``.
 
     Args:
         logits: ``[B, T, V]`` with V >= 2; labels: ``[B, T]`` unshifted, -100 = ignored.
+        backend: as in :func:`wga_loss`.
     """
-    if logits.dim() == 3 and logits.shape[-1] < 2:
-        raise ValueError(f"ce_u needs a vocabulary of at least 2, got V = {logits.shape[-1]}")
-    logp, y, mask = _rows(logits, labels)
-    target = logits[mask].detach().to(logp.dtype).scatter(-1, y.unsqueeze(-1), float("-inf"))
-    return _mean(_cross_entropy_to(target, logp))
+    if isinstance(logits, torch.Tensor) and logits.dim() == 3:
+        check_ce_u_vocab(logits.shape[-1])
+    return _token_mode_loss(logits, labels, "ce_u", 1.0, 1.0, backend)
 
 
 def undial_loss(
@@ -122,7 +169,7 @@ def undial_loss(
         labels: ``[B, T]`` unshifted, -100 = ignored.
         gamma: how far the label logit is lowered, >= 0 (open-unlearning's default: 10).
     """
-    gamma = _check_exponent("gamma", gamma)
+    gamma = check_exponent("gamma", gamma)
     if tuple(ref_logits.shape) != tuple(logits.shape):
         raise ValueError(
             f"ref_logits {tuple(ref_logits.shape)} must have the shape of logits "
