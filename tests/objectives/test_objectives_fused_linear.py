@@ -8,15 +8,21 @@ import torch
 
 from tests.tiny_models import KINDS, VOCAB, make_batch, make_model, perturb_lora
 from unlearnopt.objectives import (
+    ce_u_loss,
+    ce_u_loss_from_hidden,
     kl_to_reference,
     kl_to_reference_from_hidden,
     masked_kl_from_hidden,
     npo_loss,
     npo_loss_from_hidden,
+    satimp_loss,
+    satimp_loss_from_hidden,
     sequence_log_prob,
     sequence_log_prob_from_hidden,
     token_loss,
     token_loss_from_hidden,
+    wga_loss,
+    wga_loss_from_hidden,
 )
 from unlearnopt.ops.masked_kl import masked_kl, vocab_mask_from_token_ids
 from unlearnopt.output_head import HeadInputs, forward_head_inputs
@@ -42,6 +48,12 @@ def _vocab_mask():
 def _logits_loss(name, logits, ref_logits, labels):
     if name in ("nll", "ga", "uce"):
         return token_loss(logits, labels, name, alpha=0.4)
+    if name == "wga":
+        return wga_loss(logits, labels, beta=1.5)
+    if name == "satimp":
+        return satimp_loss(logits, labels, beta1=0.5, beta2=2.0)
+    if name == "ce_u":
+        return ce_u_loss(logits, labels)
     if name == "seq_log_prob":
         return (sequence_log_prob(logits, labels) * torch.arange(1, labels.shape[0] + 1)).sum()
     if name == "npo":
@@ -63,6 +75,12 @@ def _logits_loss(name, logits, ref_logits, labels):
 def _hidden_loss(name, head, ref_head, labels):
     if name in ("nll", "ga", "uce"):
         return token_loss_from_hidden(head, labels, name, alpha=0.4)
+    if name == "wga":
+        return wga_loss_from_hidden(head, labels, beta=1.5)
+    if name == "satimp":
+        return satimp_loss_from_hidden(head, labels, beta1=0.5, beta2=2.0)
+    if name == "ce_u":
+        return ce_u_loss_from_hidden(head, labels)
     if name == "seq_log_prob":
         weights = torch.arange(1, labels.shape[0] + 1)
         return (sequence_log_prob_from_hidden(head, labels) * weights).sum()
@@ -78,7 +96,19 @@ def _hidden_loss(name, head, ref_head, labels):
     )
 
 
-OBJECTIVES = ("nll", "ga", "uce", "seq_log_prob", "npo", "kl", "dmk_forward", "dmk_reverse")
+OBJECTIVES = (
+    "nll",
+    "ga",
+    "uce",
+    "wga",
+    "satimp",
+    "ce_u",
+    "seq_log_prob",
+    "npo",
+    "kl",
+    "dmk_forward",
+    "dmk_reverse",
+)
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=str)

@@ -15,7 +15,7 @@ from tests.assertions import assert_allclose, assert_within
 from tests.tiny_models import KINDS, VOCAB, make_batch, make_model, perturb_lora
 from unlearnopt.unlearner import MultiObjectiveUnlearner
 
-METHODS = ("ga", "grad_diff", "ga_kl", "npo", "mollm", "siu", "ofmu")
+METHODS = ("ga", "grad_diff", "ga_kl", "npo", "mollm", "siu", "ofmu", "wga", "satimp", "ce_u")
 ARCHS = (*KINDS, "lora_head")
 OPTIONS = {
     "npo": {"retain_weight": 1.0},
