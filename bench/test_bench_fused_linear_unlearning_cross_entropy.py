@@ -20,9 +20,9 @@ import os
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 from bench.conftest import DEVICE, QUICK, peak_extra_bytes, record, synchronize
+from bench.eager_token_losses import MODE_KWARGS, eager_token_loss
 from unlearnopt.ops import fused_linear_unlearning_cross_entropy
 
 N = int(
@@ -30,18 +30,14 @@ N = int(
 )
 H = int(os.environ.get("UNLEARNOPT_BENCH_FUSED_LINEAR_H", "576"))
 VOCABS = [49152] if QUICK else [49152, pytest.param(128256, marks=pytest.mark.slow)]
-MODES = ["nll"] if QUICK else ["nll", "uce"]
+MODES = ["nll"] if QUICK else ["nll", "uce", "wga", "satimp", "ce_u"]
 DTYPE = torch.bfloat16 if DEVICE.type == "cuda" else torch.float32
 
 
 def eager(hidden, weight, labels, mode):
     """What a user writes without unlearnopt: full logits, then the loss
-    (nll: -log p_y; uce: -log(1 - p_y / 2))."""
-    logits = hidden @ weight.T
-    if mode == "nll":
-        return F.cross_entropy(logits.float(), labels)
-    logp_y = -F.cross_entropy(logits.float(), labels, reduction="none")
-    return -torch.log1p(-0.5 * logp_y.exp()).mean()
+    (``bench.eager_token_losses``)."""
+    return eager_token_loss(hidden @ weight.T, labels, mode)
 
 
 @functools.cache
@@ -56,7 +52,9 @@ def liger(hidden, weight, labels, mode):
 
 
 def ours(hidden, weight, labels, mode, backend):
-    return fused_linear_unlearning_cross_entropy(hidden, weight, labels, mode=mode, backend=backend)
+    return fused_linear_unlearning_cross_entropy(
+        hidden, weight, labels, mode=mode, backend=backend, **MODE_KWARGS.get(mode, {})
+    )
 
 
 IMPLS = {

@@ -12,25 +12,20 @@ import functools
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 from bench.conftest import DEVICE, QUICK, peak_extra_bytes, record, synchronize
+from bench.eager_token_losses import MODE_KWARGS, eager_token_loss
 from unlearnopt.ops import unlearning_cross_entropy
 
 N = 4096 if DEVICE.type == "cuda" else 2048
 VOCABS = [32000] if QUICK else [32000, 49152, 128256]
-MODES = ["nll", "uce"] if not QUICK else ["nll"]
+MODES = ["nll", "uce", "wga", "satimp", "ce_u"] if not QUICK else ["nll"]
 DTYPE = torch.bfloat16 if DEVICE.type == "cuda" else torch.float32
 
 
 def eager(logits, labels, mode):
-    """What a user writes without unlearnopt: nll -log p_y, ga +log p_y, uce -log(1 - p_y / 2)."""
-    if mode == "nll":
-        return F.cross_entropy(logits.float(), labels)
-    logp_y = -F.cross_entropy(logits.float(), labels, reduction="none")
-    if mode == "ga":
-        return logp_y.mean()
-    return -torch.log1p(-0.5 * logp_y.exp()).mean()
+    """What a user writes without unlearnopt (``bench.eager_token_losses``)."""
+    return eager_token_loss(logits, labels, mode)
 
 
 @functools.cache
@@ -45,7 +40,9 @@ def liger(logits, labels, mode):
 
 
 def ours(logits, labels, mode, backend):
-    return unlearning_cross_entropy(logits, labels, mode, inplace_backward=True, backend=backend)
+    return unlearning_cross_entropy(
+        logits, labels, mode, inplace_backward=True, backend=backend, **MODE_KWARGS.get(mode, {})
+    )
 
 
 IMPLS = {
