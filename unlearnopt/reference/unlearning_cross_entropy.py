@@ -78,8 +78,8 @@ def _label_removed_entropy(z: torch.Tensor, labels: torch.Tensor, keep: torch.Te
     vocab = z.shape[-1]
     safe = torch.where(keep & (labels >= 0) & (labels < vocab), labels, 0).long()
     others = z.detach().scatter(-1, safe[:, None], float("-inf"))
-    log_r = torch.log_softmax(others, dim=-1)
-    return -torch.special.xlogy(log_r.exp(), log_r.exp()).sum(dim=-1)
+    r = torch.softmax(others, dim=-1)
+    return -torch.special.xlogy(r, r).sum(dim=-1)  # 0 log 0 = 0
 
 
 def token_losses(
