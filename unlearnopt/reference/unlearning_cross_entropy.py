@@ -74,12 +74,23 @@ def _label_weight(t: torch.Tensor, beta1: float, beta2: float) -> torch.Tensor:
 
 
 def _label_removed_entropy(z: torch.Tensor, labels: torch.Tensor, keep: torch.Tensor):
-    """Detached entropy ``H(r)`` of ``r = softmax(z with z_y = -inf)`` per row ``[N]``."""
+    """Detached entropy ``H(r)`` of ``r = softmax(z with z_y = -inf)`` per row ``[N]``.
+
+    With x = z - max over the other classes and e = exp(x): H = log s - sum(e x) / s, two
+    non-negative terms, s = top + rest split into the columns at the max (each exactly 1)
+    and the others, so that log s = log top + log1p(rest / top) keeps its digits when one
+    class dominates (a small entropy). NaN when no other class has a finite logit.
+    """
     vocab = z.shape[-1]
     safe = torch.where(keep & (labels >= 0) & (labels < vocab), labels, 0).long()
     others = z.detach().scatter(-1, safe[:, None], float("-inf"))
-    r = torch.softmax(others, dim=-1)
-    return -torch.special.xlogy(r, r).sum(dim=-1)  # 0 log 0 = 0
+    x = others - others.amax(dim=-1, keepdim=True)
+    e = x.exp()
+    at_max = x == 0
+    top = at_max.sum(dim=-1).to(z.dtype)
+    rest = torch.where(at_max, 0.0, e).sum(dim=-1)
+    spread = -torch.where(e > 0, e * x, 0.0).sum(dim=-1)  # -sum e x >= 0; x = -inf adds 0
+    return torch.log(top) + torch.log1p(rest / top) + spread / (top + rest)
 
 
 def token_losses(
