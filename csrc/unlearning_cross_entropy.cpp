@@ -37,8 +37,9 @@
 // NaN; ignored rows get loss 0, stats 0 and a zero gradient whatever they hold; a label
 // outside [0, V) (not ignore_index) is never read: NaN loss, stats and gradient row. ce_u
 // needs another class with a finite logit (else r is 0/0): NaN loss and gradient. ce_u and
-// uce with a = 1 have c = -p_y / q: past q ~ 1e-38 (a label logit ~87 above the others) p_j
-// underflows float32 while c overflows it, so the gradient becomes NaN there.
+// uce with a = 1 have c = -p_y / q, beyond float32 once q < ~1e-38 (a label logit ~87 above
+// the others), where p_j underflows: ce_u folds log|c| into the exponent of the gradient
+// sweep (see row_terms); uce with a = 1 gives a NaN gradient there.
 //
 // Passes over a row: without stats_in, one read for the sums; with grad_scale, one more
 // read and one write. Given stats_in (the backward of the autograd op), only the gradient
@@ -58,8 +59,10 @@ enum Mode : int64_t { kNll = 0, kGa = 1, kUce = 2, kWga = 3, kSatimp = 4, kCeU =
 constexpr double kNaN = std::numeric_limits<double>::quiet_NaN();
 
 struct RowTerms {
-  double loss;  // the row's loss
-  double c;     // d loss / d z = c * (p - e_y)
+  double loss;        // the row's loss
+  double c;           // d loss / d z = c * (p - e_y)
+  double fold = 0.0;  // log(c / unit) > 0 where c is folded into the exponent of the sweep
+  double unit = c;    // c e^-fold: the sweep writes unit * exp(z_j - (lse - fold))
 };
 
 struct ModeParams {
@@ -83,7 +86,14 @@ inline RowTerms row_terms(const ModeParams& mp, double z_y, double lse, double q
   if (mode == kGa) return {-nll, -1.0};
   if (mode != kUce) {
     const double log_q = q < 0.5 ? std::log(q) : std::log1p(-p_y);
-    if (mode == kCeU) return {h - log_q, -p_y / q};
+    if (mode == kCeU) {
+      // c = -p_y / q is huge when p_y -> 1 (and overflows float32 before p_j underflows),
+      // so it is folded into the exponent: c p_j = -exp(z_j - (lse - t)), t = log(p_y / q)
+      // the label's log-odds, z_j - (lse - t) = z_j - lse_others <= 0 for j != y.
+      const double t = -nll - log_q;
+      if (t > 0.0) return {h - log_q, -p_y / q, t, -1.0};
+      return {h - log_q, -p_y / q};
+    }
     double log_w = mp.beta1 == 0.0 ? 0.0 : -mp.beta1 * nll;
     if (mode == kSatimp && mp.beta2 != 0.0) log_w += mp.beta2 * log_q;
     const double w = std::exp(log_w);
@@ -252,16 +262,19 @@ void rows_kernel(const RowsArgs& a) {
     st[1] = q;
     st[2] = h;
     if (g == nullptr) return;
-    const float coef = static_cast<float>(a.scale[i * a.scale_stride] * t.c);
-    const float hi = static_cast<float>(lse);
-    const float lo = static_cast<float>(lse - hi);
-    // g_j = coef * p_j for every column (in place is safe: g[j] depends on z[j] only) ...
+    const double scale = a.scale[i * a.scale_stride];
+    const float coef = static_cast<float>(scale * t.unit);
+    const double shift = lse - t.fold;
+    const float hi = static_cast<float>(shift);
+    const float lo = static_cast<float>(shift - hi);
+    // g_j = scale c p_j = coef * exp(z_j - shift) for every column (in place is safe: g[j]
+    // depends on z[j] only; the label's value, possibly meaningless, is replaced) ...
 #pragma omp simd
     for (int64_t j = 0; j < v; ++j) {
       g[j] = Codec::store(coef * fast_exp_le88((Codec::load(z[j]) - hi) - lo));
     }
-    // ... then the label column, coef * (p_y - 1) = -coef * q, rounded once.
-    g[y] = Codec::store(static_cast<float>(-static_cast<double>(coef) * q));
+    // ... then the label column, scale c (p_y - 1) = -scale c q, rounded once.
+    g[y] = Codec::store(static_cast<float>(-scale * t.c * q));
   });
 }
 

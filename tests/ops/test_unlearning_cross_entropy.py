@@ -419,11 +419,13 @@ def exact_new_mode(z_y_gap, vocab, mode, beta1, beta2):
 
 
 @pytest.mark.parametrize("mode", ["wga", "satimp", "ce_u"])
-@pytest.mark.parametrize("gap", [-30.0, -8.0, 0.0, 8.0, 30.0, 60.0])
+@pytest.mark.parametrize("gap", [-30.0, -8.0, 0.0, 8.0, 30.0, 60.0, 100.0, 200.0])
 def test_new_modes_near_both_ends(backend, mode, gap):
-    """p_y from ~1e-16 to 1 - 1e-23: the loss and every gradient entry within 1e-5 relative
+    """p_y from ~1e-16 to 1 - 1e-85: the loss and every gradient entry within 1e-5 relative
     of float64 (the label entry of the gradient is c (p_y - 1), formed from 1 - p_y summed
-    over the other classes, never as a difference)."""
+    over the other classes, never as a difference). Gaps of 100 and 200 put 1 - p_y below
+    float32's range: ce_u's coefficient -p_y / (1 - p_y) is then beyond float32 too, and its
+    gradient -(1 - p_y)^-1 p_j = -softmax over the other classes must still come out."""
     vocab = 257
     beta1, beta2 = (5.0, 1.0) if mode == "satimp" else (1.0, 1.0)
     want_loss, want_grad = exact_new_mode(gap, vocab, mode, beta1, beta2)

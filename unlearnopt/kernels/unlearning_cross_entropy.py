@@ -23,9 +23,10 @@ up front (fused linear CE) gets loss and gradient from ONE launch.
 Non-finite input: a NaN or +inf logit in a kept row gives NaN loss, stats and gradient;
 ignored rows get 0 loss, 0 stats and a zero gradient whatever they hold; a label outside
 [0, V) (not ignore_index) is never read and gives a NaN loss, stats and gradient row.
-ce_u without another finite logit in the row (r = 0/0) gives a NaN loss and gradient; ce_u
-and uce with alpha = 1 (c = -p_y / q) lose the gradient once q leaves float32's range (a
-label logit ~87 above the others).
+ce_u without another finite logit in the row (r = 0/0) gives a NaN loss and gradient. ce_u
+and uce with alpha = 1 have c = -p_y / q, beyond float32 once q < ~1e-38 (a label logit ~87
+above the others), where p_j underflows: ce_u folds log|c| into the exponent of pass 2 (and
+keeps q in float64 down to ~1e-308); uce with alpha = 1 gives a NaN gradient there.
 
 Imported lazily (``import triton`` happens here only), see ``unlearnopt.kernels``.
 """
@@ -49,6 +50,29 @@ def _log1p(x):
     u = 1.0 + x
     den = tl.where(u == 1.0, 1.0, u - 1.0)
     return tl.where(u == 1.0, x, tl.log(u) * (x / den))
+
+
+@triton.jit
+def _exp_f64(d):
+    """exp(d) as float64 for a float32 d <= 0, without float32's underflow below -87: 2^k
+    built in the exponent bits, times the float32 exp of d - k ln2 in [0, ln2). Down to
+    d ~ -708 (then 0)."""
+    k = tl.maximum(tl.floor(d * 1.4426950408889634), -1022.0)
+    r = (d.to(tl.float64) - k.to(tl.float64) * 0.6931471805599453).to(tl.float32)
+    two_k = ((k.to(tl.int64) + 1023) << 52).to(tl.float64, bitcast=True)
+    return tl.exp(r).to(tl.float64) * two_k
+
+
+@triton.jit
+def _log_f64(x):
+    """log(x) for a float64 x in (0, 1], also below float32's range (to ~1e-308), without
+    float64 transcendentals: exponent from the bits, float32 log of the mantissa in [1, 2).
+    0 gives -inf, NaN stays NaN."""
+    bits = x.to(tl.int64, bitcast=True)
+    e = ((bits >> 52) & 0x7FF) - 1023
+    mant = ((bits & 0xFFFFFFFFFFFFF) | 0x3FF0000000000000).to(tl.float64, bitcast=True)
+    out = e.to(tl.float64) * 0.6931471805599453 + tl.log(mant.to(tl.float32)).to(tl.float64)
+    return tl.where(x > 0.0, out, tl.where(x == 0.0, float("-inf"), float("nan")))
 
 
 @triton.heuristics(
@@ -136,7 +160,11 @@ def _unlearning_ce_rows_kernel(
         # the sums and the lse are formed in float64.
         m_all = tl.maximum(m, z_y)
         m_all = tl.where(m_all == float("-inf"), 0.0, m_all)
-        others = tl.where(s == 0.0, 0.0, s.to(tl.float64) * tl.exp(m - m_all).to(tl.float64))
+        if MODE == 5:
+            # ce_u's gradient needs 1 - p_y below float32's range too (see below).
+            others = tl.where(s == 0.0, 0.0, s.to(tl.float64) * _exp_f64(m - m_all))
+        else:
+            others = tl.where(s == 0.0, 0.0, s.to(tl.float64) * tl.exp(m - m_all).to(tl.float64))
         e_y = tl.exp(z_y - m_all).to(tl.float64)
         total = others + e_y
         # total is 1 + rest (the max term is 1): log1p keeps a small rest's digits.
@@ -185,8 +213,18 @@ def _unlearning_ce_rows_kernel(
         # log of the float64 q is fine down to ~1e-45, below which the weight is 0 anyway.
         log_q = tl.where(q32 < 0.5, tl.log(q32), _log1p(-tl.where(q32 < 0.5, 0.0, p_y)))
         if MODE == 5:
-            loss = h.to(tl.float32) - log_q
-            c = -p_y / q32
+            # c = -p_y / q overflows float32 when p_y -> 1 (before p_j underflows), so it is
+            # folded into the exponent of the gradient pass: c p_j = -exp(z_j - (lse - t)),
+            # t = log(p_y / q) the label's log-odds, z_j - (lse - t) <= 0 for j != y; and
+            # c (p_y - 1) = p_y. log q in float64 (q may be below float32's range).
+            log_q64 = tl.where(q < 0.5, _log_f64(q), log_q.to(tl.float64))
+            loss = (h - log_q64).to(tl.float32)
+            t = -nll.to(tl.float64) - log_q64
+            fold = t > 0.0
+            c = tl.where(fold, -1.0, -p_y / q32)
+            shift = lse - tl.where(fold, t, 0.0)
+            hi = shift.to(tl.float32)
+            lo = (shift - hi.to(tl.float64)).to(tl.float32)
         else:
             log_w = tl.where(beta1 == 0.0, 0.0, -beta1 * nll)
             if MODE == 4:
@@ -206,7 +244,10 @@ def _unlearning_ce_rows_kernel(
     if HAS_GRAD:
         scale = tl.load(scale_ptr + row * scale_stride)
         coef = tl.where(keep, scale * c, 0.0)
-        label_term = -coef * q32  # coef * (p_y - 1)
+        if MODE == 5:
+            label_term = tl.where(keep, scale * p_y, 0.0)  # scale (-p_y / q) (p_y - 1)
+        else:
+            label_term = -coef * q32  # coef * (p_y - 1)
         g_row = grad_ptr + row * grad_row_stride
         for start in range(0, V, BLOCK_V):
             cols = start + tl.arange(0, BLOCK_V)
