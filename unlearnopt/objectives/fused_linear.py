@@ -29,7 +29,8 @@ import contextlib
 import torch
 
 from unlearnopt.objectives.shift import IGNORE_INDEX, shift_labels
-from unlearnopt.objectives.weighted_token import check_ce_u_vocab, check_exponent
+from unlearnopt.objectives.weighted_token import check_ce_u_vocab
+from unlearnopt.ops._checks import check_exponent
 from unlearnopt.ops.fused_linear_unlearning_cross_entropy import (
     fused_linear_unlearning_cross_entropy,
 )

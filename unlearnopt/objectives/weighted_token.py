@@ -39,6 +39,7 @@ from __future__ import annotations
 import torch
 
 from unlearnopt.objectives.shift import IGNORE_INDEX, check_logits, shift_labels
+from unlearnopt.ops._checks import check_exponent
 from unlearnopt.ops.unlearning_cross_entropy import unlearning_cross_entropy
 
 
@@ -55,14 +56,6 @@ def _rows(logits: torch.Tensor, labels: torch.Tensor):
 def _mean(per_token: torch.Tensor) -> torch.Tensor:
     """Mean of ``[N]``; 0 (still attached to the graph) when N = 0."""
     return per_token.sum() / max(per_token.numel(), 1)
-
-
-def check_exponent(name: str, value) -> float:
-    """A non-negative, finite exponent (or gamma) as a float; ``ValueError`` naming it."""
-    ok = isinstance(value, (int, float)) and not isinstance(value, bool)
-    if not ok or not 0.0 <= float(value) < float("inf"):
-        raise ValueError(f"{name} must be a non-negative number, got {value!r}")
-    return float(value)
 
 
 def check_ce_u_vocab(vocab: int) -> None:

@@ -133,8 +133,10 @@ def check_alpha(alpha) -> None:
         raise ValueError(f"alpha must be a number in (0, 1], got {alpha!r}")
 
 
-def check_exponent(name: str, value) -> None:
-    """A weight exponent (wga / satimp): a finite number >= 0."""
+def check_exponent(name: str, value) -> float:
+    """A weight exponent (wga / satimp) or similar parameter: a finite number >= 0, returned
+    as a float."""
     ok = isinstance(value, (int, float)) and not isinstance(value, bool)
     if not ok or not (0.0 <= float(value) < float("inf")):
         raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
+    return float(value)

@@ -18,7 +18,10 @@ wga is Wang et al., 2025 ("Rethinking LLM Unlearning Objectives: A Gradient Pers
 Go Beyond", ICLR 2025); satimp is Yang et al., 2025 ("Exploring Criteria of Loss Reweighting
 to Enhance LLM Unlearning", ICML 2025); ce_u is Yang et al., 2025 ("CE-U: Cross Entropy
 Unlearning", arXiv 2503.01224). ce_u's loss is ``-log q + H(r)``, the entropy H(r) of the
-label-removed distribution being one more online reduction of the forward pass.
+label-removed distribution being one more online reduction of the forward pass; its
+coefficient -p_y / q grows without bound as p_y -> 1 (its gradient does not: r_v <= 1), so
+the kernels fold ``log(p_y / q)`` into the exponent of p_v there. Every weight, target and
+1 - p_y is formed from the row statistics without cancellation, accurate near p_y = 0 and 1.
 
 Passes over the logits: the forward reads each row once (online log-sum-exp) and keeps
 only the row's statistics; the backward reads the row once more and writes the gradient.
