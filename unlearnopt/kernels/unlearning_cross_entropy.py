@@ -13,12 +13,11 @@ softmax over them, and ce_u's loss ``-log q + h`` (two non-negative terms). The 
 stats ``(lse, q, h)`` are stored as float64 (h = 0 in the other modes). Only additions,
 products and quotients run in float64; exp and log stay float32 (float64 transcendentals
 are not lowered on every GPU), which costs nothing here: each is of a small, well-scaled
-argument. Pass 2
-(when a gradient scale is given) streams the row again and writes the gradient,
-``p_j = exp((z_j - hi) - lo)`` with the lse split into two floats (a float32 lse near 40
-is off by up to 2e-6, an error every p_j would inherit). The forward of the op runs pass
-1; its backward runs pass 2 with the saved stats; a caller that knows the upstream scale
-up front (fused linear CE) gets loss and gradient from ONE launch.
+argument. Pass 2 (when a gradient scale is given) streams the row again and writes the
+gradient, ``p_j = exp((z_j - hi) - lo)`` with the lse split into two floats (a float32 lse
+near 40 is off by up to 2e-6, an error every p_j would inherit). The forward of the op
+runs pass 1; its backward runs pass 2 with the saved stats; a caller that knows the
+upstream scale up front (fused linear CE) gets loss and gradient from ONE launch.
 
 Non-finite input: a NaN or +inf logit in a kept row gives NaN loss, stats and gradient;
 ignored rows get 0 loss, 0 stats and a zero gradient whatever they hold; a label outside
