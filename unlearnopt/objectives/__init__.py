@@ -13,10 +13,13 @@ an objective context on whichever of the two paths it offers.
 
 from unlearnopt.objectives.dpo import dpo_loss
 from unlearnopt.objectives.from_context import (
+    dpo_loss_of,
     kl_to_reference_of,
     masked_kl_of,
     npo_loss_of,
     reference_sequence_log_prob,
+    sequence_log_prob_of,
+    simnpo_loss_of,
     token_loss_of,
     vocab_size_of,
 )
@@ -26,6 +29,7 @@ from unlearnopt.objectives.fused_linear import (
     npo_loss_from_hidden,
     npo_loss_from_log_probs,
     sequence_log_prob_from_hidden,
+    simnpo_loss_from_hidden,
     token_loss_from_hidden,
 )
 from unlearnopt.objectives.kl import kl_to_reference
@@ -40,6 +44,7 @@ __all__ = [
     "TOKEN_MODES",
     "ce_u_loss",
     "dpo_loss",
+    "dpo_loss_of",
     "kl_to_reference",
     "kl_to_reference_from_hidden",
     "kl_to_reference_of",
@@ -53,8 +58,11 @@ __all__ = [
     "satimp_loss",
     "sequence_log_prob",
     "sequence_log_prob_from_hidden",
+    "sequence_log_prob_of",
     "shift_labels",
     "simnpo_loss",
+    "simnpo_loss_from_hidden",
+    "simnpo_loss_of",
     "token_loss",
     "token_loss_from_hidden",
     "token_loss_of",

@@ -10,6 +10,7 @@ from the head's inputs                         logits counterpart
 ``token_loss_from_hidden(h, labels, mode)``     ``token_loss(logits, labels, mode)``
 ``sequence_log_prob_from_hidden(h, labels)``    ``sequence_log_prob(logits, labels)``
 ``npo_loss_from_hidden(h, ref_lp, labels)``     ``npo_loss(logits, ref_logits, labels)``
+``simnpo_loss_from_hidden(h, labels)``          ``simnpo_loss(logits, labels)``
 ``kl_to_reference_from_hidden(h, ref, labels)`` ``kl_to_reference(logits, ref_logits, labels)``
 ``masked_kl_from_hidden(h, ref, m, u)``         ``masked_kl(logits, ref_logits, m, u)``
 =============================================  ============================================
@@ -26,6 +27,7 @@ import contextlib
 import torch
 
 from unlearnopt.objectives.shift import IGNORE_INDEX, shift_labels
+from unlearnopt.ops.fused_linear_sequence_loss import fused_linear_sequence_loss
 from unlearnopt.ops.fused_linear_unlearning_cross_entropy import (
     fused_linear_unlearning_cross_entropy,
 )
@@ -48,6 +50,11 @@ def _check(
             f"{name}.hidden has shape {tuple(head.hidden.shape)}; expected "
             f"[B, T, H] with [B, T] = {labels_name}' {tuple(labels.shape)}"
         )
+
+
+def _check_beta(beta) -> None:
+    if not isinstance(beta, (int, float)) or not float(beta) > 0:
+        raise ValueError(f"beta must be a positive number, got {beta!r}")
 
 
 def _operands(head: HeadInputs) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
@@ -126,8 +133,7 @@ def npo_loss_from_log_probs(
 ) -> torch.Tensor:
     """``mean_i (2 / beta) softplus(beta (log_prob_i - ref_log_prob_i))``; ``[B]`` each,
     ``ref_log_prob`` is treated as a constant."""
-    if not isinstance(beta, (int, float)) or not float(beta) > 0:
-        raise ValueError(f"beta must be a positive number, got {beta!r}")
+    _check_beta(beta)
     if log_prob.shape != ref_log_prob.shape or log_prob.dim() != 1:
         raise ValueError(
             f"log_prob {tuple(log_prob.shape)} and ref_log_prob "
@@ -137,10 +143,24 @@ def npo_loss_from_log_probs(
     return (2.0 / beta) * torch.nn.functional.softplus(beta * log_ratio).mean()
 
 
+def _sequence_loss_from_hidden(head: HeadInputs, labels: torch.Tensor, terms) -> torch.Tensor:
+    """``sum_b terms(lp, rows)_b`` over the per-sequence log-probabilities of ``head``,
+    scored and differentiated in one pass over the logits (``fused_linear_sequence_loss``)."""
+    _check(head, labels)
+    hidden, weight, bias = _operands(head)
+    with _autocast_off(hidden.device.type):
+        return fused_linear_sequence_loss(
+            hidden, weight, shift_labels(labels), terms, bias, ignore_index=IGNORE_INDEX
+        )
+
+
 def npo_loss_from_hidden(
     head: HeadInputs, ref_log_prob: torch.Tensor, labels: torch.Tensor, beta: float = 0.1
 ) -> torch.Tensor:
     """Mean NPO loss over sequences, ``(2 / beta) log(1 + (pi_theta / pi_ref) ** beta)``.
+
+    Each sequence's term and its slope are formed as soon as its tokens are scored, so the
+    logits are computed once (no recomputation in the backward).
 
     Args:
         head: the trained model's head inputs.
@@ -150,7 +170,44 @@ def npo_loss_from_hidden(
         labels: ``[B, T]`` unshifted labels.
         beta: > 0 (paper: 0.1).
     """
-    return npo_loss_from_log_probs(sequence_log_prob_from_hidden(head, labels), ref_log_prob, beta)
+    _check_beta(beta)
+    batch = labels.shape[0] if isinstance(labels, torch.Tensor) else 0
+    if not isinstance(ref_log_prob, torch.Tensor) or tuple(ref_log_prob.shape) != (batch,):
+        shape = (
+            tuple(ref_log_prob.shape)
+            if isinstance(ref_log_prob, torch.Tensor)
+            else type(ref_log_prob).__name__
+        )
+        raise ValueError(f"ref_log_prob must be [B] = ({batch},), got {shape}")
+    ref_lp = ref_log_prob.detach()
+    scale = 2.0 / beta / max(batch, 1)
+
+    def terms(lp: torch.Tensor, rows: slice) -> torch.Tensor:
+        return scale * torch.nn.functional.softplus(beta * (lp - ref_lp[rows]))
+
+    return _sequence_loss_from_hidden(head, labels, terms)
+
+
+def simnpo_loss_from_hidden(
+    head: HeadInputs, labels: torch.Tensor, beta: float = 2.5, gamma: float = 0.0
+) -> torch.Tensor:
+    """Mean SimNPO loss over sequences, ``(2 / beta) softplus((beta / |y|) log pi + gamma)``
+    (``simnpo_loss`` from the head's inputs; one pass over the logits).
+
+    Args:
+        head: the trained model's head inputs; labels: ``[B, T]`` unshifted.
+        beta: > 0 (paper: 2.5); gamma: >= 0 (paper: 0).
+    """
+    _check_beta(beta)
+    if not isinstance(gamma, (int, float)) or not float(gamma) >= 0:
+        raise ValueError(f"gamma must be a non-negative number, got {gamma!r}")
+    length = (shift_labels(labels) != IGNORE_INDEX).sum(dim=1).clamp(min=1).float()
+    scale = 2.0 / beta / max(labels.shape[0], 1)
+
+    def terms(lp: torch.Tensor, rows: slice) -> torch.Tensor:
+        return scale * torch.nn.functional.softplus(beta * lp / length[rows] + gamma)
+
+    return _sequence_loss_from_hidden(head, labels, terms)
 
 
 def masked_kl_from_hidden(

@@ -1,5 +1,6 @@
 """Public low-level ops. Each picks a backend per call (see ``unlearnopt.ops._backend``)."""
 
+from unlearnopt.ops.fused_linear_sequence_loss import fused_linear_sequence_loss
 from unlearnopt.ops.fused_linear_unlearning_cross_entropy import (
     fused_linear_unlearning_cross_entropy,
 )
@@ -17,6 +18,7 @@ __all__ = [
     "GradGram",
     "MinNorm",
     "fused_linear_masked_kl",
+    "fused_linear_sequence_loss",
     "fused_linear_unlearning_cross_entropy",
     "grad_cosine",
     "grad_gram",
