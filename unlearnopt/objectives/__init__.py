@@ -18,6 +18,7 @@ from unlearnopt.objectives.from_context import (
     npo_loss_of,
     reference_sequence_log_prob,
     token_loss_of,
+    undial_loss_of,
     vocab_size_of,
 )
 from unlearnopt.objectives.fused_linear import (
@@ -27,6 +28,7 @@ from unlearnopt.objectives.fused_linear import (
     npo_loss_from_log_probs,
     sequence_log_prob_from_hidden,
     token_loss_from_hidden,
+    undial_loss_from_hidden,
 )
 from unlearnopt.objectives.kl import kl_to_reference
 from unlearnopt.objectives.npo import npo_loss
@@ -59,6 +61,8 @@ __all__ = [
     "token_loss_from_hidden",
     "token_loss_of",
     "undial_loss",
+    "undial_loss_from_hidden",
+    "undial_loss_of",
     "vocab_size_of",
     "wga_loss",
 ]
