@@ -395,6 +395,14 @@ def masked_kl(
         >>> u = vocab_mask_from_token_ids([3, 7], 10)
         >>> m = token_mask_from_labels(torch.tensor([1, -100, 2, 5]))
         >>> masked_kl(logits, ref_logits, token_mask=m, vocab_mask=u).backward()
+
+        UNDIAL's loss, the cross-entropy against the reference with each label logit
+        lowered by gamma = 10 (plain PyTorch: ``r = ref_logits.clone(); r[i, y_i] -= 10;
+        -(r.softmax(-1) * logits.log_softmax(-1)).sum(-1)``, mean over the labelled rows):
+
+        >>> y = torch.tensor([1, -100, 2, 5])
+        >>> loss = masked_kl(logits, ref_logits, token_mask=y != -100, ref_labels=y,
+        ...                  ref_label_shift=10.0, cross_entropy=True)
     """
     validate(
         logits,
