@@ -21,6 +21,7 @@ from unlearnopt.objectives.from_context import (
     sequence_log_prob_of,
     simnpo_loss_of,
     token_loss_of,
+    undial_loss_of,
     vocab_size_of,
 )
 from unlearnopt.objectives.fused_linear import (
@@ -31,6 +32,7 @@ from unlearnopt.objectives.fused_linear import (
     sequence_log_prob_from_hidden,
     simnpo_loss_from_hidden,
     token_loss_from_hidden,
+    undial_loss_from_hidden,
 )
 from unlearnopt.objectives.kl import kl_to_reference
 from unlearnopt.objectives.npo import npo_loss
@@ -67,6 +69,8 @@ __all__ = [
     "token_loss_from_hidden",
     "token_loss_of",
     "undial_loss",
+    "undial_loss_from_hidden",
+    "undial_loss_of",
     "vocab_size_of",
     "wga_loss",
 ]

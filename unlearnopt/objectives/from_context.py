@@ -23,11 +23,13 @@ from unlearnopt.objectives.fused_linear import (
     sequence_log_prob_from_hidden,
     simnpo_loss_from_hidden,
     token_loss_from_hidden,
+    undial_loss_from_hidden,
 )
 from unlearnopt.objectives.kl import kl_to_reference
 from unlearnopt.objectives.shift import IGNORE_INDEX, shift_labels
 from unlearnopt.objectives.simnpo import simnpo_loss
 from unlearnopt.objectives.token import sequence_log_prob, token_loss
+from unlearnopt.objectives.weighted_token import undial_loss
 from unlearnopt.ops.masked_kl import masked_kl
 
 
@@ -147,6 +149,15 @@ def masked_kl_of(
         reduction="mean",
         temperature=temperature,
     )
+
+
+def undial_loss_of(ctx: Any, gamma: float = 10.0) -> torch.Tensor:
+    """``undial_loss(ctx.logits, ctx.ref_logits, ctx.labels, gamma)``: mean over the labelled
+    tokens of the cross-entropy against ``softmax(z_ref - gamma e_y)``."""
+    head, ref_head = _heads(ctx, need_ref=True)
+    if head is not None:
+        return undial_loss_from_hidden(head, ref_head, ctx.labels, gamma)
+    return undial_loss(ctx.logits, ctx.ref_logits, ctx.labels, gamma)
 
 
 def vocab_size_of(ctx: Any) -> int:

@@ -13,6 +13,7 @@ from the head's inputs                         logits counterpart
 ``simnpo_loss_from_hidden(h, labels)``          ``simnpo_loss(logits, labels)``
 ``kl_to_reference_from_hidden(h, ref, labels)`` ``kl_to_reference(logits, ref_logits, labels)``
 ``masked_kl_from_hidden(h, ref, m, u)``         ``masked_kl(logits, ref_logits, m, u)``
+``undial_loss_from_hidden(h, ref, labels, g)``  ``undial_loss(logits, ref_logits, labels, g)``
 =============================================  ============================================
 
 Labels are unshifted ``[B, T]`` (``-100`` = ignored), as for the logits versions. Under
@@ -23,6 +24,7 @@ head would compute its logits, and the op runs with autocast off (float32 math i
 from __future__ import annotations
 
 import contextlib
+import math
 
 import torch
 
@@ -217,6 +219,10 @@ def masked_kl_from_hidden(
     vocab_mask: torch.Tensor | None = None,
     direction: str = "forward",
     temperature: float = 1.0,
+    *,
+    ref_labels: torch.Tensor | None = None,
+    ref_label_shift: float = 0.0,
+    cross_entropy: bool = False,
 ) -> torch.Tensor:
     """``sum_t m_t KL_t / #(m_t != 0)`` between the model's and the reference's next-token
     distributions (``masked_kl`` semantics: u multiplies the vocabulary terms, no
@@ -228,6 +234,9 @@ def masked_kl_from_hidden(
         token_mask: ``[B, T]`` in the logits' frame (m_t weights position t's prediction).
         vocab_mask: ``[V]`` or None.
         direction: ``"forward"`` KL(p_ref || p_theta) or ``"reverse"``.
+        ref_labels, ref_label_shift, cross_entropy: as in ``masked_kl`` (``ref_labels``
+            ``[B, T]`` in the logits' frame); each chunk's reference logits are lowered in
+            place, so no ``[B, T, V]`` tensor is built for the reference either.
     """
     _check(head, token_mask, labels_name="token_mask")
     _check(ref_head, token_mask, "ref_head", "token_mask")
@@ -246,6 +255,9 @@ def masked_kl_from_hidden(
             direction=direction,
             reduction="mean",
             temperature=temperature,
+            ref_labels=ref_labels,
+            ref_label_shift=ref_label_shift,
+            cross_entropy=cross_entropy,
         )
 
 
@@ -255,3 +267,32 @@ def kl_to_reference_from_hidden(
     """Mean forward KL(p_ref || p_theta) over the tokens with a (shifted) label."""
     _check(head, labels)
     return masked_kl_from_hidden(head, ref_head, shift_labels(labels) != IGNORE_INDEX)
+
+
+def undial_loss_from_hidden(
+    head: HeadInputs, ref_head: HeadInputs, labels: torch.Tensor, gamma: float = 10.0
+) -> torch.Tensor:
+    """UNDIAL's loss: mean over the labelled tokens of ``-sum_v q_v log p_v`` with
+    ``q = softmax(z_ref - gamma e_y)`` (the reference's logits with the label logit lowered
+    by ``gamma``; Dong et al., 2024, arXiv 2402.10052).
+
+    Args:
+        head, ref_head: the model's and the reference's head inputs (nothing flows back
+            into ``ref_head``).
+        labels: ``[B, T]`` unshifted, -100 = ignored.
+        gamma: finite, >= 0 (open-unlearning's default: 10).
+    """
+    if isinstance(gamma, bool) or not isinstance(gamma, (int, float)):
+        raise ValueError(f"gamma must be a finite number >= 0, got {gamma!r}")
+    if not (math.isfinite(float(gamma)) and float(gamma) >= 0):
+        raise ValueError(f"gamma must be a finite number >= 0, got {gamma!r}")
+    _check(head, labels)
+    y = shift_labels(labels)
+    return masked_kl_from_hidden(
+        head,
+        ref_head,
+        y != IGNORE_INDEX,
+        ref_labels=y,
+        ref_label_shift=float(gamma),
+        cross_entropy=True,
+    )

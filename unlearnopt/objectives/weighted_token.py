@@ -24,7 +24,11 @@ every weight and every target distribution is detached (no gradient flows throug
   Robust Unlearning in Large Language Models", arXiv 2402.10052)::
 
       q = softmax(z_ref - gamma * e_y)    (the reference's logits, label logit lowered)
-      loss = -sum_v q_v log p_v
+      loss = -sum_v q_v log p_v = KL(q || p) + H(q)
+
+  H(q) does not depend on the trained model, so the gradient, p - q, is the forward KL's:
+  it runs on the fused masked KL (``masked_kl`` with ``ref_labels``, ``ref_label_shift`` and
+  ``cross_entropy=True``; the value reported is the cross-entropy, as in the paper).
 
 All four are means over the labelled tokens (the labels are shifted inside, -100 =
 ignored); 0 when no token counts. Math in float32 (float64 for float64 logits).
@@ -35,6 +39,7 @@ from __future__ import annotations
 import torch
 
 from unlearnopt.objectives.shift import IGNORE_INDEX, check_logits, shift_labels
+from unlearnopt.ops.masked_kl import masked_kl
 
 
 def _rows(logits: torch.Tensor, labels: torch.Tensor):
@@ -114,21 +119,33 @@ def undial_loss(
     logits: torch.Tensor, ref_logits: torch.Tensor, labels: torch.Tensor, gamma: float = 10.0
 ) -> torch.Tensor:
     """Mean over labelled tokens of the cross-entropy of p against
-    ``q = softmax(z_ref - gamma * e_y)``.
+    ``q = softmax(z_ref - gamma * e_y)`` (fused masked KL plus the target's entropy).
 
     Args:
         logits: ``[B, T, V]`` the trained model's logits.
         ref_logits: ``[B, T, V]`` the reference's logits (detached inside).
         labels: ``[B, T]`` unshifted, -100 = ignored.
         gamma: how far the label logit is lowered, >= 0 (open-unlearning's default: 10).
+
+    Returns:
+        0-dim float32 (float64 for float64 logits, on the reference backend); 0 when no
+        token is labelled.
     """
     gamma = _check_exponent("gamma", gamma)
+    check_logits(logits, labels)
     if tuple(ref_logits.shape) != tuple(logits.shape):
         raise ValueError(
             f"ref_logits {tuple(ref_logits.shape)} must have the shape of logits "
             f"{tuple(logits.shape)}"
         )
-    logp, y, mask = _rows(logits, labels)
-    target = ref_logits[mask].detach().to(logp.dtype)
-    target = target.scatter_add(-1, y.unsqueeze(-1), target.new_full((y.shape[0], 1), -gamma))
-    return _mean(_cross_entropy_to(target, logp))
+    y = shift_labels(labels).reshape(-1)
+    vocab = logits.shape[-1]
+    return masked_kl(
+        logits.reshape(-1, vocab),
+        ref_logits.reshape(-1, vocab),
+        token_mask=y != IGNORE_INDEX,
+        reduction="mean",
+        ref_labels=y,
+        ref_label_shift=gamma,
+        cross_entropy=True,
+    )

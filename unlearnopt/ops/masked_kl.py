@@ -12,6 +12,14 @@ the terms, the distributions are not renormalised (sum_v u_v q_v may be below 1)
 gradient with respect
 to the logits carries the 1/T of z = logits / T; the loss is not rescaled by T^2.
 
+Label-lowered target (``ref_labels`` y, ``ref_label_shift`` gamma; UNDIAL's adjusted logits,
+Dong et al., 2024, arXiv 2402.10052): the reference row is r - gamma e_y before the
+temperature, so q = softmax((ref_logits - gamma e_y) / T). ``cross_entropy=True`` (forward
+only) reports ``CE = -sum_v u_v q_v log p_v = KL + H_u(q)``, ``H_u(q) = -sum_v u_v q_v log q_v``
+(the target's entropy, over the vocabulary mask); H_u does not depend on the logits, so the
+gradient is the KL's. It takes one more statistics pass over the reference row, against a
+uniform row (z = 0, log p = -log V): ``KL_u(q || uniform) = S log V - H_u(q)``, S = sum u q.
+
 Passes over the logits, same deferred design as ``unlearning_cross_entropy``: the forward
 reads both rows once (online log-sum-exp of each, masked sums rescaled as the running
 maxima grow) and keeps per row only ``(lse_z, lse_r, coef)``; the backward reads both rows
@@ -27,13 +35,20 @@ import math
 import torch
 
 from unlearnopt.ops._backend import choose_backend, float64_gap, kernel
-from unlearnopt.ops._checks import check_choice, check_float, check_same_device
+from unlearnopt.ops._checks import (
+    LABEL_DTYPES,
+    check_choice,
+    check_float,
+    check_same_device,
+    eager_label_check,
+)
 from unlearnopt.ops._fused_linear import chunk_loop, default_chunk_size, take_scaled
 from unlearnopt.ops.unlearning_cross_entropy import reduce_rows, upstream_scale
 from unlearnopt.reference import masked_kl as ref
 
 DIRECTIONS = ref.DIRECTIONS
 REDUCTIONS = ref.REDUCTIONS
+IGNORE_INDEX = ref.IGNORE_INDEX
 DIRECTION_ID = {"forward": 0, "reverse": 1}
 MASK_DTYPES = (
     torch.bool,
@@ -104,6 +119,54 @@ def _check_mask(name: str, mask, allowed: tuple[tuple[int, ...], ...], what: str
         raise ValueError(f"{name} has shape {tuple(mask.shape)}, expected {what}")
 
 
+def _check_target(
+    ref_labels, ref_label_shift, cross_entropy, direction, lead: tuple[int, ...], vocab: int
+) -> None:
+    """The label-lowered target's options (``ref_labels`` ``lead`` or ``[N]``, values in
+    ``[0, vocab)`` or ``IGNORE_INDEX``; the range is read as ``check_labels`` reads it)."""
+    if not isinstance(cross_entropy, bool):
+        raise TypeError(f"cross_entropy must be a bool, got {type(cross_entropy).__name__}")
+    if cross_entropy and direction != "forward":
+        raise ValueError(
+            f"cross_entropy=True needs direction='forward' (the cross-entropy of the model "
+            f"against the reference), got direction={direction!r}"
+        )
+    if (
+        isinstance(ref_label_shift, bool)
+        or not isinstance(ref_label_shift, (int, float))
+        or not math.isfinite(float(ref_label_shift))
+    ):
+        raise ValueError(f"ref_label_shift must be a finite number, got {ref_label_shift!r}")
+    if ref_labels is None:
+        if float(ref_label_shift) != 0.0:
+            raise ValueError(
+                "ref_label_shift is set but ref_labels is None; pass the labels whose "
+                "reference logits are lowered"
+            )
+        return
+    if not isinstance(ref_labels, torch.Tensor):
+        raise TypeError(
+            f"ref_labels must be a torch.Tensor or None, got {type(ref_labels).__name__}"
+        )
+    if ref_labels.dtype not in LABEL_DTYPES:
+        raise TypeError(
+            f"ref_labels must be an int64 or int32 tensor, got dtype {ref_labels.dtype}"
+        )
+    n = math.prod(lead)
+    if tuple(ref_labels.shape) not in (lead, (n,)):
+        raise ValueError(
+            f"ref_labels has shape {tuple(ref_labels.shape)}, expected {lead} or ({n},) "
+            "(one label per token)"
+        )
+    if ref_labels.numel() and eager_label_check(ref_labels):
+        bad = (ref_labels != IGNORE_INDEX) & ((ref_labels < 0) | (ref_labels >= vocab))
+        if bool(bad.any()):
+            raise ValueError(
+                f"ref_labels must lie in [0, {vocab}) or equal {IGNORE_INDEX}; "
+                f"found {int(ref_labels[bad][0])}"
+            )
+
+
 def validate(
     logits,
     ref_logits,
@@ -114,6 +177,9 @@ def validate(
     temperature,
     logits_name: str = "logits",
     ref_name: str = "ref_logits",
+    ref_labels=None,
+    ref_label_shift=0.0,
+    cross_entropy=False,
 ) -> None:
     check_float(logits_name, logits)
     check_float(ref_name, ref_logits)
@@ -141,12 +207,14 @@ def validate(
     _check_mask(
         "vocab_mask", vocab_mask, ((vocab,),), f"({vocab},) (the vocabulary size of {logits_name})"
     )
+    _check_target(ref_labels, ref_label_shift, cross_entropy, direction, lead, vocab)
     check_same_device(
         **{
             logits_name: logits,
             ref_name: ref_logits,
             "token_mask": token_mask,
             "vocab_mask": vocab_mask,
+            "ref_labels": ref_labels,
         }
     )
 
@@ -167,6 +235,39 @@ def _rows2d(t: torch.Tensor) -> torch.Tensor:
     return t2 if t2.stride(-1) == 1 else t2.contiguous()
 
 
+def _labels1d(labels: torch.Tensor | None) -> torch.Tensor | None:
+    return None if labels is None else labels.reshape(-1).long()
+
+
+def _lowered(ref2d: torch.Tensor, labels: torch.Tensor | None, shift: float) -> torch.Tensor:
+    """``ref2d`` itself, or a copy with each row's label logit lowered by ``shift``."""
+    if labels is None:
+        return ref2d
+    return ref.lower_label_logits_(
+        ref2d.clone(memory_format=torch.contiguous_format), labels, shift
+    )
+
+
+def _entropy_rows(rows, ref2d, tmask, vmask, inv_t) -> torch.Tensor:
+    """``m_i * H_u(q_i) = -m_i sum_v u_v q_v log q_v`` per row, ``[N]`` float32
+    (q_i = softmax(ref2d_i / T)).
+
+    One statistics pass of the row kernel with the model row replaced by a uniform one
+    (zeros, broadcast with row stride 0: nothing ``[N, V]`` is allocated). Against it,
+    log p_v = -log V, so the kernel's KL is ``S log V - H_u(q)`` with its stats
+    ``lse_z = log V`` and ``coef = S = sum u q``.
+    """
+    uniform = ref2d.new_zeros(1, ref2d.shape[1]).expand(ref2d.shape[0], -1)
+    kl_uniform, stats = rows(
+        uniform, ref2d, tmask, vmask, DIRECTION_ID["forward"], inv_t, None, None, None
+    )
+    log_v_mass = stats[:, 0] * stats[:, 2]
+    if tmask is not None:
+        # where, not a product: a masked row's statistics may hold anything (NaN logits).
+        log_v_mass = torch.where(tmask != 0, tmask * log_v_mass, 0.0)
+    return log_v_mass - kl_uniform
+
+
 class MaskedKLFunction(torch.autograd.Function):
     @staticmethod
     def forward(
@@ -180,26 +281,44 @@ class MaskedKLFunction(torch.autograd.Function):
         reduction,
         backend,
         inplace_backward,
+        ref_labels,
+        shift,
+        cross_entropy,
     ):
         logits2d = _rows2d(logits)
         ref2d = _rows2d(ref_logits)
-        loss_rows, stats = kernel(OP, backend)(
-            logits2d, ref2d, tmask, vmask, direction_id, inv_t, None, None, None
+        # The lowered copy lives only during this pass (and again during the backward).
+        target = _lowered(ref2d, ref_labels, shift)
+        rows = kernel(OP, backend)
+        loss_rows, stats = rows(
+            logits2d, target, tmask, vmask, direction_id, inv_t, None, None, None
         )
+        if cross_entropy:
+            loss_rows = loss_rows + _entropy_rows(rows, target, tmask, vmask, inv_t)
+        del target
         count = _token_count(tmask, logits2d.shape[0], logits.device)
-        ctx.save_for_backward(logits2d, ref2d, tmask, vmask, stats, count)
-        ctx.config = (direction_id, inv_t, reduction, backend, inplace_backward, logits.shape)
+        ctx.save_for_backward(logits2d, ref2d, tmask, vmask, stats, count, ref_labels)
+        ctx.config = (
+            direction_id,
+            inv_t,
+            reduction,
+            backend,
+            inplace_backward,
+            logits.shape,
+            shift,
+        )
         out = reduce_rows(loss_rows, reduction, count)
         return out.reshape(logits.shape[:-1]) if reduction == "none" else out
 
     @staticmethod
     def backward(ctx, grad_output):
-        direction_id, inv_t, reduction, backend, inplace_backward, shape = ctx.config
-        logits2d, ref2d, tmask, vmask, stats, count = ctx.saved_tensors
+        direction_id, inv_t, reduction, backend, inplace_backward, shape, shift = ctx.config
+        logits2d, ref2d, tmask, vmask, stats, count, ref_labels = ctx.saved_tensors
         grad = logits2d if inplace_backward else torch.empty_like(logits2d)
         scale = upstream_scale(grad_output, reduction, count)
-        kernel(OP, backend)(logits2d, ref2d, tmask, vmask, direction_id, inv_t, stats, scale, grad)
-        return grad.view(shape), None, None, None, None, None, None, None, None
+        target = _lowered(ref2d, ref_labels, shift)
+        kernel(OP, backend)(logits2d, target, tmask, vmask, direction_id, inv_t, stats, scale, grad)
+        return (grad.view(shape),) + (None,) * 11
 
 
 @torch.compiler.disable
@@ -212,6 +331,9 @@ def masked_kl(
     reduction: str = "mean",
     temperature: float = 1.0,
     *,
+    ref_labels: torch.Tensor | None = None,
+    ref_label_shift: float = 0.0,
+    cross_entropy: bool = False,
     inplace_backward: bool = False,
     backend: str | None = None,
 ) -> torch.Tensor:
@@ -236,6 +358,20 @@ def masked_kl(
             ``sum_t m_t KL_t``; ``"none"``: float32 ``m_t KL_t`` of shape ``logits.shape[:-1]``.
         temperature: > 0; both logit sets are divided by it before the softmax. The loss is
             not multiplied by T^2.
+        ref_labels: ``[N]`` or ``logits.shape[:-1]`` int64 / int32 in ``[0, V)`` or -100, or
+            None. With it, each token's reference logit at its label is lowered by
+            ``ref_label_shift`` before the temperature and the softmax (UNDIAL's adjusted
+            target ``q = softmax(ref_logits - gamma e_y)``); -100 lowers nothing. The
+            range is read on the host for CPU tensors only (as for ``unlearning_cross_entropy``);
+            elsewhere an out-of-range label gives that token a NaN loss and gradient.
+            The logits path lowers a copy of the reference rows (made in the forward and
+            again in the backward, not kept in between).
+        ref_label_shift: finite number, how far the label logit is lowered (gamma); must be 0
+            without ``ref_labels``.
+        cross_entropy: report ``CE_t = -sum_v u_v q_v log p_v = KL_t + H_u(q_t)`` instead of
+            ``KL_t`` (forward direction only; ``H_u(q) = -sum_v u_v q_v log q_v``, the target's
+            entropy): UNDIAL's loss value. H_u is a constant of the reference, so the
+            gradient is the KL's; it costs one more statistics pass over the reference row.
         inplace_backward: write the gradient into the logits buffer during backward (extra
             memory O(N) instead of O(N·V)). Only when nothing else reads these logits after
             this loss's backward.
@@ -259,14 +395,42 @@ def masked_kl(
         >>> u = vocab_mask_from_token_ids([3, 7], 10)
         >>> m = token_mask_from_labels(torch.tensor([1, -100, 2, 5]))
         >>> masked_kl(logits, ref_logits, token_mask=m, vocab_mask=u).backward()
+
+        UNDIAL's loss, the cross-entropy against the reference with each label logit
+        lowered by gamma = 10 (plain PyTorch: ``r = ref_logits.clone(); r[i, y_i] -= 10;
+        -(r.softmax(-1) * logits.log_softmax(-1)).sum(-1)``, mean over the labelled rows):
+
+        >>> y = torch.tensor([1, -100, 2, 5])
+        >>> loss = masked_kl(logits, ref_logits, token_mask=y != -100, ref_labels=y,
+        ...                  ref_label_shift=10.0, cross_entropy=True)
     """
-    validate(logits, ref_logits, token_mask, vocab_mask, direction, reduction, temperature)
+    validate(
+        logits,
+        ref_logits,
+        token_mask,
+        vocab_mask,
+        direction,
+        reduction,
+        temperature,
+        ref_labels=ref_labels,
+        ref_label_shift=ref_label_shift,
+        cross_entropy=cross_entropy,
+    )
     ref_logits = ref_logits.detach()
     chosen = choose_backend(OP, backend, logits.device, float64_gap(logits, ref_logits))
     dtype = torch.promote_types(logits.dtype, ref_logits.dtype)
     if chosen == "reference":
         return ref.masked_kl(
-            logits, ref_logits, token_mask, vocab_mask, direction, reduction, float(temperature)
+            logits,
+            ref_logits,
+            token_mask,
+            vocab_mask,
+            direction,
+            reduction,
+            float(temperature),
+            ref_labels=ref_labels,
+            ref_label_shift=float(ref_label_shift),
+            cross_entropy=cross_entropy,
         )
     return MaskedKLFunction.apply(
         logits.to(dtype),
@@ -278,6 +442,9 @@ def masked_kl(
         reduction,
         chosen,
         inplace_backward,
+        _labels1d(ref_labels),
+        float(ref_label_shift),
+        cross_entropy,
     )
 
 
@@ -292,11 +459,25 @@ FUSED_NAME = "fused_linear_masked_kl"
 
 
 def _linear_chunks(
-    h2, weight, bias, rh2, ref_weight, ref_bias, tmask, vmask, cfg, scale, stats_in, want
+    h2,
+    weight,
+    bias,
+    rh2,
+    ref_weight,
+    ref_bias,
+    tmask,
+    vmask,
+    ref_labels,
+    cfg,
+    scale,
+    stats_in,
+    want,
 ):
     """One pass: loss [N] and stats [N, 3] per token and, with ``scale`` (float32, 1 or N
-    elements), the head's gradients. ``stats_in``: the forward's statistics (backward pass)."""
-    direction_id, inv_t, backend, chunk = cfg
+    elements), the head's gradients. ``stats_in``: the forward's statistics (backward pass).
+    ``ref_labels`` ``[N]`` or None: each chunk's reference logits are lowered in place (in
+    the chunk buffer, before the row kernel) by the shift in ``cfg``."""
+    direction_id, inv_t, backend, chunk, shift, cross_entropy = cfg
     rows = kernel(OP, backend)
     n, vocab = h2.shape[0], weight.shape[0]
     device = h2.device
@@ -307,6 +488,7 @@ def _linear_chunks(
     ref_buffer = torch.empty(min(chunk, n), vocab, dtype=rh2.dtype, device=device)
     ref_weight_t = ref_weight.t()
     dtype = torch.promote_types(h2.dtype, rh2.dtype)
+    add_entropy = cross_entropy and stats_in is None
 
     def step(lo, hi, logits):
         ref_logits = ref_buffer[: hi - lo]
@@ -315,9 +497,17 @@ def _linear_chunks(
         else:
             torch.addmm(ref_bias, rh2[lo:hi], ref_weight_t, out=ref_logits)
         z, r = logits.to(dtype), ref_logits.to(dtype)
+        if ref_labels is not None:
+            # r is this step's own buffer (or its promoted copy): lowered in place.
+            ref.lower_label_logits_(r, ref_labels[lo:hi], shift)
         tm = None if tmask is None else tmask[lo:hi]
+        if add_entropy:
+            # Before the gradient pass below, which overwrites z (never r).
+            entropy = _entropy_rows(rows, r, tm, vmask, inv_t)
         if scale is None:
             loss[lo:hi], stats[lo:hi] = rows(z, r, tm, vmask, direction_id, inv_t, None, None, None)
+            if add_entropy:
+                loss[lo:hi] += entropy
             return None
         part = scale if scale.numel() == 1 else scale[lo:hi]
         st_in = None if stats_in is None else stats_in[lo:hi]
@@ -325,6 +515,8 @@ def _linear_chunks(
         out = rows(z, r, tm, vmask, direction_id, inv_t, st_in, part, z)
         if stats_in is None:
             loss[lo:hi], stats[lo:hi] = out
+            if add_entropy:
+                loss[lo:hi] += entropy
         return z
 
     grads = chunk_loop(h2, weight, bias, chunk, step, want if scale is not None else (False,) * 3)
@@ -349,19 +541,22 @@ class FusedLinearMaskedKLFunction(torch.autograd.Function):
         backend,
         chunk,
         want,
+        ref_labels,
+        shift,
+        cross_entropy,
     ):
         h2 = hidden.reshape(-1, hidden.shape[-1])
         rh2 = ref_hidden.reshape(-1, ref_hidden.shape[-1])
         count = _token_count(tmask, h2.shape[0], hidden.device)
-        cfg = (direction_id, inv_t, backend, chunk)
-        heads = (h2, weight, bias, rh2, ref_weight, ref_bias, tmask, vmask, cfg)
+        cfg = (direction_id, inv_t, backend, chunk, shift, cross_entropy)
+        heads = (h2, weight, bias, rh2, ref_weight, ref_bias, tmask, vmask, ref_labels, cfg)
         ctx.recompute = reduction == "none" and (want[1] or (want[2] and bias is not None))
         ctx.head_grads = None
         if not any(want) or ctx.recompute:
             loss, stats, _ = _linear_chunks(*heads, None, None, want)
             if ctx.recompute:
                 ctx.save_for_backward(
-                    h2, weight, bias, rh2, ref_weight, ref_bias, tmask, vmask, stats
+                    h2, weight, bias, rh2, ref_weight, ref_bias, tmask, vmask, ref_labels, stats
                 )
         else:
             unit = torch.ones((), dtype=torch.float32, device=hidden.device)
@@ -382,29 +577,16 @@ class FusedLinearMaskedKLFunction(torch.autograd.Function):
     def backward(ctx, grad_output):
         cfg, reduction, want, hidden_shape, w_dtype, b_dtype = ctx.config
         if ctx.recompute:
-            h2, weight, bias, rh2, ref_weight, ref_bias, tmask, vmask, stats = ctx.saved_tensors
+            *heads, stats = ctx.saved_tensors
             scale = grad_output.float().reshape(-1).contiguous()
-            _, _, (gh, gw, gb) = _linear_chunks(
-                h2, weight, bias, rh2, ref_weight, ref_bias, tmask, vmask, cfg, scale, stats, want
-            )
+            _, _, (gh, gw, gb) = _linear_chunks(*heads, cfg, scale, stats, want)
         else:
             gh, gw, gb = take_scaled(ctx, FUSED_NAME, grad_output, per_token=reduction == "none")
         return (
             None if gh is None else gh.view(hidden_shape),
             None if gw is None else gw.to(w_dtype),
             None if gb is None else gb.to(b_dtype),
-            None,
-            None,
-            None,
-            None,
-            None,
-            None,
-            None,
-            None,
-            None,
-            None,
-            None,
-        )
+        ) + (None,) * 14
 
 
 @torch.compiler.disable
@@ -422,6 +604,9 @@ def fused_linear_masked_kl(
     temperature: float = 1.0,
     chunk_size: int | None = None,
     *,
+    ref_labels: torch.Tensor | None = None,
+    ref_label_shift: float = 0.0,
+    cross_entropy: bool = False,
     backend: str | None = None,
 ) -> torch.Tensor:
     """Masked KL of ``hidden @ weight.T + bias`` against the original model's
@@ -433,6 +618,8 @@ def fused_linear_masked_kl(
         ref_hidden: ``[..., H_ref]`` with the same leading shape as ``hidden``; ref_weight
             ``[V, H_ref]``; ref_bias ``[V]`` or None. Constants: no gradient reaches them.
         token_mask, vocab_mask, direction, reduction, temperature: as in :func:`masked_kl`.
+        ref_labels, ref_label_shift, cross_entropy: as in :func:`masked_kl`; the label
+            logits are lowered in each chunk's reference logits (no ``[N, V]`` copy).
         chunk_size: tokens per chunk (default: about 2^23 logits per chunk, 32 MiB in float32,
             see ``unlearnopt.ops._fused_linear.default_chunk_size``); peak extra memory: one
             chunk of logits per model and the float32 gradient of ``weight``.
@@ -492,6 +679,7 @@ def fused_linear_masked_kl(
     lead = tuple(hidden.shape[:-1])
     _check_mask("token_mask", token_mask, (lead, (n,)), f"{lead} or ({n},)")
     _check_mask("vocab_mask", vocab_mask, ((vocab,),), f"({vocab},)")
+    _check_target(ref_labels, ref_label_shift, cross_entropy, direction, lead, vocab)
     if chunk_size is not None and (not isinstance(chunk_size, int) or chunk_size <= 0):
         raise ValueError(f"chunk_size must be a positive int or None, got {chunk_size!r}")
     check_same_device(
@@ -503,6 +691,7 @@ def fused_linear_masked_kl(
         ref_bias=ref_bias,
         token_mask=token_mask,
         vocab_mask=vocab_mask,
+        ref_labels=ref_labels,
     )
     ref_hidden, ref_weight = ref_hidden.detach(), ref_weight.detach()
     ref_bias = None if ref_bias is None else ref_bias.detach()
@@ -525,6 +714,9 @@ def fused_linear_masked_kl(
             direction,
             reduction,
             float(temperature),
+            ref_labels=ref_labels,
+            ref_label_shift=float(ref_label_shift),
+            cross_entropy=cross_entropy,
         )
     chunk = chunk_size or default_chunk_size(n, vocab)
     grad_on = torch.is_grad_enabled()
@@ -544,4 +736,7 @@ def fused_linear_masked_kl(
         chosen,
         chunk,
         want,
+        _labels1d(ref_labels),
+        float(ref_label_shift),
+        cross_entropy,
     )
