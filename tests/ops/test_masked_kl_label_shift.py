@@ -10,7 +10,8 @@ import torch
 
 from tests.assertions import assert_allclose
 from tests.conftest import seeded
-from unlearnopt.ops.masked_kl import fused_linear_masked_kl, masked_kl
+from unlearnopt.ops.fused_linear_masked_kl import fused_linear_masked_kl
+from unlearnopt.ops.masked_kl import masked_kl
 from unlearnopt.reference import masked_kl as ref
 
 GAMMA = 3.0

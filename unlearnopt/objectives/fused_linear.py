@@ -29,11 +29,11 @@ import math
 import torch
 
 from unlearnopt.objectives.shift import IGNORE_INDEX, shift_labels
+from unlearnopt.ops.fused_linear_masked_kl import fused_linear_masked_kl
 from unlearnopt.ops.fused_linear_sequence_loss import fused_linear_sequence_loss
 from unlearnopt.ops.fused_linear_unlearning_cross_entropy import (
     fused_linear_unlearning_cross_entropy,
 )
-from unlearnopt.ops.masked_kl import fused_linear_masked_kl
 from unlearnopt.output_head import HeadInputs
 
 
