@@ -471,7 +471,7 @@ def _plot(rows: dict, path: Path, relation: str | None) -> None:
     import matplotlib.pyplot as plt
 
     names = list(rows)
-    fig, ax = plt.subplots(figsize=(7, 0.45 * len(names) + 1.5))
+    fig, ax = plt.subplots(figsize=(7.5, 0.55 * len(names) + 1.5))
     y = np.arange(len(names))
     for off, key, label in (
         (-0.2, "neighbour_acc", "same-relation neighbours"),
@@ -482,7 +482,12 @@ def _plot(rows: dict, path: Path, relation: str | None) -> None:
         ax.barh(y + off, mean, height=0.38, label=f"{label}, mean")
         ax.plot(worst, y + off, "k|", markersize=9)
     ax.axvline(0.9, color="r", linestyle="--", linewidth=1, label="bar: 90% of before")
-    ax.set_yticks(y, names)
+    # the bars alone would make a run that never forgot look ideal: name its forget accuracy
+    labels = [
+        f"{n}\nforget {rows[n]['forget_acc'][0]:.2f}, bar {rows[n]['passed']}/{rows[n]['seeds']}"
+        for n in names
+    ]
+    ax.set_yticks(y, labels, fontsize=8)
     ax.invert_yaxis()
     ax.set_xlim(0, 1.05)
     ax.set_xlabel("accuracy at the early stop (| = worst seed)")
