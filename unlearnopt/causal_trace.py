@@ -1,10 +1,10 @@
 """Where a model recalls its facts: causal tracing of the MLP outputs at the subject.
 
-A subject-keyed edit (``unlearnopt.editing``) works on the layer where the model reads the
+A subject-keyed edit (``unlearnopt.editing``) works on a layer where the model reads the
 subject to recall the answer, and fails elsewhere (on SmolLM2-135M, forgetting six capitals
 through layer 6 kept the held-out capitals, through layer 12 it did not). Causal tracing
 (Meng et al., 2022, "Locating and Editing Factual Associations in GPT", arXiv 2202.05262)
-finds that layer from the model itself:
+measures, per layer, how much of the answer one activation carries:
 
 1. *clean* run: the fact's prompt and answer; record each candidate layer's output at the
    subject's last token, and the answer's probability ``p_clean``;
@@ -14,11 +14,17 @@ finds that layer from the model itself:
 3. for each candidate layer L, the corrupted run again with L's output at the subject's
    last token put back to its clean value: ``p_L``.
 
-The *indirect effect* of L is ``mean over facts and noise samples of (p_L - p_corrupt)``:
-how much of the answer that one activation restores. The layer to edit is the one with the
-largest effect. Here "the answer's probability" is the mean, over the answer's tokens
-(teacher-forced), of the probability of each token; the same noise is used for the
-corrupted run and every restored run.
+The *indirect effect* of L is ``mean over facts and noise samples of (p_L - p_corrupt)``.
+Here "the answer's probability" is the mean, over the answer's tokens (teacher-forced), of
+the probability of each token; the same noise is used for the corrupted run and every
+restored run.
+
+Measured on SmolLM2-135M (``docs/specificity/trace.py``, six capitals per seed, 3 seeds):
+the first layer's MLP restores most of the answer (0.40-0.49 of p_clean ~0.55: with
+one-token subjects its output at the subject is a function of the token alone), every other
+layer at most 0.035, and the largest of those moves between seeds (layers 7, 8, 13). So on
+this model the trace does not pick the edit layer by itself; it is a diagnostic, and the
+layer of an edit stays the caller's choice.
 """
 
 from __future__ import annotations
