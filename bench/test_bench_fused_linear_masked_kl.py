@@ -10,6 +10,10 @@ eager. ``extra_info`` holds the peak memory beyond the inputs (the gradients of 
 weight included: the same for every implementation) and its ratio to one ``[N, V]``
 float32 logits tensor. Liger-Kernel has no masked KL of a linear head: not compared.
 
+``loss="undial"``: UNDIAL's target, the reference's label logit lowered by gamma = 10 and the
+cross-entropy ``-sum_v u_v q_v log p_v`` reported (``ref_labels=``, ``ref_label_shift=``,
+``cross_entropy=True``); eager lowers a copy of the reference logits.
+
 Sizes as in ``test_bench_fused_linear_unlearning_cross_entropy.py`` (same environment
 variables); the 128256 case carries the ``slow`` marker.
 """
@@ -26,13 +30,24 @@ from bench.test_bench_fused_linear_unlearning_cross_entropy import DTYPE, VOCABS
 from unlearnopt.ops import fused_linear_masked_kl, vocab_mask_from_token_ids
 from unlearnopt.reference.masked_kl import masked_kl as reference_masked_kl
 
+GAMMA = 10.0
 
-def eager(hidden, weight, ref_hidden, ref_weight, token_mask, vocab_mask):
+
+def eager(hidden, weight, ref_hidden, ref_weight, token_mask, vocab_mask, labels=None):
     """What a user writes without unlearnopt: both logits whole, then
-    ``sum_t m_t sum_v u_v q_v (log q_v - log p_v) / #(m_t != 0)``."""
+    ``sum_t m_t sum_v u_v q_v (log q_v - log p_v) / #(m_t != 0)``; with ``labels`` (UNDIAL)
+    q = softmax(ref_logits - gamma e_y) and the cross-entropy ``-sum_v u_v q_v log p_v``."""
+    logits = hidden @ weight.T
     with torch.no_grad():
         ref_logits = ref_hidden @ ref_weight.T
-    return reference_masked_kl(hidden @ weight.T, ref_logits, token_mask, vocab_mask)
+    if labels is None:
+        return reference_masked_kl(logits, ref_logits, token_mask, vocab_mask)
+    with torch.no_grad():
+        ref_logits[torch.arange(len(labels)), labels] -= GAMMA
+        target = ref_logits.float().softmax(-1) * vocab_mask
+    per_token = -(target * logits.float().log_softmax(-1)).sum(-1)
+    m = token_mask.float()
+    return (m * per_token).sum() / (m != 0).sum()
 
 
 @functools.cache
@@ -40,7 +55,10 @@ def compiled():
     return torch.compile(eager, dynamic=False)
 
 
-def ours(hidden, weight, ref_hidden, ref_weight, token_mask, vocab_mask, backend):
+def ours(hidden, weight, ref_hidden, ref_weight, token_mask, vocab_mask, labels=None, *, backend):
+    undial = (
+        {} if labels is None else dict(ref_labels=labels, ref_label_shift=GAMMA, cross_entropy=True)
+    )
     return fused_linear_masked_kl(
         hidden,
         weight,
@@ -49,6 +67,7 @@ def ours(hidden, weight, ref_hidden, ref_weight, token_mask, vocab_mask, backend
         token_mask=token_mask,
         vocab_mask=vocab_mask,
         backend=backend,
+        **undial,
     )
 
 
@@ -69,11 +88,13 @@ def available(name: str) -> str | None:
 
 @pytest.mark.parametrize("impl", list(IMPLS))
 @pytest.mark.parametrize("vocab", VOCABS)
-def test_fwd_bwd(benchmark, impl, vocab):
+@pytest.mark.parametrize("loss", ["kl", "undial"])
+def test_fwd_bwd(benchmark, impl, vocab, loss):
     why = available(impl)
     if why:
         pytest.skip(why)
-    benchmark.group = f"fused_linear_masked_kl forward N={N} H={H} V={vocab} {str(DTYPE)[6:]}"
+    target = "forward" if loss == "kl" else "undial"
+    benchmark.group = f"fused_linear_masked_kl {target} N={N} H={H} V={vocab} {str(DTYPE)[6:]}"
     g = torch.Generator(device=DEVICE).manual_seed(0)
     hidden = torch.randn(N, H, device=DEVICE, dtype=DTYPE, generator=g).requires_grad_()
     weight = torch.randn(vocab, H, device=DEVICE, dtype=DTYPE, generator=g) / H**0.5
@@ -84,13 +105,16 @@ def test_fwd_bwd(benchmark, impl, vocab):
     )
     token_mask = torch.rand(N, device=DEVICE, generator=g) < 0.8
     vocab_mask = vocab_mask_from_token_ids(torch.arange(100, 116), vocab, DEVICE)
+    labels = None
+    if loss == "undial":
+        labels = torch.randint(0, vocab, (N,), device=DEVICE, generator=g)
     fn = IMPLS[impl]
 
     def clear():
         hidden.grad = weight.grad = None
 
     def run():
-        fn(hidden, weight, ref_hidden, ref_weight, token_mask, vocab_mask).backward()
+        fn(hidden, weight, ref_hidden, ref_weight, token_mask, vocab_mask, labels).backward()
         synchronize()
 
     try:

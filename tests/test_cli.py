@@ -441,3 +441,17 @@ def test_methods_all_names_every_method():
     assert {"simnpo", "rmu", "idk_dpo", "wga", "satimp", "ce_u", "undial"} <= set(
         _methods_list("all", "--methods")
     )
+
+
+@pytest.mark.parametrize("command", ["pulse", "run"])
+def test_retain_same_relation_takes_an_optional_share(command, capsys):
+    from unlearnopt.cli import build_parser
+
+    base = [command] + (["--forget", "f.jsonl", "--out", "o"] if command == "run" else [])
+    parse = build_parser().parse_args
+    assert parse(base).retain_same_relation == 0.0
+    assert parse([*base, "--retain-same-relation"]).retain_same_relation == 0.5
+    assert parse([*base, "--retain-same-relation", "0.8"]).retain_same_relation == 0.8
+    with pytest.raises(SystemExit):
+        parse([*base, "--retain-same-relation", "1.5"])
+    assert "expected a number in [0, 1], got '1.5'" in capsys.readouterr().err

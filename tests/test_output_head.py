@@ -176,9 +176,10 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def test_ddp_wrapped_model_and_fsdp2_reason():
-    """Through DDP (its forward hooks run) the head inputs are the module's; a model sharded
-    with FSDP2 is refused with the reason."""
+def test_ddp_wrapped_model_and_fsdp2():
+    """Through DDP (its forward hooks run) the head inputs are the module's. Under FSDP2 the
+    weight is the one all-gathered inside the root's forward; a head in its own fully_shard
+    unit (resharded after its forward) is refused with the reason."""
     import torch.distributed as dist
 
     if dist.is_initialized():
@@ -195,8 +196,17 @@ def test_ddp_wrapped_model_and_fsdp2_reason():
         assert head.weight is model.lm_head.weight
         from torch.distributed.fsdp import fully_shard
 
-        sharded = make_model("llama")
+        sharded = make_model("llama", dtype=torch.float64)
+        sharded.load_state_dict(model.state_dict())
         fully_shard(sharded)
-        assert "FSDP2" in unsupported_reason(sharded)
+        assert unsupported_reason(sharded) is None
+        head = forward_head_inputs(sharded, _inputs(batch))
+        assert type(head.weight).__name__ != "DTensor"  # the unsharded parameter
+        torch.testing.assert_close(head.logits(), model(**_inputs(batch)).logits)
+        own_unit = make_model("llama", dtype=torch.float64)
+        fully_shard(own_unit.lm_head)
+        fully_shard(own_unit)
+        with pytest.raises(HeadUnsupported, match="FSDP2 resharded the output head's weight"):
+            forward_head_inputs(own_unit, _inputs(batch))
     finally:
         dist.destroy_process_group()

@@ -222,7 +222,14 @@ class ObjectiveContext:
                     f"batch has no {prefix}labels (keys: {sorted(self.batch)})"
                 )
             self._aux[name] = ObjectiveContext(
-                sub, self.kind, self._forward, self._ref_forward, layer_forward=self._layer_forward
+                sub,
+                self.kind,
+                self._forward,
+                self._ref_forward,
+                head_forward=self._head_forward,
+                ref_head_forward=self._ref_head_forward,
+                ref_log_prob_forward=self._ref_log_prob_forward,
+                layer_forward=self._layer_forward,
             )
         return self._aux[name]
 

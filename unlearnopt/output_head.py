@@ -29,10 +29,18 @@ adapters disabled (a PEFT model as its own reference) it is the base layer.
 Heads that cannot be fused are recognised before any forward (:func:`unsupported_reason`):
 no output embeddings, a head that is neither a plain ``torch.nn.Linear`` nor a plain LoRA
 layer over one (DoRA and other LoRA variants, a merged LoRA head, dropout on a LoRA head
-in training), a head whose forward is already wrapped (accelerate's device-map hooks), and
-FSDP2-sharded models (FSDP2 reshards parameters after the forward, so the head's weight
-read outside it may be a shard, and a gradient reaching it there would bypass FSDP2's
-reduce-scatter).
+in training), and a head whose forward is already wrapped (accelerate's device-map hooks).
+
+FSDP2 (``fully_shard``): outside its module's forward the head's weight is a shard, so the
+weight is read *inside* the forward (the all-gathered parameter), and it must still hold its
+values when the objectives read it afterwards. That is the case when the head belongs to
+the root ``fully_shard`` module, which FSDP2 does not reshard after the forward (its
+default); a head whose weight was resharded (its own ``fully_shard`` unit, or
+``reshard_after_forward=True`` on the root) is reported as unsupported. FSDP2 hooks its
+backward work (the pre-backward all-gather state, the final reduce-scatter callback) on
+the *outputs* of the root's forward, which the fused objectives never read; so the hidden
+states handed out are tied to the model's output by ``hidden + 0 * sum(output)`` (a
+``[B, T, P]`` probe, a few values per token), which fires those hooks at no real cost.
 """
 
 from __future__ import annotations
@@ -193,11 +201,6 @@ def unsupported_reason(model: torch.nn.Module) -> str | None:
         )
     if "forward" in vars(head):
         return "its output head's forward is already wrapped (e.g. accelerate device-map hooks)"
-    if _is_fsdp2(model, head):
-        return (
-            "the model is sharded with FSDP2 (fully_shard): the head's weight outside the "
-            "forward may be a shard and its gradient would bypass FSDP2's reduce-scatter"
-        )
     weight = head.get_base_layer().weight if _is_lora_linear(head) else head.weight
     if not weight.dtype.is_floating_point:
         return f"its output head's weight has dtype {weight.dtype}, not a float dtype"
@@ -273,20 +276,26 @@ def forward_head_inputs(model: torch.nn.Module, inputs: Mapping[str, Any]) -> He
     if reason is not None:
         raise HeadUnsupported(reason)
     head = output_head(model)
-    weight, bias = (
-        _lora_weight_and_bias(head) if _is_lora_linear(head) else (head.weight, head.bias)
-    )
+    fsdp = _is_fsdp2(model, head)
     seen: list[torch.Tensor] = []
     probes: list[torch.Tensor] = []
+    params: list[tuple[torch.Tensor, torch.Tensor | None]] = []
 
     def record(x: torch.Tensor) -> torch.Tensor:
+        # Read inside the forward: under FSDP2 these are the all-gathered parameters.
+        weight, bias = (
+            _lora_weight_and_bias(head) if _is_lora_linear(head) else (head.weight, head.bias)
+        )
         seen.append(x)
+        params.append((weight, bias))
         # The dtype the real head would return (autocast included), at no cost.
         empty = torch.nn.functional.linear(
             x.reshape(-1, x.shape[-1])[:0], weight[:0], None if bias is None else bias[:0]
         )
         probe = torch.tensor(PROBE_VALUES, dtype=empty.dtype, device=x.device)
         probe = probe.expand(*x.shape[:-1], len(PROBE_VALUES)).contiguous()
+        if fsdp and x.requires_grad:  # in the graph, so the model's output carries FSDP2's hooks
+            probe = probe + 0 * x[..., :1].to(probe.dtype)
         probes.append(probe)
         return probe
 
@@ -304,8 +313,17 @@ def forward_head_inputs(model: torch.nn.Module, inputs: Mapping[str, Any]) -> He
         raise HeadUnsupported(
             f"the model's forward returned {type(output).__name__} without logits"
         )
-    scale = _scale_from_probe(model, probes[0], out)
+    scale = _scale_from_probe(model, probes[0].detach(), out)
     hidden = seen[0]
+    weight, bias = params[0]
+    if fsdp:
+        if any(t is not None and t.untyped_storage().size() == 0 for t in (weight, bias)):
+            raise HeadUnsupported(
+                "FSDP2 resharded the output head's weight after the forward (the head has "
+                "its own fully_shard unit, or reshard_after_forward=True on the root)"
+            )
+        if out.requires_grad:
+            hidden = hidden + 0 * out.sum().to(hidden.dtype)
     if scale != 1.0:
         hidden = hidden * scale
         bias = None if bias is None else bias * scale

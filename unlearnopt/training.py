@@ -75,6 +75,15 @@ def check_vocabulary(model, tokenizer, texts: Sequence[str], what: str) -> None:
             )
 
 
+def same_relation_share(value) -> float:
+    """``retain_same_relation`` as a share in [0, 1]: a bool means 0.5 (True) or 0 (False)."""
+    if isinstance(value, bool):
+        return 0.5 if value else 0.0
+    if not isinstance(value, (int, float)) or not 0.0 <= float(value) <= 1.0:
+        raise ValueError(f"retain_same_relation must be a share in [0, 1], got {value!r}")
+    return float(value)
+
+
 class UnlearningRun:
     """One method's unlearning of a model: holds the optimizer and ``MultiObjectiveUnlearner``
     (sequential requests continue their state unless :meth:`restart` is called).
@@ -88,9 +97,10 @@ class UnlearningRun:
         lr: AdamW learning rate (no weight decay).
         max_grad_norm: clipping of the combined update (None: no clipping).
         options: the method's options.
-        retain_same_relation: each step's retain batch takes up to half of its facts from the
-            retain facts that share a relation with that step's forget facts (the rest drawn
-            from the others); False: drawn uniformly from all retain facts.
+        retain_same_relation: the share (in [0, 1]) of each step's retain batch drawn from
+            the retain facts that share a relation with that step's forget facts (the rest
+            from the others; ``True`` means 0.5); 0 or False: drawn uniformly from all retain
+            facts.
     """
 
     def __init__(
@@ -106,7 +116,7 @@ class UnlearningRun:
         seed: int = 0,
         max_grad_norm: float | None = DEFAULT_MAX_GRAD_NORM,
         options: dict | None = None,
-        retain_same_relation: bool = False,
+        retain_same_relation: float = 0.0,
     ) -> None:
         self.model = model
         self.tokenizer = tokenizer
@@ -117,7 +127,7 @@ class UnlearningRun:
         self.options = dict(options or {})
         self.retain = list(retain)
         self.retain_batch_size = retain_batch_size
-        self.retain_same_relation = retain_same_relation
+        self.retain_same_relation = same_relation_share(retain_same_relation)
         self.rng = random.Random(seed)
         self.device = next(model.parameters()).device
         self.vocab_size = model_vocab_size(model)
@@ -153,7 +163,8 @@ class UnlearningRun:
         relations = {f.relation for f in forget}
         same = [f for f in self.retain if f.relation in relations]
         other = [f for f in self.retain if f.relation not in relations]
-        chosen = sample(same, min(len(same), max(k // 2, 1)), self.rng)
+        wanted = max(round(k * self.retain_same_relation), 1)
+        chosen = sample(same, min(len(same), wanted), self.rng)
         chosen += sample(other, k - len(chosen), self.rng)
         if len(chosen) < k:  # too few other facts: fill up with more of the same relations
             left = [f for f in same if f not in chosen]

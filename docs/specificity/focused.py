@@ -4,9 +4,13 @@ One request per seed: ``k`` known facts of one relation (``--relation``, default
 are forgotten; ``--neighbours`` other known facts of the same relation are held out (never
 trained on, never a prompt of the training batches) and measure specificity; the retain
 set is known facts of the other relations (``retain_acc``), and, with ``sameN``, also facts
-of the forget relation disjoint from the neighbours (``retain_same_acc``).
+of the forget relation disjoint from the neighbours (``retain_same_acc``). Each step's facts
+become batches through the method's own ``fact_batches`` (as in ``unlearnopt run`` /
+``pulse``): SIU's constructed batch (invented substitute answers for the forget facts, the
+step's retain facts as its preservation rows), the plain encoding for the others.
 
-Each variant runs AdamW (lr 1e-5 unless the variant says ``lrX``), clipping at 1.0, and
+Each variant runs AdamW (the method's measured lr of ``unlearnopt.training.tuned_settings``:
+1e-5, SIU 3e-5; or ``lrX``), clipping at 1.0, and
 stops at the first step where every forget fact is answered wrongly (greedy exact match,
 teacher-forced) or after ``--max-steps``; then the metrics of ``unlearnopt.eval.metrics``
 are measured. One JSON per (variant, seed) under ``--out`` (an existing one is skipped).
@@ -26,7 +30,8 @@ A variant is a method name followed by ``+``-separated modifiers, e.g.
 - ``pt``: ``granularity="per_tensor"`` (mollm);
 - ``gate``: the forget loss only on tokens still predicted (argmax), per token;
 - ``drop``: the forget batch holds only the facts still answered;
-- ``lrX``: learning rate X (e.g. ``lr3e-5``).
+- ``lrX``: learning rate X (e.g. ``lr3e-5``);
+- ``KEY=VALUE``: a method option (e.g. ``ofmu+inner_lr=2e-4``).
 
 Usage (the commands of docs/specificity/README.md)::
 
@@ -51,11 +56,13 @@ import numpy as np
 import torch
 
 from unlearnopt.aggregate.masks import CosineMask, MaskedAggregator, SaliencyMask
+from unlearnopt.answers import encode_qa
 from unlearnopt.data import Fact, load_neutral_texts, load_real_facts
 from unlearnopt.editing import key_second_moment, keyed_forget, whitening
-from unlearnopt.eval.metrics import encode_facts, evaluate, score_answers
+from unlearnopt.eval.metrics import evaluate, score_answers
 from unlearnopt.eval.pulse import known_facts
-from unlearnopt.methods.base import Objective, make_method
+from unlearnopt.methods import Objective, make_method
+from unlearnopt.training import DEFAULT_LR, model_vocab_size, tuned_settings
 from unlearnopt.unlearner import MultiObjectiveUnlearner
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -122,12 +129,22 @@ def template_facts(model, tokenizer, forget: list[Fact], subjects: list[str]) ->
 # --------------------------------------------------------------------------- variants
 
 
+def _number(text: str):
+    """``"3"`` -> 3, ``"2e-4"`` -> 2e-4, anything else unchanged (a string option)."""
+    for kind in (int, float):
+        try:
+            return kind(text)
+        except ValueError:
+            pass
+    return text
+
+
 def parse_variant(name: str) -> dict:
     parts = name.split("+")
     spec = {
         "name": name,
         "method": parts[0],
-        "lr": 1e-5,
+        "lr": None,  # the method's measured lr (tuned_settings) unless ``lrX``
         "options": {},
         "same": 0,
         "tkl": 0,
@@ -164,6 +181,9 @@ def parse_variant(name: str) -> dict:
             spec["ridge"] = float(tok[5:])
         elif tok.startswith("lr"):
             spec["lr"] = float(tok[2:])
+        elif "=" in tok:  # a method option, e.g. ofmu+inner_lr=2e-4
+            key, value = tok.split("=", 1)
+            spec["options"][key] = _number(value)
         else:
             raise SystemExit(f"unknown modifier {tok!r} in variant {name!r}")
     return spec
@@ -231,12 +251,14 @@ def run_variant(base, tok, split, templates, neutral, spec, seed, max_steps, log
     model = copy.deepcopy(base).train().requires_grad_(True)
     ref = base
     method = build_method(spec)
-    opt = torch.optim.AdamW(model.parameters(), lr=spec["lr"], weight_decay=0.0)
+    lr = spec["lr"] or tuned_settings(spec["method"], DEFAULT_LR)["lr"]
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
     unl = MultiObjectiveUnlearner(model, opt, method=method, ref_model=ref, max_grad_norm=1.0)
     forget = split["forget"]
     nb = split["neighbour"]
     trace, reached, t0 = [], None, time.perf_counter()
     known = np.ones(len(forget), dtype=bool)
+    vocab = model_vocab_size(model)
     for step in range(1, max_steps + 1):
         batch_facts = [f for f, k in zip(forget, known) if k] if spec["drop"] else forget
         n_same = min(spec["same"], len(split["retain_same"]))
@@ -247,8 +269,14 @@ def run_variant(base, tok, split, templates, neutral, spec, seed, max_steps, log
             + rng.sample(split["retain"], max(RETAIN_BATCH - n_same - n_tkl, RETAIN_BATCH // 2))
         )
         model.train()
-        rb = encode_facts(tok, retain) if method.needs_retain else None
-        stats = unl.step(forget=encode_facts(tok, batch_facts), retain=rb)
+        fb, rb = method.fact_batches(
+            batch_facts,
+            retain,
+            encode=lambda prompts, answers: encode_qa(tok, prompts, answers),
+            tokenizer=tok,
+            vocab_size=vocab,
+        )
+        stats = unl.step(forget=fb, retain=rb)
         known = score_answers(
             model, tok, [f.prompt for f in forget], [f.answer for f in forget]
         ).exact
@@ -275,6 +303,7 @@ def run_variant(base, tok, split, templates, neutral, spec, seed, max_steps, log
     return {
         "variant": spec["name"],
         "seed": seed,
+        "lr": lr,
         "steps": reached or max_steps,
         "reached": reached is not None,
         "metrics": metrics,
@@ -442,7 +471,7 @@ def _plot(rows: dict, path: Path, relation: str | None) -> None:
     import matplotlib.pyplot as plt
 
     names = list(rows)
-    fig, ax = plt.subplots(figsize=(7, 0.45 * len(names) + 1.5))
+    fig, ax = plt.subplots(figsize=(7.5, 0.55 * len(names) + 1.5))
     y = np.arange(len(names))
     for off, key, label in (
         (-0.2, "neighbour_acc", "same-relation neighbours"),
@@ -453,7 +482,12 @@ def _plot(rows: dict, path: Path, relation: str | None) -> None:
         ax.barh(y + off, mean, height=0.38, label=f"{label}, mean")
         ax.plot(worst, y + off, "k|", markersize=9)
     ax.axvline(0.9, color="r", linestyle="--", linewidth=1, label="bar: 90% of before")
-    ax.set_yticks(y, names)
+    # the bars alone would make a run that never forgot look ideal: name its forget accuracy
+    labels = [
+        f"{n}\nforget {rows[n]['forget_acc'][0]:.2f}, bar {rows[n]['passed']}/{rows[n]['seeds']}"
+        for n in names
+    ]
+    ax.set_yticks(y, labels, fontsize=8)
     ax.invert_yaxis()
     ax.set_xlim(0, 1.05)
     ax.set_xlabel("accuracy at the early stop (| = worst seed)")

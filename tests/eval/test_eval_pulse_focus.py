@@ -104,7 +104,8 @@ def test_retain_sampler_takes_same_relation_facts():
     facts = tiny_facts()
     capitals, colours = facts[:8], facts[8:]
     retain = capitals[2:6] + colours
-    for same, expect in ((False, None), (True, 2)):
+    # False: uniform; True: half; a share: round(4 * share) (at least one)
+    for same, expect in ((False, None), (True, 2), (0.75, 3), (0.1, 1), (1.0, 4)):
         run = UnlearningRun(
             tiny_llama(len(tok)),
             tok,
@@ -139,6 +140,14 @@ def test_retain_sampler_takes_same_relation_facts():
     )
     batch = run.retain_batch(capitals[:2])
     assert len(batch) == 4 and sum(f.relation == "capital" for f in batch) == 3
+
+
+@pytest.mark.parametrize("share", [-0.1, 1.5, "half", float("nan")])
+def test_same_relation_share_must_lie_in_0_1(share):
+    from unlearnopt.training import same_relation_share
+
+    with pytest.raises(ValueError, match=r"retain_same_relation must be a share in \[0, 1\]"):
+        same_relation_share(share)
 
 
 def test_focused_pulse_with_one_shot_comparison(trained_tiny, tmp_path):

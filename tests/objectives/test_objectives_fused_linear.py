@@ -19,6 +19,8 @@ from unlearnopt.objectives import (
     satimp_loss_from_hidden,
     sequence_log_prob,
     sequence_log_prob_from_hidden,
+    simnpo_loss,
+    simnpo_loss_from_hidden,
     token_loss,
     token_loss_from_hidden,
     wga_loss,
@@ -58,6 +60,8 @@ def _logits_loss(name, logits, ref_logits, labels):
         return (sequence_log_prob(logits, labels) * torch.arange(1, labels.shape[0] + 1)).sum()
     if name == "npo":
         return npo_loss(logits, ref_logits, labels, beta=0.3)
+    if name == "simnpo":
+        return simnpo_loss(logits, labels, beta=0.7, gamma=0.3)
     if name == "kl":
         return kl_to_reference(logits, ref_logits, labels)
     direction = name.split("_")[1]
@@ -88,6 +92,8 @@ def _hidden_loss(name, head, ref_head, labels):
         with torch.no_grad():
             ref_lp = sequence_log_prob_from_hidden(ref_head, labels)
         return npo_loss_from_hidden(head, ref_lp, labels, beta=0.3)
+    if name == "simnpo":
+        return simnpo_loss_from_hidden(head, labels, beta=0.7, gamma=0.3)
     if name == "kl":
         return kl_to_reference_from_hidden(head, ref_head, labels)
     direction = name.split("_")[1]
@@ -105,6 +111,7 @@ OBJECTIVES = (
     "ce_u",
     "seq_log_prob",
     "npo",
+    "simnpo",
     "kl",
     "dmk_forward",
     "dmk_reverse",

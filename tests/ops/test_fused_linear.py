@@ -18,7 +18,7 @@ from unlearnopt.reference.unlearning_cross_entropy import (
     fused_linear_unlearning_cross_entropy as reference_ce,
 )
 
-masked_kl_module = importlib.import_module("unlearnopt.ops.masked_kl")
+masked_kl_module = importlib.import_module("unlearnopt.ops.fused_linear_masked_kl")
 KERNEL_BACKENDS = ("native", "triton")
 
 

@@ -13,22 +13,40 @@ import torch
 
 from tests.assertions import assert_allclose, assert_within
 from tests.tiny_models import KINDS, VOCAB, make_batch, make_model, perturb_lora
+from unlearnopt.contract import attach_aux
 from unlearnopt.unlearner import MultiObjectiveUnlearner
 
-METHODS = ("ga", "grad_diff", "ga_kl", "npo", "mollm", "siu", "ofmu", "wga", "satimp", "ce_u")
+METHODS = (
+    "ga",
+    "grad_diff",
+    "ga_kl",
+    "npo",
+    "simnpo",
+    "idk_dpo",
+    "mollm",
+    "siu",
+    "ofmu",
+    "wga",
+    "satimp",
+    "ce_u",
+)
 ARCHS = (*KINDS, "lora_head")
 OPTIONS = {
     "npo": {"retain_weight": 1.0},
+    "simnpo": {"retain_weight": 1.0, "gamma": 0.5},
     "ofmu": {"inner_lr": 0.1},
     "siu": {"direction": "reverse", "temperature": 1.5},
 }
 
 
-def _batches(kind, size=4, siu=False):
+def _batches(kind, size=4, method=None):
     data_kind = "llama" if kind == "lora_head" else kind
     forget = make_batch(data_kind, batch=size, seq=10, seed=1, dtype=torch.float64)
     retain = make_batch(data_kind, batch=size, seq=10, seed=2, dtype=torch.float64)
-    if not siu:
+    if method == "idk_dpo":  # the preferred answers, paired row by row with the forget batch
+        idk = make_batch(data_kind, batch=size, seq=8, seed=3, dtype=torch.float64)
+        return attach_aux(forget, "idk", idk), retain
+    if method != "siu":
         return forget, retain
     g = torch.Generator().manual_seed(7)
     forget["token_mask"] = (torch.rand(forget["labels"].shape, generator=g) < 0.8) & (
@@ -66,7 +84,7 @@ def _run(kind, method, fused, accumulate=1, steps=2, options=None):
     model, ref = _models(kind)
     widths = _logits_widths(model)
     opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.3, momentum=0.5)
-    forget, retain = _batches(kind, siu=method == "siu")
+    forget, retain = _batches(kind, method=method)
     with warnings.catch_warnings(record=True) as record:
         warnings.simplefilter("always")
         unlearner = MultiObjectiveUnlearner(

@@ -1,5 +1,7 @@
 """Writing a PULSE report: ``report.json``, one PNG of metrics vs request per phase, and a
-before/after table (PNG and plain text)."""
+before/after table (PNG and plain text); with a retain model (fine-tuned phase), the TOFU/MUSE
+metrics (forget quality, model utility, privleak, extraction strength, exact memorisation)
+as a table (PNG and plain text, also appended to the phase's text table) and a bar chart."""
 
 from __future__ import annotations
 
@@ -77,32 +79,50 @@ TOFU_COLUMNS = (
 )
 
 
-def format_tofu_table(data: dict[str, Any]) -> str | None:
-    """The TOFU/MUSE metrics of one phase (before, then each method at the end of its run)
-    as aligned plain text; None when the phase has none (no retain model)."""
+TOFU_NOTE = (
+    "Against a retain model fine-tuned without the forget facts: forget quality "
+    "is a KS-test p-value (higher = closer to it), privleak its relative MIA-AUC "
+    "gap."
+)
+
+
+def tofu_runs(data: dict[str, Any]) -> list[tuple[str, dict[str, float]]]:
+    """``[(run name, TOFU metrics)]`` of one phase: "before", then each method at the end of
+    its run (the methods whose last record has them); [] when the phase has none."""
     if "tofu_before" not in data:
-        return None
+        return []
     runs = [("before", data["tofu_before"])]
     runs += [
         (f"{m}@end", recs[-1]["tofu"])
         for m, recs in data["methods"].items()
         if recs and "tofu" in recs[-1]
     ]
+    return runs
+
+
+def tofu_table_rows(data: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
+    """Header and formatted rows of the TOFU/MUSE table (no rows without a retain model)."""
     header = ["run"] + [label for _, label, _ in TOFU_COLUMNS]
     rows = [
-        [name] + [_fmt(vals.get(k), spec) for k, _, spec in TOFU_COLUMNS] for name, vals in runs
+        [name] + [_fmt(vals.get(k), spec) for k, _, spec in TOFU_COLUMNS]
+        for name, vals in tofu_runs(data)
     ]
+    return header, rows
+
+
+def format_tofu_table(data: dict[str, Any]) -> str | None:
+    """The TOFU/MUSE metrics of one phase (before, then each method at the end of its run)
+    as aligned plain text; None when the phase has none (no retain model)."""
+    header, rows = tofu_table_rows(data)
+    if not rows:
+        return None
     widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
     lines = [
         "  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths)))
         for r in [header, *rows]
     ]
     lines.insert(1, "-" * len(lines[0]))
-    lines.append(
-        "Against a retain model fine-tuned without the forget facts: forget quality "
-        "is a KS-test p-value (higher = closer to it), privleak its relative MIA-AUC "
-        "gap."
-    )
+    lines.append(TOFU_NOTE)
     return "\n".join(lines)
 
 
@@ -116,9 +136,11 @@ def write_report(report: dict[str, Any], out_dir: str | Path) -> dict[str, Path]
     paths["report"].write_text(json.dumps(report, indent=1))
     for phase, data in report.get("phases", {}).items():
         txt = out / f"{phase}_table.txt"
-        txt.write_text(format_table(data["summary"], legend=True) + "\n")
-        paths[f"{phase}_table_txt"] = txt
         tofu = format_tofu_table(data)
+        # The phase's table file carries every table of the phase (TOFU/MUSE metrics too).
+        extra = "" if tofu is None else f"\nTOFU/MUSE metrics:\n{tofu}\n"
+        txt.write_text(format_table(data["summary"], legend=True) + "\n" + extra)
+        paths[f"{phase}_table_txt"] = txt
         if tofu is not None:
             paths[f"{phase}_tofu_table_txt"] = out / f"{phase}_tofu_table.txt"
             paths[f"{phase}_tofu_table_txt"].write_text(tofu + "\n")
@@ -129,6 +151,11 @@ def write_report(report: dict[str, Any], out_dir: str | Path) -> dict[str, Path]
         try:
             paths[f"{phase}_metrics"] = plot_metrics(phase, data, out / f"{phase}_metrics.png")
             paths[f"{phase}_table"] = plot_table(phase, data["summary"], out / f"{phase}_table.png")
+            if tofu is not None:
+                paths[f"{phase}_tofu"] = plot_tofu(phase, data, out / f"{phase}_tofu.png")
+                paths[f"{phase}_tofu_table"] = plot_tofu_table(
+                    phase, data, out / f"{phase}_tofu_table.png"
+                )
         except ImportError:  # matplotlib is optional: the JSON and text table still exist
             pass
     return paths
@@ -178,16 +205,64 @@ def plot_metrics(phase: str, data: dict[str, Any], path: Path) -> Path:
 
 def plot_table(phase: str, summary: list[dict[str, Any]], path: Path) -> Path:
     """The before/after comparison table as an image."""
-    plt = _pyplot()
     header, rows = table_rows(summary)
+    title = f"PULSE ({phase} knowledge): before and after unlearning"
+    return _draw_table(header, rows, title, HOW_TO_READ, path)
+
+
+def plot_tofu_table(phase: str, data: dict[str, Any], path: Path) -> Path:
+    """The TOFU/MUSE table of a phase with a retain model (:func:`format_tofu_table`) as an
+    image."""
+    header, rows = tofu_table_rows(data)
+    if not rows:
+        raise ValueError(f"phase {phase!r} has no TOFU metrics (no retain model)")
+    title = f"PULSE ({phase} knowledge): TOFU/MUSE metrics against the retain model"
+    return _draw_table(header, rows, title, TOFU_NOTE, path)
+
+
+def plot_tofu(phase: str, data: dict[str, Any], path: Path) -> Path:
+    """One bar chart per TOFU/MUSE metric: before, then each method at the end of its run."""
+    runs = tofu_runs(data)
+    if not runs:
+        raise ValueError(f"phase {phase!r} has no TOFU metrics (no retain model)")
+    plt = _pyplot()
+    fig, axes = plt.subplots(
+        1, len(TOFU_COLUMNS), figsize=(3.2 * len(TOFU_COLUMNS), 3.6), squeeze=False
+    )
+    names = [name for name, _ in runs]
+    for ax, (key, label, _) in zip(axes.flat, TOFU_COLUMNS):
+        values = [vals.get(key) for _, vals in runs]
+        values = [float("nan") if v is None else float(v) for v in values]
+        ax.bar(range(len(names)), values, color=[f"C{i}" for i in range(len(names))])
+        ax.set_xticks(range(len(names)), names, rotation=45, ha="right", fontsize=8)
+        ax.set_title(label)
+        ax.grid(axis="y", alpha=0.3)
+        if key == "privleak":
+            ax.axhline(0.0, color="black", linewidth=0.8)
+        finite = [v for v in values if math.isfinite(v)]
+        if key == "forget_quality" and finite and min(finite) > 0:
+            ax.set_yscale("log")  # a p-value: small ones differ by orders of magnitude
+            ax.set_title(f"{label} (log scale)")
+    fig.suptitle(
+        f"PULSE ({phase} knowledge): TOFU/MUSE metrics at the end of each method\n{TOFU_NOTE}",
+        fontsize=9,
+    )
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
+def _draw_table(header: list[str], rows: list[list[str]], title: str, note: str, path: Path):
+    plt = _pyplot()
     fig, ax = plt.subplots(figsize=(1.2 * len(header) + 1.5, 0.45 * (len(rows) + 3)))
     ax.axis("off")
     table = ax.table(cellText=rows, colLabels=header, loc="center", cellLoc="center")
     table.auto_set_font_size(False)
     table.set_fontsize(9)
     table.scale(1, 1.3)
-    ax.set_title(f"PULSE ({phase} knowledge): before and after unlearning")
-    fig.text(0.5, 0.01, HOW_TO_READ, ha="center", fontsize=7, wrap=True)
+    ax.set_title(title)
+    fig.text(0.5, 0.01, note, ha="center", fontsize=7, wrap=True)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
@@ -199,6 +274,10 @@ __all__ = [
     "format_tofu_table",
     "plot_metrics",
     "plot_table",
+    "plot_tofu",
+    "plot_tofu_table",
     "table_rows",
+    "tofu_runs",
+    "tofu_table_rows",
     "write_report",
 ]

@@ -37,7 +37,7 @@ from unlearnopt.methods.grad_diff import (
     with_retain_nll,
 )
 from unlearnopt.methods.registry import register_method
-from unlearnopt.objectives import dpo_loss
+from unlearnopt.objectives import dpo_loss_of
 
 
 def idk_answer_for(fact_id: str, answers: Sequence[str], seed: int = 0) -> str:
@@ -65,16 +65,7 @@ class IdkDPO(Method):
             raise TypeError(f"seed must be an int, got {self.config['seed']!r}")
 
     def _dpo(self, ctx: ObjectiveContext) -> torch.Tensor:
-        idk = ctx.aux("idk")
-        return dpo_loss(
-            idk.logits,
-            idk.ref_logits,
-            idk.labels,
-            ctx.logits,
-            ctx.ref_logits,
-            ctx.labels,
-            float(self.config["beta"]),
-        )
+        return dpo_loss_of(ctx.aux("idk"), ctx, float(self.config["beta"]))
 
     def objectives(self) -> list[Objective]:
         forget = Objective("forget_idk_dpo", "forget", self._dpo, unit="sequence")

@@ -27,7 +27,7 @@ from unlearnopt.methods.grad_diff import (
     with_retain_nll,
 )
 from unlearnopt.methods.registry import register_method
-from unlearnopt.objectives import simnpo_loss
+from unlearnopt.objectives import simnpo_loss_of
 
 
 class SimNPO(Method):
@@ -46,7 +46,7 @@ class SimNPO(Method):
         forget = Objective(
             "forget_simnpo",
             "forget",
-            lambda ctx: simnpo_loss(ctx.logits, ctx.labels, beta, gamma),
+            lambda ctx: simnpo_loss_of(ctx, beta, gamma),
             unit="sequence",
         )
         return with_retain_nll(forget, self.config["retain_weight"])

@@ -15,9 +15,13 @@ fused-linear path, so they never build ``[B, T, V]`` logits there) and, when
   beta1 = 5, beta2 = 1, forget_weight = 0.1, retain_weight = 1 (open-unlearning's defaults).
 - ``ce_u`` (Yang et al., 2025, arXiv 2503.01224): cross-entropy against the prediction with
   the label removed; forget_weight = 1, retain_weight = 1 (the paper adds the retain NLL).
-- ``undial`` (Dong et al., 2024, arXiv 2402.10052): cross-entropy against the reference's
+- ``undial`` (Dong et al., 2024, "UNDIAL: Self-Distillation with Adjusted Logits for Robust
+  Unlearning in Large Language Models", arXiv 2402.10052): cross-entropy
+  ``-sum_v q_v log p_v`` against ``q = softmax(z_ref - gamma e_y)``, the reference's
   distribution with the label logit lowered by gamma; gamma = 10, forget_weight = 1,
   retain_weight = 0 (open-unlearning's defaults: pure self-distillation). Needs a reference.
+  Runs on the fused masked KL; on the fused-linear path neither the model's nor the
+  reference's ``[B, T, V]`` logits are built.
 """
 
 from __future__ import annotations
@@ -34,7 +38,7 @@ from unlearnopt.methods.grad_diff import (
     with_retain_nll,
 )
 from unlearnopt.methods.registry import register_method
-from unlearnopt.objectives import ce_u_loss_of, satimp_loss_of, undial_loss, wga_loss_of
+from unlearnopt.objectives import ce_u_loss_of, satimp_loss_of, undial_loss_of, wga_loss_of
 
 
 class _TokenForgetMethod(Method):
@@ -119,7 +123,7 @@ class UNDIAL(_TokenForgetMethod):
     loss_options = ("gamma",)
 
     def forget_loss(self, ctx, gamma):
-        return undial_loss(ctx.logits, ctx.ref_logits, ctx.labels, gamma)
+        return undial_loss_of(ctx, gamma)
 
 
 for _cls in (WGA, SatImp, CEU, UNDIAL):

@@ -19,16 +19,20 @@ import torch
 from unlearnopt.objectives.fused_linear import (
     ce_u_loss_from_hidden,
     masked_kl_from_hidden,
+    npo_loss_from_hidden,
     npo_loss_from_log_probs,
     satimp_loss_from_hidden,
     sequence_log_prob_from_hidden,
+    simnpo_loss_from_hidden,
     token_loss_from_hidden,
+    undial_loss_from_hidden,
     wga_loss_from_hidden,
 )
 from unlearnopt.objectives.kl import kl_to_reference
 from unlearnopt.objectives.shift import IGNORE_INDEX, shift_labels
+from unlearnopt.objectives.simnpo import simnpo_loss
 from unlearnopt.objectives.token import sequence_log_prob, token_loss
-from unlearnopt.objectives.weighted_token import ce_u_loss, satimp_loss, wga_loss
+from unlearnopt.objectives.weighted_token import ce_u_loss, satimp_loss, undial_loss, wga_loss
 from unlearnopt.ops.masked_kl import masked_kl
 
 
@@ -100,10 +104,40 @@ def npo_loss_of(ctx: Any, beta: float = 0.1) -> torch.Tensor:
     ref_log_prob = reference_sequence_log_prob(ctx)
     head, _ = _heads(ctx, need_ref=False)
     if head is not None:
-        log_prob = sequence_log_prob_from_hidden(head, ctx.labels)
-    else:
-        log_prob = sequence_log_prob(ctx.logits, ctx.labels)
-    return npo_loss_from_log_probs(log_prob, ref_log_prob, beta)
+        return npo_loss_from_hidden(head, ref_log_prob, ctx.labels, beta)
+    return npo_loss_from_log_probs(sequence_log_prob(ctx.logits, ctx.labels), ref_log_prob, beta)
+
+
+def simnpo_loss_of(ctx: Any, beta: float = 2.5, gamma: float = 0.0) -> torch.Tensor:
+    """``simnpo_loss(ctx.logits, ctx.labels, beta, gamma)``: mean over sequences."""
+    head, _ = _heads(ctx, need_ref=False)
+    if head is not None:
+        return simnpo_loss_from_hidden(head, ctx.labels, beta, gamma)
+    return simnpo_loss(ctx.logits, ctx.labels, beta, gamma)
+
+
+def sequence_log_prob_of(ctx: Any) -> torch.Tensor:
+    """``sequence_log_prob(ctx.logits, ctx.labels)``: ``[B]``, with grad."""
+    head, _ = _heads(ctx, need_ref=False)
+    if head is not None:
+        return sequence_log_prob_from_hidden(head, ctx.labels)
+    return sequence_log_prob(ctx.logits, ctx.labels)
+
+
+def dpo_loss_of(preferred: Any, dispreferred: Any, beta: float = 0.1) -> torch.Tensor:
+    """``dpo_loss`` of two contexts paired row by row (the preferred and the dispreferred
+    answers): mean over pairs of ``(2 / beta) softplus(-beta r)``, r the difference of the
+    two log-ratios to the reference."""
+    if not isinstance(beta, (int, float)) or not float(beta) > 0:
+        raise ValueError(f"beta must be a positive number, got {beta!r}")
+    win = sequence_log_prob_of(preferred) - reference_sequence_log_prob(preferred)
+    lose = sequence_log_prob_of(dispreferred) - reference_sequence_log_prob(dispreferred)
+    if win.shape != lose.shape:
+        raise ValueError(
+            f"the preferred batch has {win.shape[0]} sequences and the dispreferred "
+            f"{lose.shape[0]}; DPO needs one preferred per dispreferred"
+        )
+    return (2.0 / beta) * torch.nn.functional.softplus(-beta * (win - lose)).mean()
 
 
 def kl_to_reference_of(ctx: Any) -> torch.Tensor:
@@ -142,6 +176,15 @@ def masked_kl_of(
         reduction="mean",
         temperature=temperature,
     )
+
+
+def undial_loss_of(ctx: Any, gamma: float = 10.0) -> torch.Tensor:
+    """``undial_loss(ctx.logits, ctx.ref_logits, ctx.labels, gamma)``: mean over the labelled
+    tokens of the cross-entropy against ``softmax(z_ref - gamma e_y)``."""
+    head, ref_head = _heads(ctx, need_ref=True)
+    if head is not None:
+        return undial_loss_from_hidden(head, ref_head, ctx.labels, gamma)
+    return undial_loss(ctx.logits, ctx.ref_logits, ctx.labels, gamma)
 
 
 def vocab_size_of(ctx: Any) -> int:

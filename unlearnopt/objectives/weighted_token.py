@@ -24,14 +24,17 @@ every weight and every target distribution is detached (no gradient flows throug
   Robust Unlearning in Large Language Models", arXiv 2402.10052)::
 
       q = softmax(z_ref - gamma * e_y)    (the reference's logits, label logit lowered)
-      loss = -sum_v q_v log p_v
+      loss = -sum_v q_v log p_v = KL(q || p) + H(q)
+
+  H(q) does not depend on the trained model, so the gradient, p - q, is the forward KL's:
+  it runs on the fused masked KL (``masked_kl`` with ``ref_labels``, ``ref_label_shift`` and
+  ``cross_entropy=True``; the value reported is the cross-entropy, as in the paper).
 
 All four are means over the labelled tokens (the labels are shifted inside, -100 =
 ignored); 0 when no token counts. Math in float32 (float64 for float64 logits). ``wga``,
 ``satimp`` and ``ce_u`` are modes of the fused ``unlearnopt.ops.unlearning_cross_entropy``
 (no softmax is materialised; their ``*_from_hidden`` forms in
-``unlearnopt.objectives.fused_linear`` never build the logits); ``undial`` reads two
-distributions and is plain PyTorch.
+``unlearnopt.objectives.fused_linear`` never build the logits).
 """
 
 from __future__ import annotations
@@ -40,22 +43,8 @@ import torch
 
 from unlearnopt.objectives.shift import IGNORE_INDEX, check_logits, shift_labels
 from unlearnopt.ops._checks import check_exponent
+from unlearnopt.ops.masked_kl import masked_kl
 from unlearnopt.ops.unlearning_cross_entropy import unlearning_cross_entropy
-
-
-def _rows(logits: torch.Tensor, labels: torch.Tensor):
-    """Labelled rows: log p ``[N, V]`` (float32/64, with grad), labels ``[N]``."""
-    check_logits(logits, labels)
-    y = shift_labels(labels)
-    mask = y != IGNORE_INDEX
-    dtype = torch.float64 if logits.dtype == torch.float64 else torch.float32
-    logp = logits[mask].to(dtype).log_softmax(dim=-1)
-    return logp, y[mask], mask
-
-
-def _mean(per_token: torch.Tensor) -> torch.Tensor:
-    """Mean of ``[N]``; 0 (still attached to the graph) when N = 0."""
-    return per_token.sum() / max(per_token.numel(), 1)
 
 
 def check_ce_u_vocab(vocab: int) -> None:
@@ -129,12 +118,6 @@ def satimp_loss(
     return _token_mode_loss(logits, labels, "satimp", beta1, beta2, backend)
 
 
-def _cross_entropy_to(target_logits: torch.Tensor, logp: torch.Tensor) -> torch.Tensor:
-    """``-sum_v softmax(target)_v * logp_v`` per row (target detached; -inf entries give 0)."""
-    q = target_logits.detach().softmax(dim=-1)
-    return -(q * logp.masked_fill(q == 0, 0.0)).sum(dim=-1)
-
-
 def ce_u_loss(
     logits: torch.Tensor, labels: torch.Tensor, *, backend: str | None = None
 ) -> torch.Tensor:
@@ -154,21 +137,33 @@ def undial_loss(
     logits: torch.Tensor, ref_logits: torch.Tensor, labels: torch.Tensor, gamma: float = 10.0
 ) -> torch.Tensor:
     """Mean over labelled tokens of the cross-entropy of p against
-    ``q = softmax(z_ref - gamma * e_y)``.
+    ``q = softmax(z_ref - gamma * e_y)`` (fused masked KL plus the target's entropy).
 
     Args:
         logits: ``[B, T, V]`` the trained model's logits.
         ref_logits: ``[B, T, V]`` the reference's logits (detached inside).
         labels: ``[B, T]`` unshifted, -100 = ignored.
         gamma: how far the label logit is lowered, >= 0 (open-unlearning's default: 10).
+
+    Returns:
+        0-dim float32 (float64 for float64 logits, on the reference backend); 0 when no
+        token is labelled.
     """
     gamma = check_exponent("gamma", gamma)
+    check_logits(logits, labels)
     if tuple(ref_logits.shape) != tuple(logits.shape):
         raise ValueError(
             f"ref_logits {tuple(ref_logits.shape)} must have the shape of logits "
             f"{tuple(logits.shape)}"
         )
-    logp, y, mask = _rows(logits, labels)
-    target = ref_logits[mask].detach().to(logp.dtype)
-    target = target.scatter_add(-1, y.unsqueeze(-1), target.new_full((y.shape[0], 1), -gamma))
-    return _mean(_cross_entropy_to(target, logp))
+    y = shift_labels(labels).reshape(-1)
+    vocab = logits.shape[-1]
+    return masked_kl(
+        logits.reshape(-1, vocab),
+        ref_logits.reshape(-1, vocab),
+        token_mask=y != IGNORE_INDEX,
+        reduction="mean",
+        ref_labels=y,
+        ref_label_shift=gamma,
+        cross_entropy=True,
+    )

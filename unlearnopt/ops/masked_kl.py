@@ -12,6 +12,14 @@ the terms, the distributions are not renormalised (sum_v u_v q_v may be below 1)
 gradient with respect
 to the logits carries the 1/T of z = logits / T; the loss is not rescaled by T^2.
 
+Label-lowered target (``ref_labels`` y, ``ref_label_shift`` gamma; UNDIAL's adjusted logits,
+Dong et al., 2024, arXiv 2402.10052): the reference row is r - gamma e_y before the
+temperature, so q = softmax((ref_logits - gamma e_y) / T). ``cross_entropy=True`` (forward
+only) reports ``CE = -sum_v u_v q_v log p_v = KL + H_u(q)``, ``H_u(q) = -sum_v u_v q_v log q_v``
+(the target's entropy, over the vocabulary mask); H_u does not depend on the logits, so the
+gradient is the KL's. It takes one more statistics pass over the reference row, against a
+uniform row (z = 0, log p = -log V): ``KL_u(q || uniform) = S log V - H_u(q)``, S = sum u q.
+
 Passes over the logits, same deferred design as ``unlearning_cross_entropy``: the forward
 reads both rows once (online log-sum-exp of each, masked sums rescaled as the running
 maxima grow) and keeps per row only ``(lse_z, lse_r, coef)``; the backward reads both rows
@@ -27,13 +35,19 @@ import math
 import torch
 
 from unlearnopt.ops._backend import choose_backend, float64_gap, kernel
-from unlearnopt.ops._checks import check_choice, check_float, check_same_device
-from unlearnopt.ops._fused_linear import chunk_loop, default_chunk_size, take_scaled
+from unlearnopt.ops._checks import (
+    LABEL_DTYPES,
+    check_choice,
+    check_float,
+    check_same_device,
+    eager_label_check,
+)
 from unlearnopt.ops.unlearning_cross_entropy import reduce_rows, upstream_scale
 from unlearnopt.reference import masked_kl as ref
 
 DIRECTIONS = ref.DIRECTIONS
 REDUCTIONS = ref.REDUCTIONS
+IGNORE_INDEX = ref.IGNORE_INDEX
 DIRECTION_ID = {"forward": 0, "reverse": 1}
 MASK_DTYPES = (
     torch.bool,
@@ -104,6 +118,54 @@ def _check_mask(name: str, mask, allowed: tuple[tuple[int, ...], ...], what: str
         raise ValueError(f"{name} has shape {tuple(mask.shape)}, expected {what}")
 
 
+def _check_target(
+    ref_labels, ref_label_shift, cross_entropy, direction, lead: tuple[int, ...], vocab: int
+) -> None:
+    """The label-lowered target's options (``ref_labels`` ``lead`` or ``[N]``, values in
+    ``[0, vocab)`` or ``IGNORE_INDEX``; the range is read as ``check_labels`` reads it)."""
+    if not isinstance(cross_entropy, bool):
+        raise TypeError(f"cross_entropy must be a bool, got {type(cross_entropy).__name__}")
+    if cross_entropy and direction != "forward":
+        raise ValueError(
+            f"cross_entropy=True needs direction='forward' (the cross-entropy of the model "
+            f"against the reference), got direction={direction!r}"
+        )
+    if (
+        isinstance(ref_label_shift, bool)
+        or not isinstance(ref_label_shift, (int, float))
+        or not math.isfinite(float(ref_label_shift))
+    ):
+        raise ValueError(f"ref_label_shift must be a finite number, got {ref_label_shift!r}")
+    if ref_labels is None:
+        if float(ref_label_shift) != 0.0:
+            raise ValueError(
+                "ref_label_shift is set but ref_labels is None; pass the labels whose "
+                "reference logits are lowered"
+            )
+        return
+    if not isinstance(ref_labels, torch.Tensor):
+        raise TypeError(
+            f"ref_labels must be a torch.Tensor or None, got {type(ref_labels).__name__}"
+        )
+    if ref_labels.dtype not in LABEL_DTYPES:
+        raise TypeError(
+            f"ref_labels must be an int64 or int32 tensor, got dtype {ref_labels.dtype}"
+        )
+    n = math.prod(lead)
+    if tuple(ref_labels.shape) not in (lead, (n,)):
+        raise ValueError(
+            f"ref_labels has shape {tuple(ref_labels.shape)}, expected {lead} or ({n},) "
+            "(one label per token)"
+        )
+    if ref_labels.numel() and eager_label_check(ref_labels):
+        bad = (ref_labels != IGNORE_INDEX) & ((ref_labels < 0) | (ref_labels >= vocab))
+        if bool(bad.any()):
+            raise ValueError(
+                f"ref_labels must lie in [0, {vocab}) or equal {IGNORE_INDEX}; "
+                f"found {int(ref_labels[bad][0])}"
+            )
+
+
 def validate(
     logits,
     ref_logits,
@@ -114,6 +176,9 @@ def validate(
     temperature,
     logits_name: str = "logits",
     ref_name: str = "ref_logits",
+    ref_labels=None,
+    ref_label_shift=0.0,
+    cross_entropy=False,
 ) -> None:
     check_float(logits_name, logits)
     check_float(ref_name, ref_logits)
@@ -141,12 +206,14 @@ def validate(
     _check_mask(
         "vocab_mask", vocab_mask, ((vocab,),), f"({vocab},) (the vocabulary size of {logits_name})"
     )
+    _check_target(ref_labels, ref_label_shift, cross_entropy, direction, lead, vocab)
     check_same_device(
         **{
             logits_name: logits,
             ref_name: ref_logits,
             "token_mask": token_mask,
             "vocab_mask": vocab_mask,
+            "ref_labels": ref_labels,
         }
     )
 
@@ -167,6 +234,39 @@ def _rows2d(t: torch.Tensor) -> torch.Tensor:
     return t2 if t2.stride(-1) == 1 else t2.contiguous()
 
 
+def _labels1d(labels: torch.Tensor | None) -> torch.Tensor | None:
+    return None if labels is None else labels.reshape(-1).long()
+
+
+def _lowered(ref2d: torch.Tensor, labels: torch.Tensor | None, shift: float) -> torch.Tensor:
+    """``ref2d`` itself, or a copy with each row's label logit lowered by ``shift``."""
+    if labels is None:
+        return ref2d
+    return ref.lower_label_logits_(
+        ref2d.clone(memory_format=torch.contiguous_format), labels, shift
+    )
+
+
+def _entropy_rows(rows, ref2d, tmask, vmask, inv_t) -> torch.Tensor:
+    """``m_i * H_u(q_i) = -m_i sum_v u_v q_v log q_v`` per row, ``[N]`` float32
+    (q_i = softmax(ref2d_i / T)).
+
+    One statistics pass of the row kernel with the model row replaced by a uniform one
+    (zeros, broadcast with row stride 0: nothing ``[N, V]`` is allocated). Against it,
+    log p_v = -log V, so the kernel's KL is ``S log V - H_u(q)`` with its stats
+    ``lse_z = log V`` and ``coef = S = sum u q``.
+    """
+    uniform = ref2d.new_zeros(1, ref2d.shape[1]).expand(ref2d.shape[0], -1)
+    kl_uniform, stats = rows(
+        uniform, ref2d, tmask, vmask, DIRECTION_ID["forward"], inv_t, None, None, None
+    )
+    log_v_mass = stats[:, 0] * stats[:, 2]
+    if tmask is not None:
+        # where, not a product: a masked row's statistics may hold anything (NaN logits).
+        log_v_mass = torch.where(tmask != 0, tmask * log_v_mass, 0.0)
+    return log_v_mass - kl_uniform
+
+
 class MaskedKLFunction(torch.autograd.Function):
     @staticmethod
     def forward(
@@ -180,26 +280,44 @@ class MaskedKLFunction(torch.autograd.Function):
         reduction,
         backend,
         inplace_backward,
+        ref_labels,
+        shift,
+        cross_entropy,
     ):
         logits2d = _rows2d(logits)
         ref2d = _rows2d(ref_logits)
-        loss_rows, stats = kernel(OP, backend)(
-            logits2d, ref2d, tmask, vmask, direction_id, inv_t, None, None, None
+        # The lowered copy lives only during this pass (and again during the backward).
+        target = _lowered(ref2d, ref_labels, shift)
+        rows = kernel(OP, backend)
+        loss_rows, stats = rows(
+            logits2d, target, tmask, vmask, direction_id, inv_t, None, None, None
         )
+        if cross_entropy:
+            loss_rows = loss_rows + _entropy_rows(rows, target, tmask, vmask, inv_t)
+        del target
         count = _token_count(tmask, logits2d.shape[0], logits.device)
-        ctx.save_for_backward(logits2d, ref2d, tmask, vmask, stats, count)
-        ctx.config = (direction_id, inv_t, reduction, backend, inplace_backward, logits.shape)
+        ctx.save_for_backward(logits2d, ref2d, tmask, vmask, stats, count, ref_labels)
+        ctx.config = (
+            direction_id,
+            inv_t,
+            reduction,
+            backend,
+            inplace_backward,
+            logits.shape,
+            shift,
+        )
         out = reduce_rows(loss_rows, reduction, count)
         return out.reshape(logits.shape[:-1]) if reduction == "none" else out
 
     @staticmethod
     def backward(ctx, grad_output):
-        direction_id, inv_t, reduction, backend, inplace_backward, shape = ctx.config
-        logits2d, ref2d, tmask, vmask, stats, count = ctx.saved_tensors
+        direction_id, inv_t, reduction, backend, inplace_backward, shape, shift = ctx.config
+        logits2d, ref2d, tmask, vmask, stats, count, ref_labels = ctx.saved_tensors
         grad = logits2d if inplace_backward else torch.empty_like(logits2d)
         scale = upstream_scale(grad_output, reduction, count)
-        kernel(OP, backend)(logits2d, ref2d, tmask, vmask, direction_id, inv_t, stats, scale, grad)
-        return grad.view(shape), None, None, None, None, None, None, None, None
+        target = _lowered(ref2d, ref_labels, shift)
+        kernel(OP, backend)(logits2d, target, tmask, vmask, direction_id, inv_t, stats, scale, grad)
+        return (grad.view(shape),) + (None,) * 11
 
 
 @torch.compiler.disable
@@ -212,6 +330,9 @@ def masked_kl(
     reduction: str = "mean",
     temperature: float = 1.0,
     *,
+    ref_labels: torch.Tensor | None = None,
+    ref_label_shift: float = 0.0,
+    cross_entropy: bool = False,
     inplace_backward: bool = False,
     backend: str | None = None,
 ) -> torch.Tensor:
@@ -236,6 +357,20 @@ def masked_kl(
             ``sum_t m_t KL_t``; ``"none"``: float32 ``m_t KL_t`` of shape ``logits.shape[:-1]``.
         temperature: > 0; both logit sets are divided by it before the softmax. The loss is
             not multiplied by T^2.
+        ref_labels: ``[N]`` or ``logits.shape[:-1]`` int64 / int32 in ``[0, V)`` or -100, or
+            None. With it, each token's reference logit at its label is lowered by
+            ``ref_label_shift`` before the temperature and the softmax (UNDIAL's adjusted
+            target ``q = softmax(ref_logits - gamma e_y)``); -100 lowers nothing. The
+            range is read on the host for CPU tensors only (as for ``unlearning_cross_entropy``);
+            elsewhere an out-of-range label gives that token a NaN loss and gradient.
+            The logits path lowers a copy of the reference rows (made in the forward and
+            again in the backward, not kept in between).
+        ref_label_shift: finite number, how far the label logit is lowered (gamma); must be 0
+            without ``ref_labels``.
+        cross_entropy: report ``CE_t = -sum_v u_v q_v log p_v = KL_t + H_u(q_t)`` instead of
+            ``KL_t`` (forward direction only; ``H_u(q) = -sum_v u_v q_v log q_v``, the target's
+            entropy): UNDIAL's loss value. H_u is a constant of the reference, so the
+            gradient is the KL's; it costs one more statistics pass over the reference row.
         inplace_backward: write the gradient into the logits buffer during backward (extra
             memory O(N) instead of O(N·V)). Only when nothing else reads these logits after
             this loss's backward.
@@ -259,14 +394,42 @@ def masked_kl(
         >>> u = vocab_mask_from_token_ids([3, 7], 10)
         >>> m = token_mask_from_labels(torch.tensor([1, -100, 2, 5]))
         >>> masked_kl(logits, ref_logits, token_mask=m, vocab_mask=u).backward()
+
+        UNDIAL's loss, the cross-entropy against the reference with each label logit
+        lowered by gamma = 10 (plain PyTorch: ``r = ref_logits.clone(); r[i, y_i] -= 10;
+        -(r.softmax(-1) * logits.log_softmax(-1)).sum(-1)``, mean over the labelled rows):
+
+        >>> y = torch.tensor([1, -100, 2, 5])
+        >>> loss = masked_kl(logits, ref_logits, token_mask=y != -100, ref_labels=y,
+        ...                  ref_label_shift=10.0, cross_entropy=True)
     """
-    validate(logits, ref_logits, token_mask, vocab_mask, direction, reduction, temperature)
+    validate(
+        logits,
+        ref_logits,
+        token_mask,
+        vocab_mask,
+        direction,
+        reduction,
+        temperature,
+        ref_labels=ref_labels,
+        ref_label_shift=ref_label_shift,
+        cross_entropy=cross_entropy,
+    )
     ref_logits = ref_logits.detach()
     chosen = choose_backend(OP, backend, logits.device, float64_gap(logits, ref_logits))
     dtype = torch.promote_types(logits.dtype, ref_logits.dtype)
     if chosen == "reference":
         return ref.masked_kl(
-            logits, ref_logits, token_mask, vocab_mask, direction, reduction, float(temperature)
+            logits,
+            ref_logits,
+            token_mask,
+            vocab_mask,
+            direction,
+            reduction,
+            float(temperature),
+            ref_labels=ref_labels,
+            ref_label_shift=float(ref_label_shift),
+            cross_entropy=cross_entropy,
         )
     return MaskedKLFunction.apply(
         logits.to(dtype),
@@ -278,270 +441,7 @@ def masked_kl(
         reduction,
         chosen,
         inplace_backward,
-    )
-
-
-# ---------------------------------------------------------------------------------------------
-# Fused linear: logits chunk by chunk through the shared loop (unlearnopt.ops._fused_linear),
-# never the whole [N, V] of either model. The gradients come from the forward (scaled in the
-# backward), except for ``reduction="none"`` with a head that needs a gradient: the per-token
-# upstream factors sit inside grad_weight = sum_t g_t h_t^T, so the forward keeps the
-# per-token statistics and the backward recomputes the chunks with those factors.
-
-FUSED_NAME = "fused_linear_masked_kl"
-
-
-def _linear_chunks(
-    h2, weight, bias, rh2, ref_weight, ref_bias, tmask, vmask, cfg, scale, stats_in, want
-):
-    """One pass: loss [N] and stats [N, 3] per token and, with ``scale`` (float32, 1 or N
-    elements), the head's gradients. ``stats_in``: the forward's statistics (backward pass)."""
-    direction_id, inv_t, backend, chunk = cfg
-    rows = kernel(OP, backend)
-    n, vocab = h2.shape[0], weight.shape[0]
-    device = h2.device
-    loss = torch.empty(n, dtype=torch.float32, device=device)
-    stats = (
-        stats_in if stats_in is not None else torch.empty(n, 3, dtype=torch.float32, device=device)
-    )
-    ref_buffer = torch.empty(min(chunk, n), vocab, dtype=rh2.dtype, device=device)
-    ref_weight_t = ref_weight.t()
-    dtype = torch.promote_types(h2.dtype, rh2.dtype)
-
-    def step(lo, hi, logits):
-        ref_logits = ref_buffer[: hi - lo]
-        if ref_bias is None:
-            torch.mm(rh2[lo:hi], ref_weight_t, out=ref_logits)
-        else:
-            torch.addmm(ref_bias, rh2[lo:hi], ref_weight_t, out=ref_logits)
-        z, r = logits.to(dtype), ref_logits.to(dtype)
-        tm = None if tmask is None else tmask[lo:hi]
-        if scale is None:
-            loss[lo:hi], stats[lo:hi] = rows(z, r, tm, vmask, direction_id, inv_t, None, None, None)
-            return None
-        part = scale if scale.numel() == 1 else scale[lo:hi]
-        st_in = None if stats_in is None else stats_in[lo:hi]
-        # The gradient overwrites this chunk's logits: they are not needed afterwards.
-        out = rows(z, r, tm, vmask, direction_id, inv_t, st_in, part, z)
-        if stats_in is None:
-            loss[lo:hi], stats[lo:hi] = out
-        return z
-
-    grads = chunk_loop(h2, weight, bias, chunk, step, want if scale is not None else (False,) * 3)
-    return loss, stats, grads
-
-
-class FusedLinearMaskedKLFunction(torch.autograd.Function):
-    @staticmethod
-    def forward(
-        ctx,
-        hidden,
-        weight,
-        bias,
-        ref_hidden,
-        ref_weight,
-        ref_bias,
-        tmask,
-        vmask,
-        direction_id,
-        inv_t,
-        reduction,
-        backend,
-        chunk,
-        want,
-    ):
-        h2 = hidden.reshape(-1, hidden.shape[-1])
-        rh2 = ref_hidden.reshape(-1, ref_hidden.shape[-1])
-        count = _token_count(tmask, h2.shape[0], hidden.device)
-        cfg = (direction_id, inv_t, backend, chunk)
-        heads = (h2, weight, bias, rh2, ref_weight, ref_bias, tmask, vmask, cfg)
-        ctx.recompute = reduction == "none" and (want[1] or (want[2] and bias is not None))
-        ctx.head_grads = None
-        if not any(want) or ctx.recompute:
-            loss, stats, _ = _linear_chunks(*heads, None, None, want)
-            if ctx.recompute:
-                ctx.save_for_backward(
-                    h2, weight, bias, rh2, ref_weight, ref_bias, tmask, vmask, stats
-                )
-        else:
-            unit = torch.ones((), dtype=torch.float32, device=hidden.device)
-            scale = upstream_scale(unit, "sum" if reduction == "none" else reduction, count)
-            loss, _, ctx.head_grads = _linear_chunks(*heads, scale, None, want)
-        ctx.config = (
-            cfg,
-            reduction,
-            want,
-            hidden.shape,
-            weight.dtype,
-            None if bias is None else bias.dtype,
-        )
-        out = reduce_rows(loss, reduction, count)
-        return out.reshape(hidden.shape[:-1]) if reduction == "none" else out
-
-    @staticmethod
-    def backward(ctx, grad_output):
-        cfg, reduction, want, hidden_shape, w_dtype, b_dtype = ctx.config
-        if ctx.recompute:
-            h2, weight, bias, rh2, ref_weight, ref_bias, tmask, vmask, stats = ctx.saved_tensors
-            scale = grad_output.float().reshape(-1).contiguous()
-            _, _, (gh, gw, gb) = _linear_chunks(
-                h2, weight, bias, rh2, ref_weight, ref_bias, tmask, vmask, cfg, scale, stats, want
-            )
-        else:
-            gh, gw, gb = take_scaled(ctx, FUSED_NAME, grad_output, per_token=reduction == "none")
-        return (
-            None if gh is None else gh.view(hidden_shape),
-            None if gw is None else gw.to(w_dtype),
-            None if gb is None else gb.to(b_dtype),
-            None,
-            None,
-            None,
-            None,
-            None,
-            None,
-            None,
-            None,
-            None,
-            None,
-            None,
-        )
-
-
-@torch.compiler.disable
-def fused_linear_masked_kl(
-    hidden: torch.Tensor,
-    weight: torch.Tensor,
-    ref_hidden: torch.Tensor,
-    ref_weight: torch.Tensor,
-    bias: torch.Tensor | None = None,
-    ref_bias: torch.Tensor | None = None,
-    token_mask: torch.Tensor | None = None,
-    vocab_mask: torch.Tensor | None = None,
-    direction: str = "forward",
-    reduction: str = "mean",
-    temperature: float = 1.0,
-    chunk_size: int | None = None,
-    *,
-    backend: str | None = None,
-) -> torch.Tensor:
-    """Masked KL of ``hidden @ weight.T + bias`` against the original model's
-    ``ref_hidden @ ref_weight.T + ref_bias``, without holding either ``[N, V]`` logits whole.
-
-    Args:
-        hidden: ``[N, H]`` or ``[B, T, H]`` float (the model's last hidden states).
-        weight: ``[V, H]`` lm_head weight; bias: ``[V]`` or None.
-        ref_hidden: ``[..., H_ref]`` with the same leading shape as ``hidden``; ref_weight
-            ``[V, H_ref]``; ref_bias ``[V]`` or None. Constants: no gradient reaches them.
-        token_mask, vocab_mask, direction, reduction, temperature: as in :func:`masked_kl`.
-        chunk_size: tokens per chunk (default: about 2^23 logits per chunk, 32 MiB in float32,
-            see ``unlearnopt.ops._fused_linear.default_chunk_size``); peak extra memory: one
-            chunk of logits per model and the float32 gradient of ``weight``.
-        backend: as in :func:`masked_kl` (float64 runs on the reference).
-
-    Returns:
-        float32 loss; gradients for ``hidden``, ``weight`` and ``bias``, computed during the
-        forward (one pass, logits chunks overwritten by their gradient, the weight gradient
-        summed in float32) and handed to autograd once: backpropagating twice through one
-        call (``retain_graph=True``) raises ``RuntimeError``. With ``reduction="none"`` and
-        a weight or bias that needs a gradient, the backward recomputes the chunks instead.
-        Equivalent:
-        ``masked_kl(F.linear(hidden, weight, bias), F.linear(ref_hidden, ref_weight,
-        ref_bias).detach(), ...)``.
-
-    Example:
-        >>> h = torch.randn(6, 8, requires_grad=True); w = torch.randn(50, 8, requires_grad=True)
-        >>> fused_linear_masked_kl(h, w, h.detach(), w.detach() + 0.1).backward()
-    """
-    for name, t in (
-        ("hidden", hidden),
-        ("weight", weight),
-        ("ref_hidden", ref_hidden),
-        ("ref_weight", ref_weight),
-    ):
-        check_float(name, t)
-    if weight.dim() != 2 or ref_weight.dim() != 2:
-        raise ValueError(
-            f"weight and ref_weight must be [V, H], got {tuple(weight.shape)} and "
-            f"{tuple(ref_weight.shape)}"
-        )
-    if hidden.dim() < 2 or hidden.shape[-1] != weight.shape[1]:
-        raise ValueError(
-            f"hidden has shape {tuple(hidden.shape)}; expected [..., "
-            f"{weight.shape[1]}] (weight is {tuple(weight.shape)})"
-        )
-    if ref_hidden.shape[:-1] != hidden.shape[:-1] or ref_hidden.shape[-1] != ref_weight.shape[1]:
-        raise ValueError(
-            f"ref_hidden has shape {tuple(ref_hidden.shape)}; expected "
-            f"{(*tuple(hidden.shape[:-1]), ref_weight.shape[1])}"
-        )
-    vocab = weight.shape[0]
-    if ref_weight.shape[0] != vocab:
-        raise ValueError(
-            f"ref_weight has {ref_weight.shape[0]} rows but weight has {vocab}; "
-            "expected the same vocabulary"
-        )
-    for name, b in (("bias", bias), ("ref_bias", ref_bias)):
-        if b is not None:
-            check_float(name, b)
-            if tuple(b.shape) != (vocab,):
-                raise ValueError(f"{name} has shape {tuple(b.shape)}, expected ({vocab},)")
-    check_choice("direction", direction, DIRECTIONS)
-    check_choice("reduction", reduction, REDUCTIONS)
-    _check_temperature(temperature)
-    n = math.prod(hidden.shape[:-1])
-    lead = tuple(hidden.shape[:-1])
-    _check_mask("token_mask", token_mask, (lead, (n,)), f"{lead} or ({n},)")
-    _check_mask("vocab_mask", vocab_mask, ((vocab,),), f"({vocab},)")
-    if chunk_size is not None and (not isinstance(chunk_size, int) or chunk_size <= 0):
-        raise ValueError(f"chunk_size must be a positive int or None, got {chunk_size!r}")
-    check_same_device(
-        hidden=hidden,
-        weight=weight,
-        ref_hidden=ref_hidden,
-        ref_weight=ref_weight,
-        bias=bias,
-        ref_bias=ref_bias,
-        token_mask=token_mask,
-        vocab_mask=vocab_mask,
-    )
-    ref_hidden, ref_weight = ref_hidden.detach(), ref_weight.detach()
-    ref_bias = None if ref_bias is None else ref_bias.detach()
-    chosen = choose_backend(
-        FUSED_NAME,
-        backend,
-        hidden.device,
-        float64_gap(hidden, weight, bias, ref_hidden, ref_weight, ref_bias),
-    )
-    if chosen == "reference":
-        return ref.fused_linear_masked_kl(
-            hidden,
-            weight,
-            ref_hidden,
-            ref_weight,
-            bias,
-            ref_bias,
-            token_mask,
-            vocab_mask,
-            direction,
-            reduction,
-            float(temperature),
-        )
-    chunk = chunk_size or default_chunk_size(n, vocab)
-    grad_on = torch.is_grad_enabled()
-    want = tuple(grad_on and t is not None and t.requires_grad for t in (hidden, weight, bias))
-    return FusedLinearMaskedKLFunction.apply(
-        hidden,
-        weight,
-        bias,
-        ref_hidden,
-        ref_weight,
-        ref_bias,
-        _float_mask(token_mask),
-        _float_mask(vocab_mask),
-        DIRECTION_ID[direction],
-        1.0 / float(temperature),
-        reduction,
-        chosen,
-        chunk,
-        want,
+        _labels1d(ref_labels),
+        float(ref_label_shift),
+        cross_entropy,
     )

@@ -13,6 +13,12 @@ its loss non-finite). ``mean`` divides the sum by
 the number of tokens with ``m_t != 0`` (for a float mask: ``sum_t m_t KL_t / #(m_t != 0)``),
 giving 0 when every token is masked. ``ref_logits`` is detached: no gradient reaches it.
 float64 inputs are computed in float64, everything else in float32.
+
+Label-lowered target (UNDIAL's adjusted logits): with ``ref_labels`` y and
+``ref_label_shift`` gamma, q = softmax((ref_logits_t - gamma e_{y_t}) / T) (a label equal to
+-100 lowers nothing). ``cross_entropy=True`` (forward direction only) reports
+``CE_t = -sum_v u_v q_v log p_v = KL_t - sum_v u_v q_v log q_v`` instead of the KL: the two
+differ by a term that does not depend on the logits, so their gradients are the same.
 """
 
 from __future__ import annotations
@@ -21,10 +27,31 @@ import torch
 
 DIRECTIONS = ("forward", "reverse")
 REDUCTIONS = ("mean", "sum", "none")
+#: A ``ref_labels`` entry that lowers no logit.
+IGNORE_INDEX = -100
 
 
 def _compute_dtype(t: torch.Tensor) -> torch.dtype:
     return torch.float64 if t.dtype == torch.float64 else torch.float32
+
+
+def lower_label_logits_(rows: torch.Tensor, labels: torch.Tensor, shift: float) -> torch.Tensor:
+    """In place: ``rows[i, labels[i]] -= shift`` for every ``labels[i] != IGNORE_INDEX``.
+
+    Args:
+        rows: ``[N, V]`` float, a buffer the caller owns (it is modified and returned).
+        labels: ``[N]`` integer. A label outside ``[0, V)`` other than ``IGNORE_INDEX`` puts
+            NaN in its row (never an out-of-bounds write), so that token's loss is NaN.
+        shift: how far each label logit is lowered (in ``rows``' dtype).
+    """
+    vocab = rows.shape[-1]
+    y = labels.reshape(-1, 1).long()
+    inside = (y >= 0) & (y < vocab)
+    lowered = torch.full(y.shape, -float(shift), dtype=rows.dtype, device=rows.device)
+    delta = torch.where(
+        inside, lowered, torch.where(y == IGNORE_INDEX, 0.0, float("nan")).to(rows.dtype)
+    )
+    return rows.scatter_add_(1, torch.where(inside, y, 0), delta)
 
 
 def token_kl(
@@ -33,12 +60,25 @@ def token_kl(
     vocab_mask: torch.Tensor | None,
     direction: str,
     temperature: float,
+    ref_labels: torch.Tensor | None = None,
+    ref_label_shift: float = 0.0,
+    cross_entropy: bool = False,
 ) -> torch.Tensor:
-    """Per-token masked KL ``[N]`` from logits and ref_logits ``[N, V]`` (no token mask)."""
+    """Per-token masked KL ``[N]`` from logits and ref_logits ``[N, V]`` (no token mask);
+    with ``ref_labels`` ``[N]`` the reference's label logits are lowered by
+    ``ref_label_shift`` first; ``cross_entropy``: ``-sum_v u_v q_v log p_v`` instead."""
     dtype = _compute_dtype(logits)
     log_p = torch.log_softmax(logits.to(dtype) / temperature, dim=-1)
-    log_q = torch.log_softmax(ref_logits.detach().to(dtype) / temperature, dim=-1)
-    if direction == "forward":
+    target = ref_logits.detach().to(dtype)
+    if ref_labels is not None:
+        target = lower_label_logits_(target.clone(), ref_labels, ref_label_shift)
+    log_q = torch.log_softmax(target / temperature, dim=-1)
+    if cross_entropy:
+        if direction != "forward":
+            raise ValueError(f"cross_entropy needs direction='forward', got {direction!r}")
+        q = log_q.exp()
+        terms = torch.where(q == 0, 0.0, -q * log_p)
+    elif direction == "forward":
         terms = log_q.exp() * (log_q - log_p)
     elif direction == "reverse":
         terms = log_p.exp() * (log_p - log_q)
@@ -71,10 +111,16 @@ def masked_kl(
     direction: str = "forward",
     reduction: str = "mean",
     temperature: float = 1.0,
+    *,
+    ref_labels: torch.Tensor | None = None,
+    ref_label_shift: float = 0.0,
+    cross_entropy: bool = False,
 ) -> torch.Tensor:
     """logits, ref_logits ``[..., V]``; token_mask ``[...]`` or ``[N]``; vocab_mask ``[V]`` -> loss.
 
     ``reduction="none"`` returns ``m_t * KL_t`` with the shape of ``logits.shape[:-1]``.
+    ``ref_labels`` (``[...]`` or ``[N]``), ``ref_label_shift``, ``cross_entropy``: see the
+    module docstring.
     """
     vocab = logits.shape[-1]
     flat, ref_flat = logits.reshape(-1, vocab), ref_logits.reshape(-1, vocab)
@@ -84,7 +130,10 @@ def masked_kl(
         off = token_mask.reshape(-1, 1) == 0
         flat = torch.where(off, torch.zeros_like(flat), flat)
         ref_flat = torch.where(off, torch.zeros_like(ref_flat), ref_flat)
-    kl = token_kl(flat, ref_flat, vocab_mask, direction, temperature)
+    labels = None if ref_labels is None else ref_labels.reshape(-1)
+    kl = token_kl(
+        flat, ref_flat, vocab_mask, direction, temperature, labels, ref_label_shift, cross_entropy
+    )
     mask = None
     if token_mask is not None:
         mask = token_mask.reshape(-1).to(kl.dtype)
@@ -106,9 +155,24 @@ def fused_linear_masked_kl(
     direction: str = "forward",
     reduction: str = "mean",
     temperature: float = 1.0,
+    *,
+    ref_labels: torch.Tensor | None = None,
+    ref_label_shift: float = 0.0,
+    cross_entropy: bool = False,
 ) -> torch.Tensor:
     """Masked KL of ``hidden @ weight.T + bias`` vs ``ref_hidden @ ref_weight.T + ref_bias``."""
     logits = torch.nn.functional.linear(hidden, weight, bias)
     with torch.no_grad():
         ref_logits = torch.nn.functional.linear(ref_hidden, ref_weight, ref_bias)
-    return masked_kl(logits, ref_logits, token_mask, vocab_mask, direction, reduction, temperature)
+    return masked_kl(
+        logits,
+        ref_logits,
+        token_mask,
+        vocab_mask,
+        direction,
+        reduction,
+        temperature,
+        ref_labels=ref_labels,
+        ref_label_shift=ref_label_shift,
+        cross_entropy=cross_entropy,
+    )

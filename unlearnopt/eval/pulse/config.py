@@ -10,6 +10,7 @@ from unlearnopt.training import (
     DEFAULT_LR,
     DEFAULT_MAX_GRAD_NORM,
     DEFAULT_STEPS,
+    same_relation_share,
     tuned_settings,
 )
 
@@ -34,10 +35,10 @@ class PulseConfig:
     teaches ``finetune_entities`` invented people (``finetune_lr``, ``finetune_epochs``).
     ``focus``: how a request's forget facts are drawn, one of :data:`FOCUS` (``"subject"``
     forgets every fact of ``requests`` subjects; ``forget_size`` is then not used).
-    ``retain_same_relation``: each step's retain batch takes up to half its facts from the
-    retain facts of the forget batch's relations (never a neighbour: neighbours are not in the
-    retain set). ``compare_one_shot``: also serve the same forget facts as ONE request (step
-    budget ``steps * requests``) and report it beside the sequential run.
+    ``retain_same_relation``: the share of each step's retain batch taken from the retain
+    facts of the forget batch's relations (0: off; True: 0.5; never a neighbour: neighbours
+    are not in the retain set). ``compare_one_shot``: also serve the same forget facts as ONE
+    request (step budget ``steps * requests``) and report it beside the sequential run.
     ``retain_model``: in the fine-tuned phase, also fine-tune a *retain model* (the same
     recipe without the forget facts) and report each method's TOFU/MUSE metrics against it at
     the end of its run (``unlearnopt.eval.tofu_metrics``).
@@ -60,7 +61,7 @@ class PulseConfig:
     fresh_optimizer: bool = True
     focus: str = "spread"
     retain_model: bool = True
-    retain_same_relation: bool = False
+    retain_same_relation: float = 0.0
     compare_one_shot: bool = False
     seed: int = 0
     # per method: the method's options, plus "lr" to give that method its own learning rate
@@ -101,6 +102,7 @@ class PulseConfig:
             )
         if not self.lr > 0:
             raise ValueError(f"lr must be positive, got {self.lr!r}")
+        same_relation_share(self.retain_same_relation)
         for m, opts in self.method_options.items():
             lr = opts.get("lr", 1.0)
             if isinstance(lr, bool) or not isinstance(lr, (int, float)) or not lr > 0:
