@@ -46,7 +46,7 @@ from unlearnopt.ops._fused_linear import (
     default_chunk_size,
     take_scaled,
 )
-from unlearnopt.ops.unlearning_cross_entropy import MODE_ID, OP
+from unlearnopt.ops.unlearning_cross_entropy import MODE_ID, OP, STATS_WIDTH
 from unlearnopt.reference import unlearning_cross_entropy as ref
 
 NAME = "fused_linear_sequence_loss"
@@ -123,7 +123,7 @@ def _two_passes(h2d, weight, bias, labels1d, cfg, sequence_loss, terms, want) ->
     n, vocab = h2d.shape[0], weight.shape[0]
     chunk = default_chunk_size(n, vocab)
     nll = torch.empty(n, dtype=torch.float32, device=h2d.device)
-    stats = torch.empty(n, 2, dtype=torch.float64, device=h2d.device)
+    stats = torch.empty(n, STATS_WIDTH, dtype=torch.float64, device=h2d.device)
 
     def score(lo, hi, logits):
         nll[lo:hi], stats[lo:hi] = rows(

@@ -26,6 +26,7 @@ from unlearnopt.ops._fused_linear import chunk_loop, default_chunk_size, take_sc
 from unlearnopt.ops.unlearning_cross_entropy import (
     MODE_ID,
     OP,
+    STATS_WIDTH,
     reduce_rows,
     upstream_scale,
     validate_options,
@@ -44,7 +45,7 @@ def _run(h2d, weight, bias, labels1d, cfg, scale, stats_in, want):
     rows = kernel(OP, backend)
     n = h2d.shape[0]
     loss = torch.empty(n, dtype=torch.float32, device=h2d.device)
-    stats = torch.empty(n, 3, dtype=torch.float64, device=h2d.device)
+    stats = torch.empty(n, STATS_WIDTH, dtype=torch.float64, device=h2d.device)
 
     def step(lo, hi, logits):
         part_stats = None if stats_in is None else stats_in[lo:hi]

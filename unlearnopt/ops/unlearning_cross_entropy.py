@@ -65,6 +65,8 @@ MODE_ID = {"nll": 0, "ga": 1, "uce": 2, "wga": 3, "satimp": 4, "ce_u": 5}
 # NaN/+inf logit in a kept row gives NaN; a label outside [0, V) gives a NaN loss and
 # gradient row.
 OP = "unlearning_cross_entropy"
+#: Columns of a row's statistics in that contract: (lse, 1 - p_y, h).
+STATS_WIDTH = 3
 
 
 def validate_options(mode, ignore_index, reduction, alpha, beta1=1.0, beta2=1.0) -> None:
