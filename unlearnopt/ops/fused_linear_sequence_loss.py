@@ -38,7 +38,7 @@ from collections.abc import Callable
 import torch
 
 from unlearnopt.ops._backend import choose_backend, float64_gap, kernel
-from unlearnopt.ops._checks import check_float, check_labels, check_same_device
+from unlearnopt.ops._checks import check_labels, check_linear_head, check_same_device
 from unlearnopt.ops._fused_linear import (
     CHUNK_ELEMENTS,
     HeadGrads,
@@ -239,21 +239,9 @@ def fused_linear_sequence_loss(
         ...     return 20.0 * torch.nn.functional.softplus(0.1 * (lp - ref_lp[rows])) / 2
         >>> fused_linear_sequence_loss(h, w, labels, npo).backward()
     """
-    check_float("hidden", hidden)
-    check_float("weight", weight)
+    check_linear_head(hidden, weight, bias)
     if hidden.dim() != 3:
         raise ValueError(f"hidden must be [B, T, H], got shape {tuple(hidden.shape)}")
-    if weight.dim() != 2 or hidden.shape[-1] != weight.shape[1]:
-        raise ValueError(
-            f"weight must be [V, H] with H = hidden.shape[-1] = {hidden.shape[-1]}, "
-            f"got shape {tuple(weight.shape)}"
-        )
-    if hidden.dtype != weight.dtype:
-        raise ValueError(f"hidden ({hidden.dtype}) and weight ({weight.dtype}) must share a dtype")
-    if bias is not None:
-        check_float("bias", bias)
-        if tuple(bias.shape) != (weight.shape[0],):
-            raise ValueError(f"bias must have shape ({weight.shape[0]},), got {tuple(bias.shape)}")
     if not callable(sequence_loss):
         raise TypeError(
             f"sequence_loss must be a callable (log_prob, rows) -> [k], got "

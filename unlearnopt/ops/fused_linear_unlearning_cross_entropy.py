@@ -21,7 +21,7 @@ import math
 import torch
 
 from unlearnopt.ops._backend import choose_backend, float64_gap, kernel
-from unlearnopt.ops._checks import check_float, check_labels, check_same_device
+from unlearnopt.ops._checks import check_labels, check_linear_head, check_same_device
 from unlearnopt.ops._fused_linear import chunk_loop, default_chunk_size, take_scaled
 from unlearnopt.ops.unlearning_cross_entropy import (
     MODE_ID,
@@ -195,19 +195,7 @@ def fused_linear_unlearning_cross_entropy(
         >>> labels = torch.randint(0, 50, (6,))
         >>> fused_linear_unlearning_cross_entropy(h, w, labels, mode="ga").backward()
     """
-    check_float("hidden", hidden)
-    check_float("weight", weight)
-    if weight.dim() != 2 or hidden.shape[-1] != weight.shape[1]:
-        raise ValueError(
-            f"weight must be [V, H] with H = hidden.shape[-1] = {hidden.shape[-1]}, "
-            f"got shape {tuple(weight.shape)}"
-        )
-    if hidden.dtype != weight.dtype:
-        raise ValueError(f"hidden ({hidden.dtype}) and weight ({weight.dtype}) must share a dtype")
-    if bias is not None:
-        check_float("bias", bias)
-        if tuple(bias.shape) != (weight.shape[0],):
-            raise ValueError(f"bias must have shape ({weight.shape[0]},), got {tuple(bias.shape)}")
+    check_linear_head(hidden, weight, bias)
     if chunk_size is not None and (not isinstance(chunk_size, int) or chunk_size < 1):
         raise ValueError(f"chunk_size must be a positive int, got {chunk_size!r}")
     if hidden.dim() < 2:
