@@ -157,7 +157,10 @@ def parse_variant(name: str) -> dict:
     if parts[0].startswith("keyed"):
         spec["keyed"] = int(parts[0][5:])
     for tok in parts[1:]:
-        if tok.startswith("same"):
+        if "=" in tok:  # a method option, e.g. ofmu+inner_lr=2e-4 (before the prefixes)
+            key, value = tok.split("=", 1)
+            spec["options"][key] = _number(value)
+        elif tok.startswith("same"):
             spec["same"] = int(tok[4:])
         elif tok.startswith("tkl"):
             spec["tkl"] = int(tok[3:])
@@ -181,9 +184,6 @@ def parse_variant(name: str) -> dict:
             spec["ridge"] = float(tok[5:])
         elif tok.startswith("lr"):
             spec["lr"] = float(tok[2:])
-        elif "=" in tok:  # a method option, e.g. ofmu+inner_lr=2e-4
-            key, value = tok.split("=", 1)
-            spec["options"][key] = _number(value)
         else:
             raise SystemExit(f"unknown modifier {tok!r} in variant {name!r}")
     return spec
