@@ -175,3 +175,14 @@ def test_bad_input(change, error, match):
     args.update(change)
     with pytest.raises(error, match=match):
         fused(args.pop("hidden"), args.pop("weight"), args.pop("labels"), **args, backend="native")
+
+
+def test_matches_the_reference_op(backend):
+    """The public op against ``unlearnopt.reference``'s, value and gradients."""
+    from unlearnopt.reference.unlearning_cross_entropy import fused_linear_sequence_loss as ref
+
+    h, w, b, labels, ref_lp = make(4, 6, 10, 211, seed=8)
+    terms = npo_terms(ref_lp)
+    got = loss_and_grads(fused, h, w, b, labels, sequence_loss=terms, backend=backend)
+    want = loss_and_grads(ref, h, w, b, labels, sequence_loss=terms)
+    assert_matches(got, want)

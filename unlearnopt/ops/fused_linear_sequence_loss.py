@@ -175,28 +175,6 @@ class FusedLinearSequenceLossFunction(torch.autograd.Function):
         )
 
 
-def reference_sequence_loss(
-    hidden: torch.Tensor,
-    weight: torch.Tensor,
-    labels: torch.Tensor,
-    sequence_loss: SequenceLoss,
-    bias: torch.Tensor | None = None,
-    ignore_index: int = -100,
-) -> torch.Tensor:
-    """Plain PyTorch: the full logits, per-token log-probabilities, ``sequence_loss`` on the
-    whole batch (``rows = slice(0, B)``), summed. Differentiable more than once."""
-    nll = ref.fused_linear_unlearning_cross_entropy(
-        hidden, weight, labels, bias, "nll", ignore_index, "none"
-    )
-    log_prob = -nll.sum(dim=1)
-    terms = sequence_loss(log_prob, slice(0, labels.shape[0]))
-    if not isinstance(terms, torch.Tensor) or tuple(terms.shape) != tuple(log_prob.shape):
-        raise ValueError(
-            f"sequence_loss must return one term per sequence, shape {tuple(log_prob.shape)}"
-        )
-    return terms.sum()
-
-
 @torch.compiler.disable
 def fused_linear_sequence_loss(
     hidden: torch.Tensor,
@@ -253,7 +231,9 @@ def fused_linear_sequence_loss(
     check_labels(labels, hidden.shape[:-1], weight.shape[0], ignore_index, "hidden")
     chosen = choose_backend(NAME, backend, hidden.device, float64_gap(hidden, weight, bias))
     if chosen == "reference" or math.prod(labels.shape) == 0:
-        return reference_sequence_loss(hidden, weight, labels, sequence_loss, bias, ignore_index)
+        return ref.fused_linear_sequence_loss(
+            hidden, weight, labels, sequence_loss, bias, ignore_index
+        )
     grad_on = torch.is_grad_enabled()
     want = tuple(grad_on and t is not None and t.requires_grad for t in (hidden, weight, bias))
     return FusedLinearSequenceLossFunction.apply(

@@ -183,3 +183,26 @@ def fused_linear_unlearning_cross_entropy(
     return unlearning_cross_entropy(
         logits, labels, mode, ignore_index, reduction, alpha, beta1, beta2
     )
+
+
+def fused_linear_sequence_loss(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    labels: torch.Tensor,
+    sequence_loss,
+    bias: torch.Tensor | None = None,
+    ignore_index: int = -100,
+) -> torch.Tensor:
+    """hidden ``[B, T, H]``, weight ``[V, H]``, labels ``[B, T]`` -> ``sum_b f_b(lp_b)`` with
+    ``lp_b`` the summed log-probabilities of sequence b's kept tokens and the terms
+    ``sequence_loss(lp, slice(0, B))`` (``[B]``). The full logits; differentiable twice."""
+    nll = fused_linear_unlearning_cross_entropy(
+        hidden, weight, labels, bias, "nll", ignore_index, "none"
+    )
+    log_prob = -nll.sum(dim=1)
+    terms = sequence_loss(log_prob, slice(0, labels.shape[0]))
+    if not isinstance(terms, torch.Tensor) or tuple(terms.shape) != tuple(log_prob.shape):
+        raise ValueError(
+            f"sequence_loss must return one term per sequence, shape {tuple(log_prob.shape)}"
+        )
+    return terms.sum()
