@@ -24,7 +24,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspa
 from tests.tiny_models import make_batch, make_model
 from unlearnopt.unlearner import MultiObjectiveUnlearner
 
-# OFMU's inner step large enough to matter on the tiny model (the default is 3e-5).
+# OFMU's inner step large enough to matter on the tiny model (the default is the lr).
 OPTIONS = {"ofmu": {"inner_lr": 0.1}}
 
 

@@ -291,7 +291,14 @@ def test_options_validated():
         OFMU(alpha=1.0)
     with pytest.raises(ValueError, match=r"rho=0\.1 needs hvp='finite_difference'"):
         OFMU(rho=0.1)
+    with pytest.raises(ValueError, match="ascent must be one of"):
+        OFMU(ascent="normalised")
+    with pytest.raises(ValueError, match="ascent must be one of"):
+        FirstOrderWeights(1.0, [1e-5], ascent="sign")
+    with pytest.raises(NotImplementedError, match=r"step\(forget=\.\.\., retain=\.\.\.\)"):
+        OFMU().aggregator()
     assert OFMU().config["hvp"] == "first_order"
+    assert OFMU().config["ascent"] == "bounded"
 
 
 # -- first order (the default) ----------------------------------------------------------------
@@ -338,36 +345,86 @@ def test_first_order_is_exact_when_the_hessians_are_the_identity(granularity):
         torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
 
 
-def hand_written_first_order_update(model, forget, retain, *, beta, inner_lr, lr):
-    """θ' = θ + η(g_f − β(a + b)), then SGD along g_r + η(g_f − β(a + b)), float64."""
+def hand_written_first_order_update(model, forget, retain, *, ascent, beta, inner_lr, lr):
+    """float64; ``identity``: θ + η·u − lr·(g_r + η·u) with u = g_f − β(a + b); ``bounded``:
+    θ + η·sign(u) − lr·g_r with u = (1 + β cos) g_f − β(‖g_f‖/‖g_r‖) g_r."""
     params = list(model.parameters())
     gf = torch.autograd.grad(nll(model, forget), params)
     gr = torch.autograd.grad(nll(model, retain), params)
     f, r = torch.cat([t.reshape(-1) for t in gf]), torch.cat([t.reshape(-1) for t in gr])
     nf, nr = f.norm(), r.norm()
     cos = (f @ r) / (nf * nr)
-    a_plus_b = r / (nf * nr) - cos * f / nf**2 + f / (nf * nr) - cos * r / nr**2
-    dphi = f - beta * a_plus_b
     flat = torch.cat([p.detach().reshape(-1) for p in params])
-    new = flat + inner_lr * dphi - lr * (r + inner_lr * dphi)
+    if ascent == "identity":
+        a_plus_b = r / (nf * nr) - cos * f / nf**2 + f / (nf * nr) - cos * r / nr**2
+        u = f - beta * a_plus_b
+        new = flat + inner_lr * u - lr * (r + inner_lr * u)
+    else:
+        u = (1 + beta * cos) * f - beta * (nf / nr) * r
+        new = flat + inner_lr * u.sign() - lr * r
     return list(torch.split(new, [p.numel() for p in params]))
 
 
-def test_first_order_step_equals_hand_written_float64():
+@pytest.mark.parametrize("ascent", ["bounded", "identity"])
+def test_first_order_step_equals_hand_written_float64(ascent):
     from unlearnopt.unlearner import MultiObjectiveUnlearner
 
     model = tiny()
     forget, retain = batches()
     expected = hand_written_first_order_update(
-        copy.deepcopy(model), forget, retain, beta=0.5, inner_lr=0.05, lr=0.1
+        copy.deepcopy(model), forget, retain, ascent=ascent, beta=0.5, inner_lr=0.05, lr=0.1
     )
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
-    unlearner = MultiObjectiveUnlearner(model, opt, method="ofmu", beta=0.5, inner_lr=0.05)
+    unlearner = MultiObjectiveUnlearner(
+        model, opt, method="ofmu", beta=0.5, inner_lr=0.05, ascent=ascent
+    )
     stats = unlearner.step(forget=forget, retain=retain)
     for p, e in zip(model.parameters(), expected):
         torch.testing.assert_close(p.detach().reshape(-1), e, rtol=1e-10, atol=1e-12)
     assert stats["skipped"] == 0.0 and unlearner.method.outer_steps == 1
     assert stats["ofmu/phi"] == pytest.approx(stats["loss/forget_nll"] - 0.5 * stats["ofmu/cos"])
+
+
+@pytest.mark.parametrize("granularity", ["global", "per_tensor"])
+def test_bounded_ascent_raises_the_forget_loss_and_stays_bounded(granularity):
+    """The bounded inner direction u has ⟨u_p, g_f,p⟩ = ‖g_f,p‖² > 0 for every cosine and β,
+    and ‖u_p‖ ≤ (1 + β)‖g_f,p‖ however small g_r is; its outer coefficients are (0, 1)."""
+    g = torch.Generator().manual_seed(3)
+    for beta in (0.0, 0.5, 1.0, 4.0):
+        for retain_scale in (1.0, 1e-3, 1e-12):
+            gf = [torch.randn(8, dtype=torch.float64, generator=g) for _ in range(5)]
+            gr = [retain_scale * torch.randn(8, dtype=torch.float64, generator=g) for _ in gf]
+            grads = [gf, gr]
+            gram = grad_gram(grads)
+            problems = gram.total.unsqueeze(0) if granularity == "global" else gram.per_tensor
+            weights = FirstOrderWeights(beta, [1e-3], ascent="bounded")
+            c, _ = weights.ascent(problems)
+            u = combine_gradients(grads, c)
+            if granularity == "global":
+                u_parts, f_parts = [torch.cat(u)], [torch.cat(gf)]
+            else:
+                u_parts, f_parts = u, gf
+            for up, fp in zip(u_parts, f_parts):
+                torch.testing.assert_close(up @ fp, fp @ fp, rtol=1e-9, atol=0)
+                assert up.norm() <= (1 + beta) * fp.norm() * (1 + 1e-9)
+            outer = weights(problems).coefficients
+            assert torch.equal(outer, torch.tensor([[0.0, 1.0]]).double().expand_as(c))
+
+
+def test_bounded_step_moves_every_entry_by_the_inner_lr():
+    """With an optimizer that does not move (lr 0), a bounded step moves each entry whose
+    inner direction is nonzero by exactly ±η."""
+    from unlearnopt.unlearner import MultiObjectiveUnlearner
+
+    model = tiny()
+    forget, retain = batches()
+    start = [p.detach().clone() for p in model.parameters()]
+    opt = torch.optim.SGD(model.parameters(), lr=0.0)
+    MultiObjectiveUnlearner(model, opt, method="ofmu", inner_lr=1e-3).step(forget, retain)
+    moved = torch.cat([(p.detach() - s).reshape(-1) for p, s in zip(model.parameters(), start)])
+    nonzero = moved != 0
+    assert nonzero.float().mean() > 0.5
+    torch.testing.assert_close(moved[nonzero].abs(), torch.full_like(moved[nonzero], 1e-3))
 
 
 def objective_changes(model, forget, retain, **options):
@@ -382,12 +439,13 @@ def objective_changes(model, forget, retain, **options):
     return after[0] - before[0], after[1] - before[1]
 
 
+@pytest.mark.parametrize("ascent", ["bounded", "identity"])
 @pytest.mark.parametrize("granularity", ["global", "per_tensor"])
-def test_first_order_progresses_like_the_exact_step(granularity):
+def test_first_order_progresses_like_the_exact_step(granularity, ascent):
     """On a tiny float64 model both raise the forget loss and lower the retain loss."""
     forget, retain = batches()
     opts = {"beta": 0.5, "inner_lr": 0.5, "inner_steps": 1, "granularity": granularity}
-    first = objective_changes(tiny(seed=1), forget, retain, **opts)
+    first = objective_changes(tiny(seed=1), forget, retain, ascent=ascent, **opts)
     exact = objective_changes(tiny(seed=1), forget, retain, hvp="autograd", **opts)
     assert first[0] > 0 and exact[0] > 0, (first, exact)
     assert first[1] < 0 and exact[1] < 0, (first, exact)

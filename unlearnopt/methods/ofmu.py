@@ -30,33 +30,57 @@ values before the inner loop, the optimizer has not stepped and ρ is unchanged.
     ∇cos = H_f a + H_r b,   a = ∂cos/∂g_f = g_r/(‖g_f‖‖g_r‖) − cos·g_f/‖g_f‖²,
                             b = ∂cos/∂g_r = g_f/(‖g_f‖‖g_r‖) − cos·g_r/‖g_r‖²
 
-(per tensor: the same on each tensor's gradients, divided by P). The first-order method
-replaces every Hessian by the identity, which keeps the direction in which the cosine moves
-the two gradients themselves (a + b, a vector in parameter space) and needs no Hessian
-product:
+(per tensor: the same on each tensor's gradients). The first-order step replaces the
+Hessian products so that no Hessian product is needed and the inner direction u is a
+combination c_f g_f + c_r g_r whose coefficients come from the 2×2 Gram matrix of the two
+gradients (``FirstOrderWeights``). Two forms (``ascent``):
 
-    ∇Φ ≈ g_f − β(a + b) = c_f g_f + c_r g_r,
-        c_f = 1 − β(1/(‖g_f‖‖g_r‖) − cos/‖g_f‖²),   c_r = −β(1/(‖g_f‖‖g_r‖) − cos/‖g_r‖²),
+- ``"identity"``: every Hessian replaced by the identity (the per-tensor mean divides by P):
 
-a combination of the two gradients whose coefficients come from their 2×2 Gram matrix
-(``FirstOrderWeights``). The outer gradient at θ' = θ + η∇Φ reuses the retain gradient of
-the inner step: to first order in η, ∇L_r(θ') = g_r + η H_r ∇Φ + O(η²), and with H_r
-replaced by the identity as above
+      u = g_f − β(a + b),  c_f = 1 − β(1/(‖g_f‖‖g_r‖) − cos/‖g_f‖²),
+                           c_r = −β(1/(‖g_f‖‖g_r‖) − cos/‖g_r‖²),
 
-    d ≈ g_r + η ∇Φ = η c_f g_f + (1 + η c_r) g_r.
+  moved as θ ← θ + η u. Exact when H_f = H_r = I (e.g. L = ½‖θ − c‖²). Its b term,
+  −β(ĝ_f − cos ĝ_r)/‖g_r‖ (ĝ = g/‖g‖), is a *descent* direction on L_f of size
+  β·sin/‖g_r‖: once the retain batch is fitted (‖g_r‖ → 0) it outweighs g_f and the
+  "ascent" relearns the forget facts; and a raw-gradient move of fixed η either does nothing
+  or runs away as ‖g_f‖ grows under ascent.
+- ``"bounded"`` (default): the cosine of a vanishing gradient is ill-conditioned (exactly,
+  not only in this approximation), so the retain gradient's direction is held fixed (no
+  derivative through g_r), and H_f is replaced by ‖g_f‖²·I, which gives the cosine term the
+  units and the scale of g_f:
+
+      u = g_f − β‖g_f‖(ĝ_r − cos ĝ_f) = (1 + β cos) g_f − β(‖g_f‖/‖g_r‖) g_r.
+
+  For every β ≥ 0 and cosine, ⟨u, g_f⟩ = ‖g_f‖² (always an ascent on L_f),
+  ‖u‖ ≤ (1 + β)‖g_f‖ (bounded however small g_r is), and ⟨u, g_r⟩ = ‖g_f‖‖g_r‖(cos −
+  β sin²): u lowers L_r to first order when cos < β sin², i.e. it removes the part of g_f
+  that the retain facts share. Per tensor: the same on each tensor (no 1/P). The move is
+  θ ← θ + η·sign(u), entry by entry: every entry moves by exactly η (the size of an Adam
+  step at lr η, whatever the gradients' scale), with ⟨sign(u), u⟩ = ‖u‖₁ > 0. A move along
+  u itself, normalised to RMS η, puts most of it on the few entries with the largest
+  gradients (the embedding rows of the answer tokens) and cost fluency on SmolLM2-135M
+  before it forgot (docs/method_measurements.md). With ``inner_lr=None`` (default) η is the
+  optimizer's lr.
+
+The outer step reuses the gradients of the last inner evaluation (computed at θ). Identity:
+to first order ∇L_r(θ') = g_r + η H_r u + O(η²), and with H_r replaced by the identity
+
+    d ≈ g_r + η u = η c_f g_f + (1 + η c_r) g_r,
+
+exact when H_r = I and to O(η·‖H_r − I‖·‖u‖) otherwise. Bounded: d = g_r (the move's
+correction H_r·η sign(u) is a Hessian product; replaced by the identity it would be a
+fixed-size sign vector, which is not a retain direction, so it is left out).
 
 So one step with T = 1 costs two gradient evaluations (g_f and g_r, one forward and backward
 each, like ``grad_diff``), one Gram, and two combinations; each further inner step costs two
 more evaluations. The last inner move is added after the optimizer's step: the outer
-direction is computed at θ anyway, so the order shows only in a decoupled weight decay (by
-lr·λ·η∇Φ, second order), and no copy of the parameters is needed to undo a failed step
-(T > 1 keeps one, for the earlier moves). What is approximated: H_f a + H_r b by a + b in
-the inner step, and
-∇L_r(θ') by g_r + η∇Φ; both are exact when H_f = H_r = I (e.g. L = ½‖θ − c‖²), and the
-second is exact to O(η·‖H_r − I‖·‖∇Φ‖) otherwise. The penalty ρ‖∇Φ‖² has no first-order
-counterpart (its gradient 2ρ·H_Φ∇Φ is a Hessian product): first order requires ρ = 0. The
-per-objective gradients are those of the unlearner (reduced across ranks), so this variant
-runs under DDP and FSDP2 like every other method.
+direction is computed at θ anyway, so the order shows only in a decoupled weight decay
+(second order in η), and no copy of the parameters is needed to undo a failed step (T > 1
+keeps one, for the earlier moves). The penalty ρ‖∇Φ‖² has no first-order counterpart (its
+gradient 2ρ·H_Φ∇Φ is a Hessian product): first order requires ρ = 0. The per-objective
+gradients are those of the unlearner (reduced across ranks), so this variant runs under
+DDP and FSDP2 like every other method.
 
 **Exact (``hvp="finite_difference"`` or ``"autograd"``)**: ``unlearnopt.methods.ofmu_exact``
 computes H_f a, H_r b (and H_Φ∇Φ when ρ > 0) by central differences of gradients or by
@@ -69,13 +93,16 @@ batch, median of interleaved rounds): ``finite_difference`` with T = 5, ρ = 0: 
 order with T = 1 in the same run: 2.2× (``grad_diff`` 1.7×, ``mollm`` 2.2×); see
 docs/method_measurements.md.
 
-Defaults: ``hvp="first_order"``, T = 1, β = 1 (the cosine is in [−1, 1], commensurate with a
-token-mean loss), γ = 1.05, ``inner_lr = 3e-5`` and ``rho = 0`` (the last two measured on
-SmolLM2-135M with the exact method, docs/method_measurements.md: the inner steps do the
-forgetting, and any ρ > 0 let the penalty's term dominate the outer direction and cost
-retain accuracy). With first order, no inner_lr tried meets the quality bar on one PULSE
-request of ten facts: 3e-5 does not forget within 8 steps, 3e-4 forgets but loses most retain
-facts (docs/method_measurements.md).
+Defaults: ``hvp="first_order"`` with ``ascent="bounded"``, T = 1, β = 1 (the cosine is in
+[−1, 1], commensurate with a token-mean loss), γ = 1.05, ``inner_lr=None`` (η = the
+optimizer's lr) and ``rho = 0``. Measured on SmolLM2-135M (one PULSE request of ten facts,
+AdamW lr 1e-5, 8 steps, seed 0; docs/method_measurements.md): η = lr forgets 6 of 10 and
+keeps retain 1.00, neighbours 0.92 and perplexity +0.4%, as MOLLM does on the same request
+(7 of 10, 1.00, 0.92, +1.0%); 2e-5 and 3e-5 forget 8 of 10 and lose neighbours (0.88, 0.79).
+The identity form does not meet the bar at any inner_lr tried, and normalising its move to RMS
+η cost fluency (+8% at 3e-6 with 6 of 10 forgotten). The exact variants' measured inner step
+is ``inner_lr = 3e-5`` (pass it), and ρ > 0 let the penalty's term dominate the outer
+direction and cost retain accuracy.
 """
 
 from __future__ import annotations
@@ -100,44 +127,59 @@ __all__ = ["OFMU", "FirstOrderWeights", "OFMUEngine", "cosine", "cosine_directio
 
 GRANULARITIES = ("global", "per_tensor")
 HVP_CHOICES = ("first_order", *HVP_MODES)
+ASCENTS = ("bounded", "identity")
 
 
 class FirstOrderWeights(Weighting):
     """The Gram ``[B, 2, 2]`` of (g_f, g_r) -> first-order OFMU's coefficients.
 
-    B = 1 (global cosine) or P (per-tensor cosines, each of whose gradients is divided by P).
-    :meth:`ascent` gives (c_f, c_r) of ∇Φ ≈ c_f g_f + c_r g_r (module docstring); calling the
-    weighting gives the outer direction's (η c_f, 1 + η c_r).
+    B = 1 (global cosine) or P (per-tensor cosines). :meth:`ascent` gives (c_f, c_r) of the
+    inner direction u = c_f g_f + c_r g_r; calling the weighting gives the outer direction's
+    coefficients: (η c_f, 1 + η c_r) for ``"identity"``, (0, 1) for ``"bounded"`` (module
+    docstring).
 
     Args:
         beta: β ≥ 0.
         inner_lrs: η, one value for every tensor or one per trainable tensor (P values);
             0 when no inner step is taken (the outer direction is then g_r).
+        ascent: ``"bounded"`` (the cosine's derivative through g_f only, scaled to ‖g_f‖)
+            or ``"identity"`` (∇Φ with every Hessian replaced by the identity).
     """
 
-    def __init__(self, beta: float, inner_lrs: Sequence[float]):
+    def __init__(self, beta: float, inner_lrs: Sequence[float], *, ascent: str = "identity"):
+        if ascent not in ASCENTS:
+            raise ValueError(f"ascent must be one of {ASCENTS}, got {ascent!r}")
         self.beta = float(beta)
         self.inner_lrs = [float(x) for x in inner_lrs]
+        self.mode = ascent
 
     def ascent(self, gram: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(c [B, 2], cos 0-dim)``: ∇Φ ≈ c[:, 0] g_f + c[:, 1] g_r per problem, and the
+        """``(c [B, 2], cos 0-dim)``: u = c[:, 0] g_f + c[:, 1] g_r per problem, and the
         cosine (global, or the mean of the per-tensor ones)."""
         ff, rr, fr = gram[:, 0, 0], gram[:, 1, 1], gram[:, 0, 1]
         ok = (ff > 0) & (rr > 0)
-        one = torch.ones_like(ff)
+        one, zero = torch.ones_like(ff), torch.zeros_like(ff)
         ff_s, rr_s = torch.where(ok, ff, one), torch.where(ok, rr, one)
-        inv = torch.where(ok, (ff_s * rr_s).rsqrt(), torch.zeros_like(ff))  # 1/(‖g_f‖‖g_r‖)
+        inv = torch.where(ok, (ff_s * rr_s).rsqrt(), zero)  # 1/(‖g_f‖‖g_r‖)
         cos = fr * inv
-        scale = self.beta / gram.shape[0]
-        c_f = 1.0 - scale * (inv - cos / ff_s)
-        c_r = -scale * (inv - cos / rr_s)
+        if self.mode == "bounded":
+            # u = g_f − β‖g_f‖(ĝ_r − cos ĝ_f) = (1 + β cos) g_f − β(‖g_f‖/‖g_r‖) g_r
+            c_f = 1.0 + self.beta * cos
+            c_r = torch.where(ok, -self.beta * (ff_s / rr_s).sqrt(), zero)
+        else:
+            scale = self.beta / gram.shape[0]
+            c_f = 1.0 - scale * (inv - cos / ff_s)
+            c_r = -scale * (inv - cos / rr_s)
         return torch.stack([c_f, c_r], dim=-1), cos.mean()
 
     def __call__(self, gram: torch.Tensor) -> WeightingResult:
         c, _ = self.ascent(gram)
-        eta = torch.tensor(self.inner_lrs, dtype=c.dtype, device=c.device).unsqueeze(-1)
         keep_retain = torch.tensor([0.0, 1.0], dtype=c.dtype, device=c.device)
-        outer = eta * c + keep_retain  # [B, 2], or [P, 2] for P values of η
+        if self.mode == "bounded":
+            outer = keep_retain.expand_as(c).clone()
+        else:
+            eta = torch.tensor(self.inner_lrs, dtype=c.dtype, device=c.device).unsqueeze(-1)
+            outer = eta * c + keep_retain  # [B, 2], or [P, 2] for P values of η
         return WeightingResult(outer, outer, torch.ones_like(outer, dtype=torch.bool))
 
 
@@ -152,8 +194,12 @@ class OFMU(Method):
             loss.
         gamma: growth factor, ρ ← γρ after every outer step (≥ 1). Default 1.05.
         inner_steps: T ≥ 0 inner ascent steps per ``step()``. Default 1.
-        inner_lr: step size of the inner ascent (default 3e-5, measured on SmolLM2-135M);
-            None: each parameter group's current ``lr`` in the wrapped optimizer.
+        inner_lr: step size η of the inner ascent; None (default): each parameter group's
+            current ``lr`` in the wrapped optimizer (so LR schedulers scale the inner moves
+            too). The exact variants were measured at 3e-5.
+        ascent: the first-order inner direction: ``"bounded"`` (default: the cosine's
+            derivative through g_f only, scaled to ‖g_f‖; every entry moves by η along the
+            sign) or ``"identity"`` (every Hessian replaced by the identity; moved as η·u).
         granularity: ``"global"`` (default) or ``"per_tensor"`` cosine.
         hvp: ``"first_order"`` (default: Hessians replaced by the identity, no Hessian
             product, DDP/FSDP2), ``"finite_difference"`` or ``"autograd"`` (the exact
@@ -169,9 +215,10 @@ class OFMU(Method):
         "rho": 0.0,
         "gamma": 1.05,
         "inner_steps": 1,
-        "inner_lr": 3e-5,
+        "inner_lr": None,
         "granularity": "global",
         "hvp": "first_order",
+        "ascent": "bounded",
         "fd_eps": 1e-3,
     }
     needs_ref = False
@@ -210,6 +257,8 @@ class OFMU(Method):
             raise ValueError(
                 f"ofmu: granularity must be one of {GRANULARITIES}, got {c['granularity']!r}"
             )
+        if c["ascent"] not in ASCENTS:
+            raise ValueError(f"ofmu: ascent must be one of {ASCENTS}, got {c['ascent']!r}")
         if c["hvp"] not in HVP_CHOICES:
             raise ValueError(f"ofmu: hvp must be one of {HVP_CHOICES}, got {c['hvp']!r}")
         if c["hvp"] == "first_order" and c["rho"] != 0:
@@ -231,12 +280,17 @@ class OFMU(Method):
         return [Objective("forget_nll", "forget", nll), Objective("retain_nll", "retain", nll)]
 
     def aggregator(self) -> Aggregator:
-        """The outer direction of the first-order step, from the Gram of (g_f, g_r), with the
-        inner step size of ``inner_lr`` (the step recipe uses the optimizer's lrs when
-        inner_lr is None)."""
+        """Not available: OFMU's step evaluates the gradients at the batches twice around an
+        inner move (the step recipe), which gradients accumulated by ``backward()`` cannot
+        give."""
+        raise NotImplementedError(
+            "ofmu's step takes an inner ascent before its outer step and needs the batches: "
+            "call step(forget=..., retain=...) instead of backward() + step()"
+        )
+
+    def _weights(self, inner_lrs: Sequence[float]) -> FirstOrderWeights:
         c = self.config
-        eta = 0.0 if c["inner_steps"] == 0 or c["inner_lr"] is None else c["inner_lr"]
-        return Aggregator(FirstOrderWeights(c["beta"], [eta]), c["granularity"])
+        return FirstOrderWeights(c["beta"], inner_lrs, ascent=c["ascent"])
 
     @property
     def needs_retain(self) -> bool:
@@ -251,9 +305,10 @@ class OFMU(Method):
         return self._first_order_step if self.config["hvp"] == "first_order" else self._bilevel_step
 
     def _first_order_step(self, tools: StepTools, forget, retain) -> dict[str, float]:
-        """T inner ascent steps along c_f g_f + c_r g_r moved directly, one outer step along
-        η c_f g_f + (1 + η c_r) g_r through the optimizer (module docstring); the last
-        inner step and the outer step share one evaluation of g_f and g_r."""
+        """T inner ascent moves along u = c_f g_f + c_r g_r (bounded: η·sign(u)) taken
+        directly, one outer step through the optimizer along g_r (identity: η c_f g_f +
+        (1 + η c_r) g_r) (module docstring); the last inner move and the outer step share one
+        evaluation of g_f and g_r."""
         if tools.scaler is not None:
             raise NotImplementedError(
                 "ofmu does not support a GradScaler (fp16 loss scaling); "
@@ -264,9 +319,7 @@ class OFMU(Method):
         names = [o.name for o in objectives]
         steps = c["inner_steps"]
         lrs = self._inner_lrs(tools)
-        weighting = FirstOrderWeights(
-            c["beta"], ([0.0] if steps == 0 else lrs if len(set(lrs)) > 1 else lrs[:1])
-        )
+        weighting = self._weights([0.0] if steps == 0 else lrs if len(set(lrs)) > 1 else lrs[:1])
         aggregator = Aggregator(weighting, c["granularity"])
 
         def evaluate():
@@ -276,28 +329,37 @@ class OFMU(Method):
             ascent, cos = weighting.ascent(problems)
             return losses, grads, gram, ascent, cos
 
+        def inner_move(grads, ascent) -> list[torch.Tensor | None]:
+            """u, or sign(u) when bounded (each entry then moves by exactly η)."""
+            u = combine_gradients(grads, ascent)
+            if c["ascent"] == "bounded":
+                u = [None if t is None else t.sign_() for t in u]
+            return u
+
         with tools.atomic() as update:
             extra: dict[str, torch.Tensor] = {}
             for t in range(steps - 1):  # inner steps before the last evaluation
                 losses, grads, _, ascent, _ = evaluate()
                 if t == 0:
                     extra["loss/forget_nll_before_inner"] = losses["forget_nll"]
-                update.move(combine_gradients(grads, ascent), alpha=lrs)
+                update.move(inner_move(grads, ascent), alpha=lrs)
             losses, grads, gram, ascent, cos = evaluate()
             extra = {
                 "ofmu/cos": cos,
                 "ofmu/phi": losses["forget_nll"] - c["beta"] * cos,
+                "ofmu/c_forget": ascent[:, 0].mean(),
+                "ofmu/c_retain": ascent[:, 1].mean(),
                 "grad_norm/phi": aggregator.direction_sq_norm(gram.per_tensor, ascent)
                 .clamp(min=0)
                 .sqrt(),
                 **extra,
             }
             weighed = tools.weigh(aggregator, names, losses, grads, gram=gram, extra=extra)
-            inner = combine_gradients(grads, ascent) if steps > 0 else None
+            inner = inner_move(grads, ascent) if steps > 0 else None
             direction = aggregator.combine(grads, weighed.coefficients, inplace=True)
             # The last inner move follows the optimizer's step: the outer direction was
             # computed at θ already, so the order changes only a decoupled weight decay (by
-            # lr·λ·η∇Φ, second order), and a move after the step needs no parameter copy.
+            # lr·λ·η·u, second order), and a move after the step needs no parameter copy.
             if update.apply(direction, overflow=weighed.overflow) and inner is not None:
                 update.move(inner, alpha=lrs)
         return self._finish(weighed.stats, update.stepped)
