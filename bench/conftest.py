@@ -101,6 +101,13 @@ def synchronize() -> None:
         torch.cuda.synchronize()
 
 
+def seconds(benchmark, stat: str = "median") -> float:
+    """The benchmark's ``stat`` (``"median"``, ``"min"``) in seconds; NaN when pytest ran
+    with ``--benchmark-disable`` (each function once, untimed, as a smoke test)."""
+    stats = benchmark.stats
+    return float("nan") if stats is None else float(getattr(stats.stats, stat))
+
+
 def record(benchmark, **info) -> None:
     """Attach figures to a benchmark result (shown by bench/report.py)."""
     benchmark.extra_info.update(info)

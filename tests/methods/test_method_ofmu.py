@@ -295,8 +295,6 @@ def test_options_validated():
         OFMU(ascent="normalised")
     with pytest.raises(ValueError, match="ascent must be one of"):
         FirstOrderWeights(1.0, [1e-5], ascent="sign")
-    with pytest.raises(NotImplementedError, match=r"step\(forget=\.\.\., retain=\.\.\.\)"):
-        OFMU().aggregator()
     assert OFMU().config["hvp"] == "first_order"
     assert OFMU().config["ascent"] == "bounded"
 

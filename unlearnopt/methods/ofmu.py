@@ -280,13 +280,12 @@ class OFMU(Method):
         return [Objective("forget_nll", "forget", nll), Objective("retain_nll", "retain", nll)]
 
     def aggregator(self) -> Aggregator:
-        """Not available: OFMU's step evaluates the gradients at the batches twice around an
-        inner move (the step recipe), which gradients accumulated by ``backward()`` cannot
-        give."""
-        raise NotImplementedError(
-            "ofmu's step takes an inner ascent before its outer step and needs the batches: "
-            "call step(forget=..., retain=...) instead of backward() + step()"
-        )
+        """The outer direction of the first-order step from the Gram of (g_f, g_r), with the
+        inner step size of ``inner_lr`` (0 when None). ``backward()`` + ``step()`` applies
+        this outer step alone: the inner move needs the batches (``step(forget, retain)``)."""
+        c = self.config
+        eta = 0.0 if c["inner_steps"] == 0 or c["inner_lr"] is None else c["inner_lr"]
+        return Aggregator(self._weights([eta]), c["granularity"])
 
     def _weights(self, inner_lrs: Sequence[float]) -> FirstOrderWeights:
         c = self.config
