@@ -30,10 +30,10 @@ values before the inner loop, the optimizer has not stepped and ρ is unchanged.
     ∇cos = H_f a + H_r b,   a = ∂cos/∂g_f = g_r/(‖g_f‖‖g_r‖) − cos·g_f/‖g_f‖²,
                             b = ∂cos/∂g_r = g_f/(‖g_f‖‖g_r‖) − cos·g_r/‖g_r‖²
 
-(per tensor: the same on each tensor's gradients). The first-order step replaces the
-Hessian products so that no Hessian product is needed and the inner direction u is a
-combination c_f g_f + c_r g_r whose coefficients come from the 2×2 Gram matrix of the two
-gradients (``FirstOrderWeights``). Two forms (``ascent``):
+(per tensor: the same on each tensor's gradients). The first-order step approximates
+H_f a + H_r b without any Hessian product, so that the inner direction u is a combination
+c_f g_f + c_r g_r whose coefficients come from the 2×2 Gram matrix of the two gradients
+(``FirstOrderWeights``). Two forms (``ascent``):
 
 - ``"identity"``: every Hessian replaced by the identity (the per-tensor mean divides by P):
 
