@@ -5,9 +5,9 @@ met the quality bar.
 
 Each RUN_DIR holds a ``report.json`` of ``unlearnopt pulse`` (one seed). Rows: ``method xR``
 (the end of R sequential requests) for each method and phase, and ``method x1`` (the same
-facts as one request) where the run compared them (``--compare-one-shot``). Writes PREFIX.md (the table),
-PREFIX.json (the numbers) and PREFIX.png (retain and neighbour accuracy after unlearning as a
-share of before, per run and seed).
+facts as one request) where the run compared them (``--compare-one-shot``). Writes PREFIX.md
+(the table), PREFIX.json (the numbers) and PREFIX.png (retain and neighbour accuracy after
+unlearning as a share of before, per run and seed).
 """
 
 from __future__ import annotations
@@ -58,7 +58,8 @@ def collect(run_dirs: list[Path]) -> dict:
                         "verdict": verdict,
                     }
                 )
-    return out
+    order = {"pretrained": 0, "finetuned": 1}
+    return dict(sorted(out.items(), key=lambda kv: order.get(kv[0], 2)))
 
 
 def fmt(values: list[float], worst_is_max: bool, spec: str = ".2f") -> str:
