@@ -101,8 +101,8 @@ keeps retain 1.00, neighbours 0.92 and perplexity +0.4%, as MOLLM does on the sa
 (7 of 10, 1.00, 0.92, +1.0%); 2e-5 and 3e-5 forget 8 of 10 and lose neighbours (0.88, 0.79).
 Over three seeds, one and five requests, pre-trained and fine-tuned facts, it does not meet
 the bar in any run: it keeps every retain fact but forgets slowly (7-8 of 10 after 20 steps)
-and, by the time it has forgotten, has lost neighbours (0.58-0.72) and fluency (+8% to
-+19%). The identity form does not meet the bar at any inner_lr tried, and normalising its
+and, by the time it has forgotten, has lost neighbours (0.62-0.91 of before) or fluency (up
+to +19%). The identity form does not meet the bar at any inner_lr tried, and normalising its
 move to RMS η cost fluency (+8% at 3e-6 with 6 of 10 forgotten). The exact variants'
 measured inner step is ``inner_lr = 3e-5`` (pass it), and ρ > 0 let the penalty's term
 dominate the outer direction and cost retain accuracy.
