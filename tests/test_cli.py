@@ -181,6 +181,8 @@ def test_pulse_command_with_user_data(model_dir, tmp_path, capsys):
         ),
         (["pulse", "--methods", "ga,bogus"], "unknown method 'bogus'"),
         (["pulse", "--phases", "later"], "unknown phase 'later'"),
+        (["pulse", "--methods", "keyed", "--option", "keyed.layer=-1"], "layer must be"),
+        (["pulse", "--methods", "keyed", "--option", "keyed.beta=1"], "unknown option(s)"),
         (["pulse", "--forget-size", "2", "--requests", "5"], "forget_size (2) must be >= requests"),
         (["demo", "--option", "mollm.alpha"], "expected METHOD.KEY=VALUE"),
         (

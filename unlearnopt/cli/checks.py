@@ -52,17 +52,25 @@ def _parse_options(items: Sequence[str] | None, per_method: bool) -> dict:
 
 def _check_method_options(method: str, options: dict, flag: str):
     """The method class, after checking that it accepts ``options`` (nothing is loaded)."""
+    from unlearnopt.eval.pulse.config import EDIT_METHODS
     from unlearnopt.methods import get_method
 
-    cls = get_method(method)
+    if method in EDIT_METHODS:
+        from unlearnopt.editing import KeyedEditRun
+
+        cls, check = KeyedEditRun, KeyedEditRun.check_options
+    else:
+        cls = check = get_method(method)
     try:
-        cls(**options)
+        check(**options)
     except (TypeError, ValueError) as e:
         raise CLIError(f"{flag}: {e}") from None
     return cls
 
 
-def _methods_list(text: str, flag: str) -> list[str]:
+def _methods_list(text: str, flag: str, extra: Sequence[str] = ()) -> list[str]:
+    """The method names of ``text`` ('all': every gradient method), each one of
+    ``available_methods()`` or of ``extra`` (e.g. PULSE's edit methods)."""
     from unlearnopt.methods import available_methods
 
     if flag == "--methods" and text.strip() == "all":
@@ -70,7 +78,7 @@ def _methods_list(text: str, flag: str) -> list[str]:
     names = [m.strip() for m in text.split(",") if m.strip()]
     if not names:
         raise CLIError(f"{flag} is empty; give a comma-separated list, e.g. ga,mollm")
-    known = available_methods()
+    known = [*available_methods(), *extra]
     for m in names:
         if m not in known:
             raise CLIError(f"unknown method {m!r}; available: {', '.join(sorted(known))}")

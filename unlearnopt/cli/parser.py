@@ -82,7 +82,10 @@ def _add_pulse_args(
 
     _add_common(p)
     p.add_argument(
-        "--methods", default=methods, help="methods to compare, comma-separated, or 'all'"
+        "--methods",
+        default=methods,
+        help="methods to compare, comma-separated, or 'all' (the gradient methods); 'keyed' "
+        "is a subject-keyed weight edit (options: keyed.layer, keyed.ridge)",
     )
     p.add_argument(
         "--phases",

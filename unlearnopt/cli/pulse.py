@@ -77,10 +77,10 @@ def _print_results(report: dict, out: Path) -> None:
 
 def _cmd_pulse(args, demo: bool = False) -> int:
     from unlearnopt.data import DataFormatError, load_facts_file
-    from unlearnopt.eval.pulse import PHASES
+    from unlearnopt.eval.pulse import EDIT_METHODS, PHASES
 
     _check_common(args)
-    methods = _methods_list(args.methods, "--methods")
+    methods = _methods_list(args.methods, "--methods", extra=EDIT_METHODS)
     phases = [p.strip() for p in args.phases.split(",") if p.strip()]
     for p in phases:
         if p not in PHASES:

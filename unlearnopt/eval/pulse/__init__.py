@@ -4,9 +4,10 @@ phase's setup and TOFU metrics (:mod:`.finetuned`), and the report's tables and 
 verdicts (:mod:`.summary`)."""
 
 from unlearnopt.eval.metrics import METRIC_NAMES
-from unlearnopt.eval.pulse.config import FOCUS, PHASES, PulseConfig, method_settings
+from unlearnopt.eval.pulse.config import EDIT_METHODS, FOCUS, PHASES, PulseConfig, method_settings
 from unlearnopt.eval.pulse.protocol import (
     dump_json,
+    key_texts_for,
     one_shot_rows,
     quality_verdict,
     run_method_sequence,
@@ -23,6 +24,7 @@ from unlearnopt.eval.pulse.splits import (
 from unlearnopt.training import TUNED_METHOD_OPTIONS, UnlearningRun, finetune
 
 __all__ = [
+    "EDIT_METHODS",
     "FOCUS",
     "METRIC_NAMES",
     "PHASES",
@@ -32,6 +34,7 @@ __all__ = [
     "UnlearningRun",
     "dump_json",
     "finetune",
+    "key_texts_for",
     "known_facts",
     "method_settings",
     "one_shot_rows",

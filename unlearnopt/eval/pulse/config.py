@@ -18,6 +18,10 @@ PHASES = ("pretrained", "finetuned")
 # How a request's forget facts are drawn: "spread" over the relations (round-robin), all from
 # one "relation", or every fact of one "subject" (see ``unlearnopt.eval.pulse.splits``).
 FOCUS = ("spread", "relation", "subject")
+# Methods that edit weights in closed form instead of taking optimizer steps; PULSE serves
+# them like the gradient methods (a "step" is one edit round): "keyed" is
+# ``unlearnopt.editing.KeyedEditRun`` (options: layer, ridge, inner_steps, inner_lr).
+EDIT_METHODS = ("keyed",)
 
 
 @dataclass
@@ -82,7 +86,7 @@ class PulseConfig:
 
         if not self.methods:
             raise ValueError("methods must name at least one method")
-        known = set(available_methods())
+        known = set(available_methods()) | set(EDIT_METHODS)
         for m in self.methods:
             if m not in known:
                 raise ValueError(f"unknown method {m!r}; available: {sorted(known)}")
@@ -117,4 +121,4 @@ def method_settings(cfg: PulseConfig, method: str) -> dict[str, Any]:
     return tuned_settings(method, cfg.lr, cfg.method_options.get(method))
 
 
-__all__ = ["FOCUS", "PHASES", "PulseConfig", "method_settings"]
+__all__ = ["EDIT_METHODS", "FOCUS", "PHASES", "PulseConfig", "method_settings"]

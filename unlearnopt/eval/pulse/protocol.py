@@ -65,8 +65,9 @@ import numpy as np
 import torch
 
 from unlearnopt.data import Fact, load_fictitious_facts, load_neutral_texts, load_real_facts
+from unlearnopt.editing import KeyedEditRun
 from unlearnopt.eval.metrics import evaluate, score_answers
-from unlearnopt.eval.pulse.config import PulseConfig, method_settings
+from unlearnopt.eval.pulse.config import EDIT_METHODS, PulseConfig, method_settings
 from unlearnopt.eval.pulse.finetuned import TOFU_DOC, finetuned_setup, retain_model_metrics
 from unlearnopt.eval.pulse.splits import (
     Split,
@@ -117,26 +118,35 @@ def run_method_sequence(
     neutral: Sequence[str],
     div_prompts: Sequence[str],
     log: Callable[[str], None] = print,
+    key_texts: Sequence[str] = (),
 ) -> list[dict[str, Any]]:
     """Run ``method`` over the split's requests on ``model`` (modified in place); returns one
     record per measurement: ``{"request", "step", "request_step", "point" ("at_target"|"end"),
     "metrics", "train_seconds"}`` (``"end"`` also has ``"steps_to_target"`` and
     ``"last_stats"``, the last step's statistics); with ``stop_at_target`` the two points of a
-    request that reached the target share one measurement."""
+    request that reached the target share one measurement.
+
+    ``method`` is a gradient method (an optimizer step each) or one of :data:`EDIT_METHODS`
+    (``"keyed"``: a step is one round of :class:`~unlearnopt.editing.KeyedEditRun`, whose key
+    statistics come from ``key_texts``, by default :func:`key_texts_for` the split)."""
     options = method_settings(cfg, method)
-    run = UnlearningRun(
-        model,
-        tokenizer,
-        method,
-        ref_model,
-        split.retain,
-        lr=float(options.pop("lr")),
-        retain_batch_size=cfg.retain_batch_size,
-        seed=cfg.seed,
-        max_grad_norm=cfg.max_grad_norm,
-        options=options,
-        retain_same_relation=cfg.retain_same_relation,
-    )
+    lr = float(options.pop("lr"))
+    if method in EDIT_METHODS:  # an edit has no optimizer: lr is not used
+        run = KeyedEditRun(model, tokenizer, key_texts or key_texts_for(split, ()), **options)
+    else:
+        run = UnlearningRun(
+            model,
+            tokenizer,
+            method,
+            ref_model,
+            split.retain,
+            lr=lr,
+            retain_batch_size=cfg.retain_batch_size,
+            seed=cfg.seed,
+            max_grad_norm=cfg.max_grad_norm,
+            options=options,
+            retain_same_relation=cfg.retain_same_relation,
+        )
     records: list[dict[str, Any]] = []
     train_seconds = 0.0
     for r, chunk in enumerate(split.requests, start=1):
@@ -218,6 +228,21 @@ def run_method_sequence(
     return records
 
 
+def key_texts_for(split: Split, fictitious: Sequence[Fact]) -> list[str]:
+    """Generic prompts for a keyed edit's key statistics: the prompts and paraphrases of the
+    retain facts and of ``fictitious`` facts, never of a forget or neighbour fact (a prompt
+    in the statistics is protected by the edit, so a neighbour there would flatter it)."""
+    held = {(f.prompt, f.answer) for f in (*split.forget, *split.neighbour)}
+    seen: set[tuple[str, str]] = set()
+    texts: list[str] = []
+    for f in (*split.retain, *fictitious):
+        if (f.prompt, f.answer) in held or (f.prompt, f.answer) in seen:
+            continue
+        seen.add((f.prompt, f.answer))
+        texts += [f.prompt, *f.paraphrases]
+    return texts
+
+
 def run_pulse(
     model,
     tokenizer,
@@ -286,7 +311,10 @@ def run_pulse(
             f"{before['retain_acc']:.2f}, neighbour acc {before['neighbour_acc']:.2f}, "
             f"ppl {before['ppl']:.1f}"
         )
-        records = _run_methods(base, tokenizer, split, cfg, neutral, div_prompts, log, tofu)
+        key_texts = key_texts_for(split, fictitious) if set(cfg.methods) & set(EDIT_METHODS) else ()
+        records = _run_methods(
+            base, tokenizer, split, cfg, neutral, div_prompts, log, tofu, key_texts
+        )
         summary = summarize(before, records)
         verdicts = {row["name"]: quality_verdict(before, row) for row in summary[1:]}
         report["phases"][phase] = {
@@ -306,7 +334,9 @@ def run_pulse(
             one = Split(
                 split.forget, split.retain, split.neighbour, split.nonmember, [list(split.forget)]
             )
-            one_records = _run_methods(base, tokenizer, one, one_cfg, neutral, div_prompts, log)
+            one_records = _run_methods(
+                base, tokenizer, one, one_cfg, neutral, div_prompts, log, key_texts=key_texts
+            )
             rows = one_shot_rows(before, records, one_records, len(split.requests))
             report["phases"][phase]["one_shot"] = {
                 "methods": one_records,
@@ -333,9 +363,11 @@ def _run_methods(
     div_prompts,
     log,
     tofu: Callable[[Any], dict[str, float]] | None = None,
+    key_texts: Sequence[str] = (),
 ) -> dict[str, list[dict]]:
     """Every method of ``cfg`` over ``split``'s requests, each on its own copy of ``base``;
-    with ``tofu``, the last record of each method gets ``"tofu": tofu(unlearned model)``."""
+    with ``tofu``, the last record of each method gets ``"tofu": tofu(unlearned model)``;
+    ``key_texts``: the key statistics' texts of the edit methods."""
     records: dict[str, list[dict]] = {}
     ref = copy.deepcopy(base).eval().requires_grad_(False)
     for method in cfg.methods:
@@ -343,7 +375,7 @@ def _run_methods(
         work = copy.deepcopy(base)
         work.requires_grad_(True)
         records[method] = run_method_sequence(
-            work, ref, tokenizer, method, split, cfg, neutral, div_prompts, log
+            work, ref, tokenizer, method, split, cfg, neutral, div_prompts, log, key_texts
         )
         if tofu is not None:
             records[method][-1]["tofu"] = tofu(work)
@@ -361,6 +393,7 @@ __all__ = [
     "describe_verdict",
     "dump_json",
     "finetuned_setup",
+    "key_texts_for",
     "one_shot_rows",
     "quality_verdict",
     "run_method_sequence",
