@@ -164,6 +164,10 @@ def test_pulse_command_with_user_data(model_dir, tmp_path, capsys):
             "noanswer.jsonl, line 1: missing required field 'answer'",
         ),
         (
+            ["run", "--forget", "{forget}", "--out", "x", "--method", "keyed"],
+            "every forget fact needs a 'subject' that occurs in its prompt",
+        ),
+        (
             ["run", "--forget", "{forget}", "--out", "x", "--method", "grad_diff"],
             "needs a retain set",
         ),
@@ -433,6 +437,24 @@ def test_run_with_the_newer_methods(model_dir, data_files, tmp_path, capsys, met
     assert rc == 0, capsys.readouterr().err
     log = json.loads((out / "run.json").read_text())
     assert log["method"] == method and len(log["history"]) == 2
+
+
+def test_run_with_the_keyed_edit_changes_one_layer(model_dir, tmp_path, capsys):
+    from transformers import AutoModelForCausalLM
+
+    forget = tmp_path / "forget.jsonl"
+    forget.write_text("".join(json.dumps(f.to_dict()) + "\n" for f in tiny_facts()[:2]))
+    out = tmp_path / "out"
+    argv = ["run", "--model", str(model_dir), "--method", "keyed", "--forget", str(forget)]
+    options = ["--option", "layer=0", "--option", "inner_steps=200", "--option", "inner_lr=2.0"]
+    rc = main([*argv, "--out", str(out), "--steps", "2", "--no-progress", *options])
+    assert rc == 0, capsys.readouterr().err
+    log = json.loads((out / "run.json").read_text())
+    assert log["method"] == "keyed" and log["history"][0]["update_norm"] > 0
+    before = AutoModelForCausalLM.from_pretrained(model_dir).state_dict()
+    after = AutoModelForCausalLM.from_pretrained(out / "model").state_dict()
+    changed = [k for k in before if not torch.equal(before[k], after[k])]
+    assert changed == ["model.layers.0.mlp.down_proj.weight"]
 
 
 def test_methods_all_names_every_method():

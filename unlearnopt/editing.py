@@ -35,6 +35,11 @@ import torch
 
 from unlearnopt.data import Fact
 
+# Methods that edit weights in closed form instead of taking optimizer steps; ``unlearnopt
+# run`` and PULSE serve them like the gradient methods (a "step" is one edit round):
+# "keyed" is :class:`KeyedEditRun` (options: layer, ridge, inner_steps, inner_lr).
+EDIT_METHODS = ("keyed",)
+
 
 def subject_last_token(tokenizer, prompt: str, subject: str) -> int:
     """Index of the subject's last token in ``tokenizer(prompt)["input_ids"]``.
@@ -200,6 +205,21 @@ def keyed_forget(
     }
 
 
+def key_texts(facts: Sequence[Fact], exclude: Sequence[Fact] = ()) -> list[str]:
+    """The prompts and paraphrases of ``facts`` (each fact once), skipping every fact of
+    ``exclude``: texts for :func:`key_second_moment`. A prompt in the key statistics is
+    protected by the edit, so ``exclude`` should hold the facts to forget and any held-out
+    facts that measure the edit's specificity."""
+    skip = {(f.prompt, f.answer) for f in exclude}
+    texts: list[str] = []
+    for f in facts:
+        if (f.prompt, f.answer) in skip:
+            continue
+        skip.add((f.prompt, f.answer))
+        texts += [f.prompt, *f.paraphrases]
+    return texts
+
+
 def mlp_down_projection(model, layer: int) -> torch.nn.Linear:
     """The MLP down-projection of decoder layer ``layer`` (``model.model.layers[layer].mlp
     .down_proj``: Llama, SmolLM, Mistral, Qwen); its input is the key of :func:`keyed_forget`."""
@@ -308,8 +328,10 @@ class KeyedEditRun:
 
 
 __all__ = [
+    "EDIT_METHODS",
     "KeyedEditRun",
     "key_second_moment",
+    "key_texts",
     "keyed_forget",
     "keyed_update",
     "mlp_down_projection",

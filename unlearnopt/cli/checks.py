@@ -52,7 +52,7 @@ def _parse_options(items: Sequence[str] | None, per_method: bool) -> dict:
 
 def _check_method_options(method: str, options: dict, flag: str):
     """The method class, after checking that it accepts ``options`` (nothing is loaded)."""
-    from unlearnopt.eval.pulse.config import EDIT_METHODS
+    from unlearnopt.editing import EDIT_METHODS
     from unlearnopt.methods import get_method
 
     if method in EDIT_METHODS:

@@ -226,7 +226,12 @@ def build_parser() -> argparse.ArgumentParser:
         "with a log of every step.",
     )
     _add_common(run)
-    run.add_argument("--method", default="mollm", help=f"unlearning method, one of: {methods}")
+    run.add_argument(
+        "--method",
+        default="mollm",
+        help=f"unlearning method, one of: {methods}; or keyed (an edit of one MLP layer keyed "
+        "on each fact's subject, which every forget fact must name; --lr is not used)",
+    )
     run.add_argument("--forget", required=True, help="JSONL, one {prompt, answer} per line")
     run.add_argument(
         "--retain",

@@ -19,20 +19,33 @@ from unlearnopt.cli.loading import _load, _setup_torch
 
 def _cmd_run(args) -> int:
     from unlearnopt.data import load_facts_file
+    from unlearnopt.editing import EDIT_METHODS
 
     _check_common(args)
-    method_name = _methods_list(args.method, "--method")
+    method_name = _methods_list(args.method, "--method", extra=EDIT_METHODS)
     if len(method_name) != 1:
         raise CLIError("--method takes one method name")
     method_name = method_name[0]
     options = _parse_options(args.option, per_method=False)
     method_cls = _check_method_options(method_name, options, "--option")
+    edit = method_name in EDIT_METHODS
+    needs_retain = needs_ref = False
+    if not edit:
+        method = method_cls(**options)
+        needs_retain, needs_ref = method.needs_retain, method.needs_ref
     for name in ("steps", "batch_size", "retain_batch_size"):
         _positive(args, name, integer=True)
     forget = load_facts_file(args.forget)
     retain = load_facts_file(args.retain) if args.retain else []
-    if method_cls(**options).needs_retain and not retain:
+    if needs_retain and not retain:
         raise CLIError(f"method {method_name!r} needs a retain set: pass --retain FILE.jsonl")
+    if edit:  # checked before the model loads: the edit is keyed on each fact's subject
+        for f in forget:
+            if not f.subject or f.subject not in f.prompt:
+                raise CLIError(
+                    f"--method {method_name}: every forget fact needs a 'subject' that occurs "
+                    f"in its prompt; {f.id or f.prompt!r} has subject {f.subject!r}"
+                )
     out = _output_dir(args.out)
     _setup_torch(args)
     model, tok = _load(args.model, args.device)
@@ -59,21 +72,29 @@ def _cmd_run(args) -> int:
 
     before = accs()
     print("before: " + ", ".join(f"{k} {v:.3f}" for k, v in before.items()), flush=True)
-    ref = copy.deepcopy(model).eval().requires_grad_(False) if method_cls.needs_ref else None
-    model.requires_grad_(True)
-    run = UnlearningRun(
-        model,
-        tok,
-        method_name,
-        ref,
-        retain,
-        lr=args.lr,
-        retain_batch_size=args.retain_batch_size,
-        seed=args.seed,
-        max_grad_norm=args.max_grad_norm,
-        options=options,
-        retain_same_relation=args.retain_same_relation,
-    )
+    ref = copy.deepcopy(model).eval().requires_grad_(False) if needs_ref else None
+    if edit:
+        from unlearnopt.data import load_fictitious_facts
+        from unlearnopt.editing import KeyedEditRun, key_texts
+
+        # key statistics: the retain facts and the shipped invented-people prompts
+        texts = key_texts([*retain, *load_fictitious_facts()], exclude=forget)
+        run = KeyedEditRun(model, tok, texts, **options)
+    else:
+        model.requires_grad_(True)
+        run = UnlearningRun(
+            model,
+            tok,
+            method_name,
+            ref,
+            retain,
+            lr=args.lr,
+            retain_batch_size=args.retain_batch_size,
+            seed=args.seed,
+            max_grad_norm=args.max_grad_norm,
+            options=options,
+            retain_same_relation=args.retain_same_relation,
+        )
     rng = random.Random(args.seed)
     order = list(forget)
     history = []

@@ -6,6 +6,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from unlearnopt.editing import EDIT_METHODS
 from unlearnopt.training import (
     DEFAULT_LR,
     DEFAULT_MAX_GRAD_NORM,
@@ -18,10 +19,6 @@ PHASES = ("pretrained", "finetuned")
 # How a request's forget facts are drawn: "spread" over the relations (round-robin), all from
 # one "relation", or every fact of one "subject" (see ``unlearnopt.eval.pulse.splits``).
 FOCUS = ("spread", "relation", "subject")
-# Methods that edit weights in closed form instead of taking optimizer steps; PULSE serves
-# them like the gradient methods (a "step" is one edit round): "keyed" is
-# ``unlearnopt.editing.KeyedEditRun`` (options: layer, ridge, inner_steps, inner_lr).
-EDIT_METHODS = ("keyed",)
 
 
 @dataclass

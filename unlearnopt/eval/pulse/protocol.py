@@ -65,7 +65,7 @@ import numpy as np
 import torch
 
 from unlearnopt.data import Fact, load_fictitious_facts, load_neutral_texts, load_real_facts
-from unlearnopt.editing import KeyedEditRun
+from unlearnopt.editing import KeyedEditRun, key_texts
 from unlearnopt.eval.metrics import evaluate, score_answers
 from unlearnopt.eval.pulse.config import EDIT_METHODS, PulseConfig, method_settings
 from unlearnopt.eval.pulse.finetuned import TOFU_DOC, finetuned_setup, retain_model_metrics
@@ -232,15 +232,7 @@ def key_texts_for(split: Split, fictitious: Sequence[Fact]) -> list[str]:
     """Generic prompts for a keyed edit's key statistics: the prompts and paraphrases of the
     retain facts and of ``fictitious`` facts, never of a forget or neighbour fact (a prompt
     in the statistics is protected by the edit, so a neighbour there would flatter it)."""
-    held = {(f.prompt, f.answer) for f in (*split.forget, *split.neighbour)}
-    seen: set[tuple[str, str]] = set()
-    texts: list[str] = []
-    for f in (*split.retain, *fictitious):
-        if (f.prompt, f.answer) in held or (f.prompt, f.answer) in seen:
-            continue
-        seen.add((f.prompt, f.answer))
-        texts += [f.prompt, *f.paraphrases]
-    return texts
+    return key_texts([*split.retain, *fictitious], exclude=[*split.forget, *split.neighbour])
 
 
 def run_pulse(
