@@ -11,6 +11,10 @@ Shipped files (plain text, written for this package; no download):
 
   The model is scored on ``prompt + " " + answer``; facts sharing a ``relation`` are each
   other's *neighbours* (related knowledge that an unlearning run must not destroy).
+  ``subject`` is what the prompt asks about, written as it occurs in the prompt (keyed edits
+  and causal tracing read the model at its last token); where the fact is about someone else
+  (``discovery``: "The telephone was invented by" is about Alexander Graham Bell),
+  ``entity`` names them.
 - ``fictitious.jsonl``: 50 invented people with four facts each (birthplace, profession,
   favourite food, instrument), same fields plus ``entity``; knowledge no pretrained model has,
   for the fine-tuned-knowledge part of PULSE.
