@@ -101,6 +101,31 @@ def key_second_moment(
     return total / count
 
 
+@torch.no_grad()
+def subject_keys(
+    model, tokenizer, facts: Sequence[Fact], module: torch.nn.Module, *, batch_size: int = 32
+) -> torch.Tensor:
+    """``[n, in]`` float64: the input of ``module`` at each fact's subject's last token (the
+    keys :func:`keyed_forget` edits, here of facts to keep)."""
+    from unlearnopt.answers import encode_facts
+
+    out = []
+    for i in range(0, len(facts), batch_size):
+        chunk = list(facts[i : i + batch_size])
+        batch = encode_facts(tokenizer, chunk, module.weight.device)
+        positions = torch.tensor(
+            [subject_last_token(tokenizer, f.prompt, f.subject) for f in chunk],
+            device=module.weight.device,
+        )
+        hook = _KeyHook(module, positions)
+        try:
+            model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+        finally:
+            hook.handle.remove()
+        out.append(hook.keys.double())
+    return torch.cat(out) if out else torch.zeros(0, module.in_features, dtype=torch.float64)
+
+
 def whitening(second_moment: torch.Tensor, ridge: float = 1e-2) -> torch.Tensor:
     """``(C + ridge * mean(diag C) * I)^-1`` ``[in, in]``, float64."""
     if second_moment.dim() != 2 or second_moment.shape[0] != second_moment.shape[1]:
@@ -256,6 +281,11 @@ class KeyedEditRun:
             facts of the forgotten relation; layer 12 lost most of them).
         ridge: added to ``C`` as ``ridge * mean(diag C) * I`` before inversion.
         inner_steps, inner_lr: the Adam search of each round's value changes.
+        protect: facts whose keys (their subjects' last tokens) the edit should leave alone,
+            e.g. the retain facts; with ``protect_weight`` w > 0 their mean key outer product
+            is added to ``C``: ``C + w * K_p^T K_p / n_p``. Their subjects must occur in their
+            prompts.
+        protect_weight: w (0: ``protect`` is not used).
     """
 
     def __init__(
@@ -268,8 +298,16 @@ class KeyedEditRun:
         ridge: float = 1e-2,
         inner_steps: int = 40,
         inner_lr: float = 0.5,
+        protect: Sequence[Fact] = (),
+        protect_weight: float = 0.0,
     ) -> None:
-        self.check_options(layer=layer, ridge=ridge, inner_steps=inner_steps, inner_lr=inner_lr)
+        self.check_options(
+            layer=layer,
+            ridge=ridge,
+            inner_steps=inner_steps,
+            inner_lr=inner_lr,
+            protect_weight=protect_weight,
+        )
         if layer is None:
             layer = len(getattr(getattr(model, "model", model), "layers", ())) // 5
         self.model = model.requires_grad_(False)
@@ -278,7 +316,11 @@ class KeyedEditRun:
         self.layer = layer
         self.inner_steps = inner_steps
         self.inner_lr = inner_lr
-        self.c_inv = whitening(key_second_moment(model, tokenizer, self.module, key_texts), ridge)
+        c = key_second_moment(model, tokenizer, self.module, key_texts)
+        if protect_weight > 0 and protect:
+            kp = subject_keys(model, tokenizer, protect, self.module)
+            c = c + protect_weight * (kp.T @ kp) / kp.shape[0]
+        self.c_inv = whitening(c, ridge)
         self.steps = 0
 
     @staticmethod
@@ -288,6 +330,7 @@ class KeyedEditRun:
         ridge: float = 1e-2,
         inner_steps: int = 40,
         inner_lr: float = 0.5,
+        protect_weight: float = 0.0,
         **unknown,
     ) -> None:
         """Raise ``ValueError`` naming the first invalid option (``TypeError`` for an unknown
@@ -295,7 +338,7 @@ class KeyedEditRun:
         if unknown:
             raise TypeError(
                 f"unknown option(s) {sorted(unknown)} of the keyed edit; expected some of "
-                "layer, ridge, inner_steps, inner_lr"
+                "layer, ridge, inner_steps, inner_lr, protect_weight"
             )
         if layer is not None and (
             isinstance(layer, bool) or not isinstance(layer, int) or layer < 0
@@ -307,6 +350,9 @@ class KeyedEditRun:
             raise ValueError(f"inner_steps must be a positive integer, got {inner_steps!r}")
         if isinstance(inner_lr, bool) or not isinstance(inner_lr, (int, float)) or not inner_lr > 0:
             raise ValueError(f"inner_lr must be a positive number, got {inner_lr!r}")
+        w = protect_weight
+        if isinstance(w, bool) or not isinstance(w, (int, float)) or not w >= 0:
+            raise ValueError(f"protect_weight must be a number >= 0, got {w!r}")
 
     def restart(self) -> None:
         """Nothing to reset: an edit keeps no state between rounds (``C`` stays that of the
@@ -335,6 +381,7 @@ __all__ = [
     "keyed_forget",
     "keyed_update",
     "mlp_down_projection",
+    "subject_keys",
     "subject_last_token",
     "whitening",
 ]

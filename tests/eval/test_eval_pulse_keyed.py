@@ -88,7 +88,30 @@ def test_keyed_in_run_pulse_and_its_options_are_checked(trained_tiny):
         KeyedEditRun.check_options(layer=-1)
     with pytest.raises(ValueError, match="inner_lr must be"):
         KeyedEditRun.check_options(inner_lr=0)
-    with pytest.raises(TypeError):
+    with pytest.raises(ValueError, match="protect_weight must be"):
+        KeyedEditRun.check_options(protect_weight=-1.0)
+    with pytest.raises(TypeError, match="unknown option"):
         KeyedEditRun.check_options(beta=1)
     with pytest.raises(ValueError, match=r"layer must be an integer in \[0, 2\)"):
         KeyedEditRun(copy.deepcopy(base), tok, ["the capital of Aland is"], layer=5)
+
+
+def test_protected_keys_move_less(trained_tiny):
+    from unlearnopt.editing import KeyedEditRun, key_texts, subject_keys
+
+    base, tok = trained_tiny
+    facts = tiny_facts()
+    forget, protect = facts[:2], facts[2:8]  # capitals: the protected ones share the relation
+    texts = key_texts(tiny_fictitious(), exclude=forget)
+    moved = {}
+    for weight in (0.0, 1e3):
+        model = copy.deepcopy(base)
+        run = KeyedEditRun(
+            model, tok, texts, layer=0, inner_steps=50, protect=protect, protect_weight=weight
+        )
+        w0 = run.module.weight.detach().clone()
+        keys = subject_keys(model, tok, protect, run.module)
+        run.step(forget)
+        dw = (run.module.weight.detach() - w0).double()
+        moved[weight] = float((keys @ dw.T).norm() / dw.norm())
+    assert moved[1e3] < 0.1 * moved[0.0], moved

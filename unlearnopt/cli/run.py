@@ -79,7 +79,8 @@ def _cmd_run(args) -> int:
 
         # key statistics: the retain facts and the shipped invented-people prompts
         texts = key_texts([*retain, *load_fictitious_facts()], exclude=forget)
-        run = KeyedEditRun(model, tok, texts, **options)
+        keyed = [f for f in retain if f.subject and f.subject in f.prompt]
+        run = KeyedEditRun(model, tok, texts, protect=keyed, **options)
     else:
         model.requires_grad_(True)
         run = UnlearningRun(

@@ -132,7 +132,8 @@ def run_method_sequence(
     options = method_settings(cfg, method)
     lr = float(options.pop("lr"))
     if method in EDIT_METHODS:  # an edit has no optimizer: lr is not used
-        run = KeyedEditRun(model, tokenizer, key_texts or key_texts_for(split, ()), **options)
+        texts = key_texts or key_texts_for(split, ())
+        run = KeyedEditRun(model, tokenizer, texts, protect=split.retain, **options)
     else:
         run = UnlearningRun(
             model,
