@@ -78,32 +78,65 @@ def test_bad_shapes_raise():
         whitening(torch.zeros(2, 3))
 
 
-def test_keyed_forget_edits_only_the_layer_and_makes_the_answer_lose():
-    from tests.tiny_models import make_model
+class _Tok:
+    """Whitespace words -> ids; answer words are mapped to chosen ids."""
+
+    pad_token_id = 0
+
+    def __init__(self):
+        self.fixed = {}
+
+    def __call__(self, text, add_special_tokens=True, **_):
+        return {"input_ids": [self.fixed.get(w, 3 + sum(map(ord, w)) % 100) for w in text.split()]}
+
+
+def _greedy_facts(model, tok, prompts, subjects):
+    """Facts whose answers are the model's greedy next tokens after ``prompts``."""
     from unlearnopt.data import Fact
+
+    for i, p in enumerate(prompts):
+        ids = torch.tensor([tok(p)["input_ids"]])
+        tok.fixed[f"ans{i}"] = int(model(input_ids=ids).logits[0, -1].argmax())
+    return [
+        Fact(prompt=p, answer=f"ans{i}", subject=s)
+        for i, (p, s) in enumerate(zip(prompts, subjects))
+    ]
+
+
+def test_facts_of_one_subject_share_a_key_and_its_value_change():
+    from tests.tiny_models import make_model
     from unlearnopt.editing import keyed_forget
-
-    class Tok:
-        """Whitespace words -> ids; answer words are mapped to chosen ids."""
-
-        pad_token_id = 0
-
-        def __init__(self):
-            self.fixed = {}
-
-        def __call__(self, text, add_special_tokens=True, **_):
-            return {
-                "input_ids": [self.fixed.get(w, 3 + sum(map(ord, w)) % 100) for w in text.split()]
-            }
 
     torch.manual_seed(0)
     model = make_model("llama")
-    tok = Tok()
+    tok = _Tok()
+    prompts = ["alpha was born in", "alpha works as a", "beta was born in"]
+    facts = _greedy_facts(model, tok, prompts, ["alpha", "alpha", "beta"])
+    layer = model.model.layers[0].mlp.down_proj
+    w0 = layer.weight.detach().clone()
+    # two equal keys: the solve would be singular if each fact had its own column
+    info = keyed_forget(
+        model,
+        tok,
+        facts,
+        layer,
+        torch.eye(layer.in_features, dtype=torch.float64),
+        inner_steps=60,
+    )
+    assert info["update_norm"] > 0
+    dw = (layer.weight.detach() - w0).double()  # float32 rounding: a relative tolerance
+    assert int(torch.linalg.matrix_rank(dw, rtol=1e-4)) == 2
+
+
+def test_keyed_forget_edits_only_the_layer_and_makes_the_answer_lose():
+    from tests.tiny_models import make_model
+    from unlearnopt.editing import keyed_forget
+
+    torch.manual_seed(0)
+    model = make_model("llama")
+    tok = _Tok()
     prompts = ["the capital of alpha is", "the capital of beta is"]
-    for i, p in enumerate(prompts):  # each answer is the model's greedy next token
-        ids = torch.tensor([tok(p)["input_ids"]])
-        tok.fixed[f"ans{i}"] = int(model(input_ids=ids).logits[0, -1].argmax())
-    facts = [Fact(prompt=p, answer=f"ans{i}", subject=p.split()[3]) for i, p in enumerate(prompts)]
+    facts = _greedy_facts(model, tok, prompts, ["alpha", "beta"])
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
     layer = model.model.layers[0].mlp.down_proj
     info = keyed_forget(

@@ -173,8 +173,11 @@ def keyed_forget(
     """One edit of ``module.weight`` (in place) that makes ``model`` stop answering
     ``facts`` (each needs a ``subject`` that occurs in its prompt); see the module docstring.
 
-    Returns ``{"value_norm": mean ||r_f||, "update_norm": ||dW||, "inner_steps": steps}``.
-    Call it again (a new round) while some fact is still answered.
+    Facts whose prompts agree up to the end of the subject ("Ada was born in", "Ada works
+    as") have the same key, so they share one value change (one column of ``K`` and ``R``).
+
+    Returns ``{"value_norm": mean ||r_k|| over distinct keys, "update_norm": ||dW||,
+    "inner_steps": steps}``. Call it again (a new round) while some fact is still answered.
     """
     from unlearnopt.answers import IGNORE_INDEX, encode_facts
 
@@ -187,8 +190,13 @@ def keyed_forget(
     positions = torch.tensor(
         [subject_last_token(tokenizer, f.prompt, f.subject) for f in facts], device=device
     )
+    # in a causal model the key depends only on the prompt up to the subject's end
+    prefixes = [f.prompt[: f.prompt.find(f.subject) + len(f.subject)] for f in facts]
+    distinct = list(dict.fromkeys(prefixes))
+    key_of = torch.tensor([distinct.index(p) for p in prefixes], device=device)
+    first = [prefixes.index(p) for p in distinct]
     hook = _KeyHook(module, positions)
-    delta = torch.zeros(len(facts), module.out_features, device=device, requires_grad=True)
+    delta = torch.zeros(len(distinct), module.out_features, device=device, requires_grad=True)
     opt = torch.optim.Adam([delta], lr=inner_lr)
     was_training = model.training
     model.eval()
@@ -197,7 +205,7 @@ def keyed_forget(
         target = batch["labels"][:, 1:]
         valid = target != IGNORE_INDEX
         for steps in range(1, inner_steps + 1):  # noqa: B007 - the count is read after the loop
-            hook.delta = delta
+            hook.delta = delta[key_of]  # [n_facts, out]
             logits = (
                 model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
                 .logits[:, :-1]
@@ -215,7 +223,7 @@ def keyed_forget(
             # only the value changes are optimised: no gradient reaches the model's weights
             (delta.grad,) = torch.autograd.grad(loss, [delta])
             opt.step()
-        keys = hook.keys
+        keys = hook.keys[first]
     finally:
         hook.handle.remove()
         model.train(was_training)
