@@ -16,6 +16,8 @@ import argparse
 import json
 from pathlib import Path
 
+DEFAULT_LR = 1e-5  # unlearnopt pulse --lr's default
+
 # (column, metric, worst is the larger value)
 COLUMNS = [
     ("forget acc", "forget_acc", True),
@@ -29,6 +31,20 @@ def rows_of(phase: dict) -> tuple[list[dict], dict]:
     if "one_shot" in phase:
         return phase["one_shot"]["summary"], phase["one_shot"]["verdicts"]
     return phase["summary"], phase["verdicts"]
+
+
+def variant(config: dict, method: str) -> str:
+    """The label " (k=v, ...)" for a run whose settings of ``method`` differ from the defaults (its
+    ``--option``s, and ``--lr`` for a gradient method), else ""."""
+    options = dict(config.get("method_options", {}).get(method, {}))
+    if method != "keyed" and config.get("lr", DEFAULT_LR) != DEFAULT_LR:
+        options.setdefault("lr", config["lr"])
+    if not options:
+        return ""
+    text = ", ".join(
+        f"{k}={v:g}" if isinstance(v, float) else f"{k}={v}" for k, v in options.items()
+    )
+    return f" ({text})"
 
 
 def collect(run_dirs: list[Path]) -> dict:
@@ -47,6 +63,8 @@ def collect(run_dirs: list[Path]) -> dict:
                 verdict = verdicts[row["name"]]
                 # "method@end" of a run without the comparison is its "method xR" row
                 name = row["name"].replace("@end", f" x{requests}")
+                method, rest = name.split(" ", 1)
+                name = f"{method}{variant(report['config'], method)} {rest}"
                 out.setdefault(phase_name, {}).setdefault(name, []).append(
                     {
                         "seed": seed,
