@@ -1,11 +1,12 @@
 """Summarise PULSE reports of several seeds: mean and worst seed per method, and how many seeds
 met the quality bar.
 
-    python docs/pulse_seeds.py RUN_DIR [RUN_DIR ...] --out PREFIX [--title TEXT]
+    python docs/pulse_seeds.py RUN_DIR[=LABEL] [RUN_DIR ...] --out PREFIX [--title TEXT]
 
 Each RUN_DIR holds a ``report.json`` of ``unlearnopt pulse`` (one seed). Rows: ``method xR``
 (the end of R sequential requests) for each method and phase, and ``method x1`` (the same
-facts as one request) where the run compared them (``--compare-one-shot``). Writes PREFIX.md
+facts as one request) where the run compared them (``--compare-one-shot``). A run with
+``--option``s or another ``--lr`` gets its own rows, named by them, or by LABEL. Writes PREFIX.md
 (the table), PREFIX.json (the numbers) and PREFIX.png (retain and neighbour accuracy after
 unlearning as a share of before, per run and seed).
 """
@@ -47,10 +48,13 @@ def variant(config: dict, method: str) -> str:
     return f" ({text})"
 
 
-def collect(run_dirs: list[Path]) -> dict:
-    """{phase: {run name: [per-seed dict]}} from the reports."""
+def collect(run_dirs: list[str]) -> dict:
+    """{phase: {run name: [per-seed dict]}} from the reports; ``DIR=LABEL`` names the
+    settings of that run's methods (instead of reading them from its options)."""
     out: dict[str, dict[str, list[dict]]] = {}
-    for d in run_dirs:
+    for item in run_dirs:
+        d, _, label = item.partition("=")
+        d = Path(d)
         report = json.loads((d / "report.json").read_text())
         seed = report["config"]["seed"]
         for phase_name, phase in report["phases"].items():
@@ -64,7 +68,8 @@ def collect(run_dirs: list[Path]) -> dict:
                 # "method@end" of a run without the comparison is its "method xR" row
                 name = row["name"].replace("@end", f" x{requests}")
                 method, rest = name.split(" ", 1)
-                name = f"{method}{variant(report['config'], method)} {rest}"
+                settings = f" ({label})" if label else variant(report["config"], method)
+                name = f"{method}{settings} {rest}"
                 out.setdefault(phase_name, {}).setdefault(name, []).append(
                     {
                         "seed": seed,
@@ -133,7 +138,7 @@ def plot(data: dict, path: Path, title: str) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("runs", nargs="+", type=Path)
+    parser.add_argument("runs", nargs="+", help="RUN_DIR or RUN_DIR=LABEL")
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--title", default="PULSE over seeds")
     args = parser.parse_args()
