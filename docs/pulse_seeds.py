@@ -116,10 +116,14 @@ def plot(data: dict, path: Path, title: str) -> None:
     labels, retain, neighbour = [], [], []
     for phase, runs in data.items():
         for name, seeds in runs.items():
-            labels.append(f"{phase}\n{name}")
+            # "method (settings) xR": the settings on lines of their own, so labels do not overlap
+            head, _, settings = name.partition(" (")
+            settings, _, requests = settings.rpartition(") ")
+            label = f"{phase}\n{head} {requests}" if settings else f"{phase}\n{name}"
+            labels.append(label + ("\n" + settings.replace(", ", ",\n") if settings else ""))
             retain.append([s["retain_acc"] / s["before"]["retain_acc"] for s in seeds])
             neighbour.append([s["neighbour_acc"] / s["before"]["neighbour_acc"] for s in seeds])
-    fig, ax = plt.subplots(figsize=(max(6, 1.1 * len(labels)), 4))
+    fig, ax = plt.subplots(figsize=(max(6, 1.2 * len(labels)), 5))
     for i, (r, n) in enumerate(zip(retain, neighbour)):
         ax.scatter([i - 0.12] * len(r), r, color="tab:blue", label="retain" if i == 0 else None)
         ax.scatter(
