@@ -165,7 +165,7 @@ def test_pulse_command_with_user_data(model_dir, tmp_path, capsys):
         ),
         (
             ["run", "--forget", "{forget}", "--out", "x", "--method", "keyed"],
-            "every forget fact needs a 'subject' that occurs in its prompt",
+            "--forget: --method(s) keyed needs every fact to have a 'subject'",
         ),
         (
             ["run", "--forget", "{forget}", "--out", "x", "--method", "grad_diff"],
@@ -186,6 +186,10 @@ def test_pulse_command_with_user_data(model_dir, tmp_path, capsys):
         (["pulse", "--methods", "ga,bogus"], "unknown method 'bogus'"),
         (["pulse", "--phases", "later"], "unknown phase 'later'"),
         (["pulse", "--methods", "keyed", "--option", "keyed.layer=-1"], "layer must be"),
+        (
+            ["pulse", "--methods", "ga,keyed", "--facts", "{forget}"],
+            "--facts: --method(s) keyed needs every fact to have a 'subject'",
+        ),
         (["pulse", "--methods", "keyed", "--option", "keyed.beta=1"], "unknown option(s)"),
         (["pulse", "--forget-size", "2", "--requests", "5"], "forget_size (2) must be >= requests"),
         (["demo", "--option", "mollm.alpha"], "expected METHOD.KEY=VALUE"),

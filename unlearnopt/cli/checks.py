@@ -68,6 +68,17 @@ def _check_method_options(method: str, options: dict, flag: str):
     return cls
 
 
+def _check_subjects(facts, flag: str, method: str = "keyed") -> None:
+    """An edit method keys on each fact's subject: refuse facts whose subject is not in the
+    prompt before anything is loaded."""
+    for f in facts:
+        if not f.subject or f.subject not in f.prompt:
+            raise CLIError(
+                f"{flag}: --method(s) {method} needs every fact to have a 'subject' that occurs "
+                f"in its prompt; {f.id or f.prompt!r} has subject {f.subject!r}"
+            )
+
+
 def _methods_list(text: str, flag: str, extra: Sequence[str] = ()) -> list[str]:
     """The method names of ``text`` ('all': every gradient method), each one of
     ``available_methods()`` or of ``extra`` (e.g. PULSE's edit methods)."""

@@ -85,7 +85,8 @@ def _add_pulse_args(
         "--methods",
         default=methods,
         help="methods to compare, comma-separated, or 'all' (the gradient methods); 'keyed' "
-        "is a subject-keyed weight edit (options: keyed.layer, keyed.ridge)",
+        "is a subject-keyed weight edit (options: keyed.layer, keyed.ridge, "
+        "keyed.protect_weight)",
     )
     p.add_argument(
         "--phases",

@@ -9,6 +9,7 @@ from unlearnopt.cli.checks import (
     CLIError,
     _check_common,
     _check_method_options,
+    _check_subjects,
     _methods_list,
     _output_dir,
     _parse_options,
@@ -107,6 +108,10 @@ def _cmd_pulse(args, demo: bool = False) -> int:
         data["neutral"] = [s.strip() for s in path.read_text().splitlines() if s.strip()]
         if not data["neutral"]:
             raise DataFormatError(f"{path}: no sentences")
+    edits = [m for m in methods if m in EDIT_METHODS]
+    for key, flag in (("real_facts", "--facts"), ("fictitious", "--fictitious")):
+        if edits and key in data:  # the shipped files are checked by the tests
+            _check_subjects(data[key], flag, edits[0])
     out = _output_dir(args.out)
     _setup_torch(args)
     model, tok = _load(args.model, args.device)

@@ -9,6 +9,7 @@ from unlearnopt.cli.checks import (
     CLIError,
     _check_common,
     _check_method_options,
+    _check_subjects,
     _methods_list,
     _output_dir,
     _parse_options,
@@ -39,13 +40,8 @@ def _cmd_run(args) -> int:
     retain = load_facts_file(args.retain) if args.retain else []
     if needs_retain and not retain:
         raise CLIError(f"method {method_name!r} needs a retain set: pass --retain FILE.jsonl")
-    if edit:  # checked before the model loads: the edit is keyed on each fact's subject
-        for f in forget:
-            if not f.subject or f.subject not in f.prompt:
-                raise CLIError(
-                    f"--method {method_name}: every forget fact needs a 'subject' that occurs "
-                    f"in its prompt; {f.id or f.prompt!r} has subject {f.subject!r}"
-                )
+    if edit:
+        _check_subjects(forget, "--forget", method_name)
     out = _output_dir(args.out)
     _setup_torch(args)
     model, tok = _load(args.model, args.device)
