@@ -20,6 +20,7 @@ args=()
 for s in 0 1 2; do
   args+=("$D/subject-ft-r5-s$s" "$D/subject-ft-keyed-w0-s$s=$W0" "$D/subject-ft-keyed-s$s=$DEF")
 done
+for d in "$D"/subject-ft-siu-s? "$D"/subject-ft-ofmu-s?; do args+=("$d"); done
 python docs/pulse_seeds.py "${args[@]}" --out "$D/subject-ft-r5" \
   --title "PULSE, five requests focused on an invented person (fine-tuned), three seeds"
 
