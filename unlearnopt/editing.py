@@ -102,21 +102,24 @@ def key_second_moment(
     return total / count
 
 
+def _subject_batch(tokenizer, facts: Sequence[Fact], device) -> tuple[dict, torch.Tensor]:
+    """The facts' prompt+answer batch and each fact's subject's last token ``[n]``."""
+    from unlearnopt.answers import encode_facts
+
+    positions = [subject_last_token(tokenizer, f.prompt, f.subject) for f in facts]
+    return encode_facts(tokenizer, facts, device), torch.tensor(positions, device=device)
+
+
 @torch.no_grad()
 def subject_keys(
     model, tokenizer, facts: Sequence[Fact], module: torch.nn.Module, *, batch_size: int = 32
 ) -> torch.Tensor:
     """``[n, in]`` float64: the input of ``module`` at each fact's subject's last token (the
     keys :func:`keyed_forget` edits, here of facts to keep)."""
-    from unlearnopt.answers import encode_facts
-
     out = []
     for i in range(0, len(facts), batch_size):
-        chunk = list(facts[i : i + batch_size])
-        batch = encode_facts(tokenizer, chunk, module.weight.device)
-        positions = torch.tensor(
-            [subject_last_token(tokenizer, f.prompt, f.subject) for f in chunk],
-            device=module.weight.device,
+        batch, positions = _subject_batch(
+            tokenizer, list(facts[i : i + batch_size]), module.weight.device
         )
         hook = _KeyHook(module, positions)
         try:
@@ -180,24 +183,21 @@ def keyed_forget(
     Returns ``{"value_norm": mean ||r_k|| over distinct keys, "update_norm": ||dW||,
     "inner_steps": steps}``. Call it again (a new round) while some fact is still answered.
     """
-    from unlearnopt.answers import IGNORE_INDEX, encode_facts
+    from unlearnopt.answers import IGNORE_INDEX
 
     if not isinstance(module, torch.nn.Linear):
         raise TypeError(f"module must be a torch.nn.Linear, got {type(module).__name__}")
     if not facts:
         raise ValueError("facts must hold at least one fact")
     device = module.weight.device
-    batch = encode_facts(tokenizer, facts, device)
-    positions = torch.tensor(
-        [subject_last_token(tokenizer, f.prompt, f.subject) for f in facts], device=device
-    )
+    batch, positions = _subject_batch(tokenizer, facts, device)
     # in a causal model the key depends only on the prompt up to the subject's end
     prefixes = [f.prompt[: f.prompt.find(f.subject) + len(f.subject)] for f in facts]
-    distinct = list(dict.fromkeys(prefixes))
-    key_of = torch.tensor([distinct.index(p) for p in prefixes], device=device)
-    first = [prefixes.index(p) for p in distinct]
+    column = {p: i for i, p in enumerate(dict.fromkeys(prefixes))}  # prefix -> key column
+    key_of = torch.tensor([column[p] for p in prefixes], device=device)
+    first = [prefixes.index(p) for p in column]
     hook = _KeyHook(module, positions)
-    delta = torch.zeros(len(distinct), module.out_features, device=device, requires_grad=True)
+    delta = torch.zeros(len(column), module.out_features, device=device, requires_grad=True)
     opt = torch.optim.Adam([delta], lr=inner_lr)
     was_training = model.training
     model.eval()
@@ -271,6 +271,24 @@ def mlp_down_projection(model, layer: int) -> torch.nn.Linear:
     return module
 
 
+def _number(v) -> bool:
+    return not isinstance(v, bool) and isinstance(v, (int, float))
+
+
+def _integer(v) -> bool:
+    return not isinstance(v, bool) and isinstance(v, int)
+
+
+# KeyedEditRun's options: (is the value valid, what is expected); NaN fails every comparison
+_OPTION_RULES = {
+    "layer": (lambda v: v is None or (_integer(v) and v >= 0), "a non-negative integer or None"),
+    "ridge": (lambda v: _number(v) and v >= 0, "a number >= 0"),
+    "inner_steps": (lambda v: _integer(v) and v >= 1, "a positive integer"),
+    "inner_lr": (lambda v: _number(v) and v > 0, "a positive number"),
+    "protect_weight": (lambda v: _number(v) and v >= 0, "a number >= 0"),
+}
+
+
 class KeyedEditRun:
     """Serve forget requests with keyed edits, with the interface of
     :class:`unlearnopt.training.UnlearningRun` (``step(facts)``, ``restart()``, ``steps``).
@@ -338,35 +356,20 @@ class KeyedEditRun:
         self.steps = 0
 
     @staticmethod
-    def check_options(
-        *,
-        layer: int | None = None,
-        ridge: float = 1e-3,
-        inner_steps: int = 40,
-        inner_lr: float = 0.5,
-        protect_weight: float = 100.0,
-        **unknown,
-    ) -> None:
-        """Raise ``ValueError`` naming the first invalid option (``TypeError`` for an unknown
-        one); needs no model, so a command line is checked before anything is loaded."""
+    def check_options(**options) -> None:
+        """Raise ``ValueError`` naming the first invalid option among ``options`` (``TypeError``
+        for an unknown one); needs no model, so a command line is checked before anything is
+        loaded."""
+        unknown = sorted(set(options) - set(_OPTION_RULES))
         if unknown:
             raise TypeError(
-                f"unknown option(s) {sorted(unknown)} of the keyed edit; expected some of "
-                "layer, ridge, inner_steps, inner_lr, protect_weight"
+                f"unknown option(s) {unknown} of the keyed edit; expected some of "
+                + ", ".join(_OPTION_RULES)
             )
-        if layer is not None and (
-            isinstance(layer, bool) or not isinstance(layer, int) or layer < 0
-        ):
-            raise ValueError(f"layer must be a non-negative integer or None, got {layer!r}")
-        if isinstance(ridge, bool) or not isinstance(ridge, (int, float)) or not ridge >= 0:
-            raise ValueError(f"ridge must be a number >= 0, got {ridge!r}")
-        if isinstance(inner_steps, bool) or not isinstance(inner_steps, int) or inner_steps < 1:
-            raise ValueError(f"inner_steps must be a positive integer, got {inner_steps!r}")
-        if isinstance(inner_lr, bool) or not isinstance(inner_lr, (int, float)) or not inner_lr > 0:
-            raise ValueError(f"inner_lr must be a positive number, got {inner_lr!r}")
-        w = protect_weight
-        if isinstance(w, bool) or not isinstance(w, (int, float)) or not w >= 0:
-            raise ValueError(f"protect_weight must be a number >= 0, got {w!r}")
+        for name, value in options.items():
+            valid, expected = _OPTION_RULES[name]
+            if not valid(value):
+                raise ValueError(f"{name} must be {expected}, got {value!r}")
 
     def restart(self) -> None:
         """Nothing to reset: an edit keeps no state between rounds (``C`` stays that of the

@@ -64,8 +64,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from unlearnopt import editing
 from unlearnopt.data import Fact, load_fictitious_facts, load_neutral_texts, load_real_facts
-from unlearnopt.editing import KeyedEditRun, key_texts
 from unlearnopt.eval.metrics import evaluate, score_answers
 from unlearnopt.eval.pulse.config import EDIT_METHODS, PulseConfig, method_settings
 from unlearnopt.eval.pulse.finetuned import TOFU_DOC, finetuned_setup, retain_model_metrics
@@ -133,7 +133,7 @@ def run_method_sequence(
     lr = float(options.pop("lr"))
     if method in EDIT_METHODS:  # an edit has no optimizer: lr is not used
         texts = key_texts or key_texts_for(split, ())
-        run = KeyedEditRun(model, tokenizer, texts, protect=split.retain, **options)
+        run = editing.KeyedEditRun(model, tokenizer, texts, protect=split.retain, **options)
     else:
         run = UnlearningRun(
             model,
@@ -233,7 +233,9 @@ def key_texts_for(split: Split, fictitious: Sequence[Fact]) -> list[str]:
     """Generic prompts for a keyed edit's key statistics: the prompts and paraphrases of the
     retain facts and of ``fictitious`` facts, never of a forget or neighbour fact (a prompt
     in the statistics is protected by the edit, so a neighbour there would flatter it)."""
-    return key_texts([*split.retain, *fictitious], exclude=[*split.forget, *split.neighbour])
+    return editing.key_texts(
+        [*split.retain, *fictitious], exclude=[*split.forget, *split.neighbour]
+    )
 
 
 def run_pulse(
